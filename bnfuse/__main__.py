@@ -1,0 +1,3 @@
+from bnfuse.cli import main
+
+main()

@@ -1,0 +1,49 @@
+"""The library entry points; the CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bnfuse.onnx import io, match
+from bnfuse.onnx.rewrite import FoldBatchNorms, op_counts
+from bnfuse.result import FuseResult
+
+
+def fuse(
+    input: str | Path,
+    output: str | Path | None = None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+) -> FuseResult:
+    """Fold every legal BatchNorm of the ONNX model at ``input`` into its layer.
+
+    Writes ``output`` (atomically; external data beside it when the input had
+    it or the model passes 2 GB) unless ``dry_run`` or ``output`` is None.
+    Every BN is reported, folded or skipped with its reason.
+
+    >>> result = bnfuse.fuse("model.onnx", "fused.onnx")  # doctest: +SKIP
+    >>> len(result.folded), len(result.skipped)  # doctest: +SKIP
+    """
+    source = io.load(Path(input))
+    out = Path(output) if output is not None else None
+    if out is not None and not dry_run:
+        io.check_output_path(source, out, force=force)
+    before = op_counts(source.model)
+    matches = match.find(source.model)
+    result = FuseResult(
+        candidates=[m.candidate for m in matches],
+        ops_before=before,
+        ops_after=before,
+        input=source.path,
+        dry_run=dry_run or out is None,
+    )
+    if result.dry_run:
+        return result
+    assert out is not None
+    FoldBatchNorms(source.model).apply(m.plan for m in matches if m.plan is not None)
+    result.ops_after = op_counts(source.model)
+    result.outputs = io.save(
+        source.model, out, external_data=io.needs_external_data(source)
+    )
+    return result

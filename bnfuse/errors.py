@@ -1,0 +1,33 @@
+"""Errors a user can act on. Each carries a one-line message and a hint.
+
+The CLI prints ``message`` (and ``hint`` when there is one) and exits with
+``exit_code``; nothing else in bnfuse decides exit codes.
+"""
+
+from __future__ import annotations
+
+
+class BnfuseError(Exception):
+    """Base class: something the user can fix. Exit code 2 (bad usage or input)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} ({self.hint})"
+
+
+class InputError(BnfuseError):
+    """The input file is missing, unreadable, or not a model bnfuse can read."""
+
+
+class OutputError(BnfuseError):
+    """The output path cannot be written as asked."""
+
+
+class ModelError(BnfuseError):
+    """The model is readable but invalid in a way that stops the fusion."""

@@ -1,0 +1,197 @@
+"""The fold arithmetic, and nothing else: numpy in, numpy out, float64 inside.
+
+At inference a BatchNormalization is a per-channel affine map::
+
+    bn(y) = gamma * (y - mu) / sigma + beta,   sigma = sqrt(var + eps)
+          = s * y + t,                          s = gamma / sigma,  t = beta - s * mu
+
+so for a linear layer y = W x + b whose output channel c is scaled by s[c]::
+
+    bn(W x + b) = (s * W) x + s * (b - mu) + beta  =  W' x + b'
+
+Every product is computed in float64 from the stored parameters and rounded
+once to the layer's dtype, so a fp16 weight lands within 0.5 ulp of the exact
+value (peers compute in fp16 and land several ulp off). A fold whose result is
+not finite in the target dtype is refused rather than written.
+
+This module knows nothing about ONNX or torch; both paths call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.generic]
+F64 = npt.NDArray[np.float64]
+
+__all__ = [
+    "Affine",
+    "FoldError",
+    "bn_affine",
+    "fold_bias",
+    "fold_weight",
+    "max_abs_per_channel",
+    "round_to",
+    "weight_fits",
+]
+
+
+class FoldError(ValueError):
+    """The parameters cannot be folded; the message says why, for a user."""
+
+
+@dataclass(frozen=True)
+class Affine:
+    """The per-channel map ``y -> scale * y + shift`` an inference BN applies."""
+
+    scale: F64
+    shift: F64
+    mean: F64
+    beta: F64
+
+    @property
+    def channels(self) -> int:
+        return int(self.scale.shape[0])
+
+
+def bn_affine(
+    gamma: Array | None,
+    beta: Array | None,
+    mean: Array,
+    var: Array,
+    eps: float,
+) -> Affine:
+    """The float64 affine map of an inference BatchNorm.
+
+    ``gamma``/``beta`` may be None (PyTorch ``affine=False``): 1 and 0.
+    Raises FoldError when the parameters are not usable.
+    """
+    mu = _as_f64_vector(mean, "running mean")
+    v = _as_f64_vector(var, "running variance")
+    channels = mu.shape[0]
+    g = np.ones(channels) if gamma is None else _as_f64_vector(gamma, "scale (gamma)")
+    b = np.zeros(channels) if beta is None else _as_f64_vector(beta, "bias (beta)")
+    if not (g.shape == b.shape == mu.shape == v.shape):
+        raise FoldError(
+            "BatchNorm parameters disagree in length: "
+            f"scale {g.shape[0]}, bias {b.shape[0]}, mean {mu.shape[0]}, var {v.shape[0]}"
+        )
+    for name, arr in (("scale", g), ("bias", b), ("mean", mu), ("variance", v)):
+        if not np.all(np.isfinite(arr)):
+            raise FoldError(f"BatchNorm {name} contains NaN or Inf")
+    denom = v + np.float64(eps)
+    if np.any(denom <= 0):
+        worst = int(np.argmin(denom))
+        raise FoldError(
+            f"variance + epsilon is not positive in channel {worst} ({denom[worst]:.3g})"
+        )
+    scale = g / np.sqrt(denom)
+    return Affine(scale=scale, shift=b - scale * mu, mean=mu, beta=b)
+
+
+def _as_f64_vector(arr: Array, what: str) -> F64:
+    a = np.asarray(arr)
+    if a.ndim != 1:
+        raise FoldError(f"BatchNorm {what} has shape {list(a.shape)}, expected one value per channel")
+    return a.astype(np.float64)
+
+
+def _channel_view(ndim: int, axis: int, channels: int) -> tuple[int, ...]:
+    shape = [1] * ndim
+    shape[axis] = channels
+    return tuple(shape)
+
+
+def output_channels(shape: tuple[int, ...], axis: int, groups: int = 1) -> int:
+    """Output channels of a weight whose per-group output axis is ``axis``."""
+    return int(shape[axis]) * (groups if axis != 0 else 1)
+
+
+def _grouped(w: Array, axis: int, groups: int) -> Array:
+    """View a ConvTranspose weight [Cin, Cout/g, k...] as [g, Cin/g, Cout/g, k...]."""
+    if axis != 1:
+        raise ValueError("grouped output channels are only laid out on axis 1")
+    cin = w.shape[0]
+    return w.reshape(groups, cin // groups, *w.shape[1:])
+
+
+def max_abs_per_channel(w: Array, axis: int, groups: int = 1) -> F64:
+    """max |w| over everything that feeds each output channel, in float64."""
+    a = np.abs(np.asarray(w).astype(np.float64))
+    if groups == 1 or axis == 0:
+        return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+    g = _grouped(a, axis, groups)  # [g, Cin/g, Cout/g, k...]
+    per = np.moveaxis(g, 2, 1).reshape(groups, g.shape[2], -1).max(axis=2)
+    return per.reshape(-1)
+
+
+def fold_weight(w: Array, scale: F64, axis: int, groups: int = 1) -> F64:
+    """``w`` with output channel c multiplied by ``scale[c]``, in float64.
+
+    ``axis`` is the output-channel axis of the weight: 0 for Conv [Cout, Cin/g, k...]
+    and Gemm with transB=1 / Linear [N, K]; 1 for ConvTranspose [Cin, Cout/g, k...]
+    (with ``groups``) and for Gemm transB=0 / MatMul [K, N].
+    """
+    w64 = np.asarray(w).astype(np.float64)
+    if groups == 1 or axis == 0:
+        if w64.shape[axis] != scale.shape[0]:
+            raise FoldError(
+                f"weight has {w64.shape[axis]} output channels, BatchNorm has {scale.shape[0]}"
+            )
+        return w64 * scale.reshape(_channel_view(w64.ndim, axis, scale.shape[0]))
+    per_group = w64.shape[1]
+    if per_group * groups != scale.shape[0]:
+        raise FoldError(
+            f"weight has {per_group * groups} output channels, BatchNorm has {scale.shape[0]}"
+        )
+    g = _grouped(w64, axis, groups)
+    s = scale.reshape(groups, 1, per_group, *([1] * (w64.ndim - 2)))
+    return (g * s).reshape(w64.shape)
+
+
+def fold_bias(bias: Array | None, affine: Affine) -> F64:
+    """``s * (b - mu) + beta``; ``b`` broadcasts against the channels on its last axis.
+
+    A missing bias is zero, so the result is the BN's shift.
+    """
+    if bias is None:
+        return affine.shift.copy()
+    b64 = np.asarray(bias).astype(np.float64)
+    return (b64 - affine.mean) * affine.scale + affine.beta
+
+
+def round_to(x: F64, dtype: npt.DTypeLike) -> Array:
+    """Round float64 values once, to nearest even, into ``dtype``.
+
+    numpy rounds float64 -> float16/float32 directly. bfloat16 (ml_dtypes) casts
+    through float32, which would round twice, so it goes through float32 with
+    round-to-odd first, which makes the second rounding exact.
+    """
+    target = np.dtype(dtype)
+    if target.name != "bfloat16":
+        with np.errstate(over="ignore"):
+            return np.asarray(x, dtype=np.float64).astype(target)
+    x64 = np.asarray(x, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        f32 = x64.astype(np.float32)
+    back = f32.astype(np.float64)
+    inexact = (back != x64) & np.isfinite(x64) & np.isfinite(back)
+    # Truncate toward zero, then set the lowest bit: round-to-odd.
+    too_far = inexact & (np.abs(back) > np.abs(x64))
+    f32 = np.where(too_far, np.nextafter(f32, np.float32(0)), f32).astype(np.float32)
+    bits = f32.view(np.uint32) | np.where(inexact, np.uint32(1), np.uint32(0))
+    return bits.view(np.float32).astype(target)
+
+
+def weight_fits(max_abs: F64, scale: F64, dtype: npt.DTypeLike) -> int | None:
+    """The first output channel whose folded weight would not be finite in ``dtype``.
+
+    Rounding is monotonic, so the largest folded element overflows exactly when
+    ``max|W_c| * |s_c|`` does. Returns None when every channel fits.
+    """
+    peak = round_to(max_abs * np.abs(scale), dtype)
+    bad = np.flatnonzero(~np.isfinite(peak.astype(np.float64)))
+    return int(bad[0]) if bad.size else None

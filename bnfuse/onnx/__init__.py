@@ -1,0 +1,1 @@
+"""The ONNX path: load/save (io), constant lookup, the matcher and the rewrite."""

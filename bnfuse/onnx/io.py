@@ -1,0 +1,149 @@
+"""Loading and writing ONNX files.
+
+The in-memory graph is onnx-ir's (``onnx_ir``), chosen over raw ``onnx``
+protobuf because it gives use-def chains across subgraphs, safe initializer
+replacement, and memory-mapped external data that is read only when touched
+and streamed back out on save: a 2 GB model is never copied into memory.
+Raw protobuf parses about 2x faster (DESIGN.md, 241 MB model: 0.34 s vs
+0.68 s); we pay that for not hand-writing use-def and external-data plumbing.
+
+Writing is atomic: the model (and its external data) is written into a
+temporary folder beside the output and renamed into place, so a failure never
+leaves a partial file, and the input is never written to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from bnfuse.errors import InputError, OutputError
+
+# Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
+PROTOBUF_LIMIT = 2**31
+_GRAPH_MARGIN = 64 * 2**20
+# Tensors smaller than this stay inline when writing external data (as onnx does).
+EXTERNAL_THRESHOLD = 1024
+
+
+@dataclass
+class LoadedModel:
+    model: ir.Model
+    path: Path
+    data_files: set[Path] = field(default_factory=set)
+
+    @property
+    def has_external_data(self) -> bool:
+        return bool(self.data_files)
+
+
+def all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
+    """The graph and every subgraph inside it, depth first."""
+    yield graph
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from all_graphs(attr.as_graph())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    yield from all_graphs(sub)
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    total = 0
+    for graph in all_graphs(model.graph):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def load(path: Path) -> LoadedModel:
+    """Read an ONNX file; external data stays on disk until a tensor is used."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        model = ir.load(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise InputError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__})",
+            hint="expected an ONNX protobuf file (.onnx)",
+        ) from exc
+    if model.ir_version <= 0 or not model.opset_imports:
+        raise InputError(
+            f"{path}: not an ONNX model (no IR version or opset import)",
+            hint="expected an ONNX protobuf file (.onnx)",
+        )
+    data_files: set[Path] = set()
+    for graph in all_graphs(model.graph):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                data_files.add(Path(tensor.path).resolve())
+    return LoadedModel(model=model, path=path, data_files=data_files)
+
+
+def check_output_path(source: LoadedModel, output: Path, *, force: bool) -> None:
+    """Refuse outputs that would overwrite the input or its data, or clobber a file."""
+    if output.exists() and output.resolve() == source.path.resolve():
+        raise OutputError(f"{output}: the output is the input; bnfuse never modifies its input")
+    if output.is_dir():
+        raise OutputError(f"{output}: is a folder, expected a file name")
+    if not output.parent.exists():
+        raise OutputError(f"{output.parent}: the output folder does not exist")
+    data = external_data_path(output)
+    if data.resolve() in source.data_files:
+        raise OutputError(
+            f"{output}: its external data file {data.name} is the input's own data file",
+            hint="choose another output name",
+        )
+    if output.exists() and not force:
+        raise OutputError(f"{output}: already exists", hint="pass --force to replace it")
+
+
+def external_data_path(output: Path) -> Path:
+    return output.with_name(output.name + ".data")
+
+
+def needs_external_data(source: LoadedModel) -> bool:
+    """External data when the input had it, or when one protobuf could not hold the model."""
+    return source.has_external_data or (
+        initializer_bytes(source.model) + _GRAPH_MARGIN >= PROTOBUF_LIMIT
+    )
+
+
+def save(model: ir.Model, output: Path, *, external_data: bool) -> list[Path]:
+    """Write atomically; returns the files written (model first)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        tmp_model = tmpdir / output.name
+        written = [output]
+        if external_data:
+            data = external_data_path(output)
+            ir.save(
+                model,
+                tmp_model,
+                external_data=data.name,
+                size_threshold_bytes=EXTERNAL_THRESHOLD,
+            )
+            if (tmpdir / data.name).exists():
+                os.replace(tmpdir / data.name, data)
+                written.append(data)
+        else:
+            ir.save(model, tmp_model)
+        os.replace(tmp_model, output)
+        return written
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write it ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,0 +1,358 @@
+"""Find each BatchNormalization and decide whether it folds into its producer.
+
+The matcher never mutates the model. For every BN (in the main graph and in
+every If/Loop/Scan subgraph) it returns a Match: a Candidate for the report
+and, when the pair is legal, a Plan the rewrite applies.
+
+Handled producers (the "site" the fold lands in):
+  Conv           W [Cout, Cin/g, k...], output channel axis 0, optional bias
+  ConvTranspose  W [Cin, Cout/g, k...], output channel axis 1 within each group
+  Gemm           B [K, N] (transB=0) or [N, K] (transB=1); C scaled by beta
+  MatMul         constant 2-D W [K, N] on a 2-D input, optionally then Add(bias)
+
+Legality (DESIGN.md section 4), each failure a Skip with a sentence: inference
+mode; constant, non-overridable parameters; the intermediate tensor used only
+by the BN and not a graph output; channels matching on the right axis; a
+result finite in the layer's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfuse import fold
+from bnfuse.fold import Affine, Array, FoldError
+from bnfuse.onnx.constants import NotConstant, constant_array
+from bnfuse.onnx.io import all_graphs
+from bnfuse.result import Candidate, Skip
+
+FLOAT_TYPES = {
+    ir.DataType.FLOAT16,
+    ir.DataType.FLOAT,
+    ir.DataType.DOUBLE,
+    ir.DataType.BFLOAT16,
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a fold lands: the layer's weight, and where its bias lives."""
+
+    layer: ir.Node  # Conv / ConvTranspose / Gemm / MatMul
+    tail: ir.Node  # the node whose output the BN reads: the layer, or the bias Add
+    weight: Array
+    axis: int  # output-channel axis of the weight
+    groups: int  # > 1 only for grouped ConvTranspose
+    bias: Array | None  # float64-ready bias (Gemm: already times beta)
+    bias_index: int | None  # input index of the bias on ``tail``; None: there is none yet
+
+    @property
+    def channels(self) -> int:
+        return int(self.weight.shape[self.axis]) * self.groups
+
+
+@dataclass(frozen=True)
+class Plan:
+    bn: ir.Node
+    site: Site
+    affine: Affine
+    dtype: np.dtype[np.generic]
+
+
+@dataclass(frozen=True)
+class Match:
+    candidate: Candidate
+    plan: Plan | None = None
+
+
+@dataclass(frozen=True)
+class _Fail:
+    skip: Skip
+    reason: str
+
+
+def is_batchnorm(node: ir.Node) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
+def find(model: ir.Model) -> list[Match]:
+    """Every BN in the model, in graph order (subgraphs after their parent)."""
+    matches = []
+    for graph in all_graphs(model.graph):
+        graph_name = graph.name or "main"
+        for node in graph:
+            if is_batchnorm(node):
+                matches.append(_match_one(node, graph_name, model.ir_version))
+    return matches
+
+
+def _match_one(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
+    x = bn.inputs[0]
+    producer = x.producer() if x is not None else None
+    candidate = Candidate(
+        bn=bn.name or (bn.outputs[0].name or "<unnamed>"),
+        graph=graph_name,
+        producer=producer.name if producer is not None else None,
+        producer_op=producer.op_type if producer is not None else None,
+    )
+    result = _check(bn, producer, ir_version)
+    if isinstance(result, _Fail):
+        return Match(
+            Candidate(
+                candidate.bn,
+                candidate.graph,
+                candidate.producer,
+                candidate.producer_op,
+                skip=result.skip,
+                reason=result.reason,
+            )
+        )
+    return Match(candidate, result)
+
+
+def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fail:
+    mode = _check_inference_mode(bn)
+    if mode is not None:
+        return mode
+    if producer is None:
+        return _Fail(Skip.NO_LAYER, "its input is a graph input, not a layer's output")
+    site = _site(producer, ir_version)
+    if isinstance(site, _Fail):
+        return site
+    for node in (site.layer,) if site.layer is site.tail else (site.layer, site.tail):
+        alone = _check_single_use(node)
+        if alone is not None:
+            return alone
+    params = []
+    for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
+        value = bn.inputs[index] if index < len(bn.inputs) else None
+        if value is None:
+            return _Fail(Skip.BAD_PARAMETERS, f"the BatchNorm has no {what} input")
+        array = constant_array(value, ir_version)
+        if isinstance(array, NotConstant):
+            return _not_constant(f"BatchNorm {what}", array)
+        params.append(array)
+    eps = bn.attributes.get_float("epsilon", 1e-5)
+    try:
+        affine = fold.bn_affine(params[0], params[1], params[2], params[3], eps)
+    except FoldError as exc:
+        return _Fail(Skip.BAD_PARAMETERS, str(exc))
+    if affine.channels != site.channels:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"the BatchNorm has {affine.channels} channels but {site.layer.op_type} "
+            f"'{site.layer.name}' has {site.channels} output channels",
+        )
+    return _check_fits(bn, site, affine)
+
+
+def _check_inference_mode(bn: ir.Node) -> _Fail | None:
+    if bn.attributes.get_int("training_mode", 0) != 0:
+        return _Fail(
+            Skip.TRAINING_MODE,
+            "training_mode=1: it normalises with the batch's own statistics, "
+            "which change with every input",
+        )
+    for extra in bn.outputs[1:]:
+        if extra.uses() or extra.is_graph_output():
+            return _Fail(
+                Skip.STATS_OUTPUTS,
+                f"its statistics output '{extra.name}' is used, so it runs as in training",
+            )
+    if bn.attributes.get_int("spatial", 1) != 1:
+        return _Fail(
+            Skip.UNSUPPORTED, "spatial=0 (per-element statistics, opset 7/8) is not folded"
+        )
+    return None
+
+
+def _check_single_use(node: ir.Node) -> _Fail | None:
+    out = node.outputs[0]
+    if out.is_graph_output():
+        return _Fail(
+            Skip.GRAPH_OUTPUT,
+            f"the output '{out.name}' of {node.op_type} '{node.name}' is also a graph output, "
+            "and folding would change it",
+        )
+    uses = out.uses()
+    if len(uses) != 1:
+        others = sorted({u.node.name or u.node.op_type for u in uses})
+        return _Fail(
+            Skip.OTHER_CONSUMERS,
+            f"the output '{out.name}' of {node.op_type} '{node.name}' is also read by "
+            f"{len(uses) - 1} other node(s) ({', '.join(others)}), which need the unfolded values",
+        )
+    return None
+
+
+def _check_fits(bn: ir.Node, site: Site, affine: Affine) -> Plan | _Fail:
+    dtype_enum = _dtype_of(site.layer, site.weight)
+    if dtype_enum not in FLOAT_TYPES:
+        return _Fail(
+            Skip.UNSUPPORTED,
+            f"{site.layer.op_type} '{site.layer.name}' has {dtype_enum} weights; "
+            "only floating-point layers are folded",
+        )
+    dtype = dtype_enum.numpy()
+    peaks = fold.max_abs_per_channel(site.weight, site.axis, site.groups)
+    bad = fold.weight_fits(peaks, affine.scale, dtype)
+    if bad is not None:
+        return _Fail(
+            Skip.NOT_FINITE,
+            f"the folded weight of channel {bad} reaches "
+            f"{peaks[bad] * abs(affine.scale[bad]):.4g}, beyond the range of {dtype_enum}",
+        )
+    bias = fold.round_to(fold.fold_bias(site.bias, affine), dtype)
+    if not np.all(np.isfinite(bias.astype(np.float64))):
+        return _Fail(Skip.NOT_FINITE, f"the folded bias is beyond the range of {dtype_enum}")
+    return Plan(bn=bn, site=site, affine=affine, dtype=dtype)
+
+
+def _dtype_of(layer: ir.Node, weight: Array) -> ir.DataType:
+    value = layer.inputs[1]
+    if value is not None and value.dtype is not None:
+        return value.dtype
+    return ir.DataType.from_numpy(weight.dtype)
+
+
+def _not_constant(what: str, why: NotConstant) -> _Fail:
+    skip = Skip.OVERRIDABLE if why.overridable else Skip.NOT_CONSTANT
+    return _Fail(skip, f"{what}: {why.reason}")
+
+
+def _const_input(node: ir.Node, index: int, what: str, ir_version: int) -> Array | _Fail | None:
+    """The constant at ``node.inputs[index]``; None if the input is absent."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        return None
+    array = constant_array(value, ir_version)
+    if isinstance(array, NotConstant):
+        return _not_constant(f"{node.op_type} '{node.name}' {what}", array)
+    return array
+
+
+def _site(producer: ir.Node, ir_version: int) -> Site | _Fail:
+    if producer.domain not in ("", "ai.onnx"):
+        return _Fail(
+            Skip.NO_LAYER, f"its input comes from {producer.domain}.{producer.op_type}"
+        )
+    if producer.op_type in ("Conv", "ConvTranspose"):
+        return _conv_site(producer, ir_version)
+    if producer.op_type == "Gemm":
+        return _gemm_site(producer, ir_version)
+    if producer.op_type == "MatMul":
+        return _matmul_site(producer, producer, None, None, ir_version)
+    if producer.op_type == "Add":
+        return _matmul_add_site(producer, ir_version)
+    return _Fail(
+        Skip.NO_LAYER,
+        f"its input comes from {producer.op_type} '{producer.name}', which has no weight "
+        "to fold into",
+    )
+
+
+def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
+    weight = _const_input(node, 1, "weight", ir_version)
+    if weight is None or isinstance(weight, _Fail):
+        return weight or _Fail(Skip.NOT_CONSTANT, f"{node.op_type} '{node.name}' has no weight")
+    bias = _const_input(node, 2, "bias", ir_version)
+    if isinstance(bias, _Fail):
+        return bias
+    if weight.ndim < 3:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"{node.op_type} '{node.name}' weight has shape {list(weight.shape)}",
+        )
+    if node.op_type == "Conv":
+        return Site(node, node, weight, axis=0, groups=1, bias=bias, bias_index=2)
+    groups = node.attributes.get_int("group", 1)
+    if groups < 1 or weight.shape[0] % groups:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"ConvTranspose '{node.name}' has group={groups}, which does not divide "
+            f"its {weight.shape[0]} input channels",
+        )
+    return Site(node, node, weight, axis=1, groups=groups, bias=bias, bias_index=2)
+
+
+def _gemm_site(node: ir.Node, ir_version: int) -> Site | _Fail:
+    weight = _const_input(node, 1, "B", ir_version)
+    if weight is None or isinstance(weight, _Fail):
+        return weight or _Fail(Skip.NOT_CONSTANT, f"Gemm '{node.name}' has no B input")
+    c = _const_input(node, 2, "C", ir_version)
+    if isinstance(c, _Fail):
+        return c
+    if weight.ndim != 2:
+        return _Fail(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' B has shape {list(weight.shape)}")
+    axis = 0 if node.attributes.get_int("transB", 0) else 1
+    bias = None
+    if c is not None:
+        if c.ndim > 2:
+            return _Fail(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' C has shape {list(c.shape)}")
+        bias = c.astype(np.float64) * node.attributes.get_float("beta", 1.0)
+    return Site(node, node, weight, axis=axis, groups=1, bias=bias, bias_index=2)
+
+
+def _matmul_site(
+    matmul: ir.Node,
+    tail: ir.Node,
+    bias: Array | None,
+    bias_index: int | None,
+    ir_version: int,
+) -> Site | _Fail:
+    weight = _const_input(matmul, 1, "weight (second input)", ir_version)
+    if weight is None or isinstance(weight, _Fail):
+        return weight or _Fail(Skip.NOT_CONSTANT, f"MatMul '{matmul.name}' has one input")
+    if weight.ndim != 2:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"MatMul '{matmul.name}' weight has shape {list(weight.shape)}, "
+            "only a 2-D [K, N] weight is folded",
+        )
+    rank = _known_rank(matmul.inputs[0], matmul.outputs[0], tail.outputs[0])
+    if rank is None:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"the rank of MatMul '{matmul.name}' output is unknown; BatchNorm normalises "
+            "axis 1, which is the MatMul's output channel only for 2-D inputs "
+            "(run onnx shape inference first)",
+        )
+    if rank != 2:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"MatMul '{matmul.name}' output is {rank}-D: BatchNorm normalises axis 1, "
+            "but the MatMul's output channels are on the last axis",
+        )
+    return Site(matmul, tail, weight, axis=1, groups=1, bias=bias, bias_index=bias_index)
+
+
+def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | _Fail:
+    for bias_index in (1, 0):
+        other = add.inputs[1 - bias_index]
+        matmul = other.producer() if other is not None else None
+        if matmul is None or matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
+            continue
+        bias = _const_input(add, bias_index, "bias", ir_version)
+        if bias is None or isinstance(bias, _Fail):
+            return bias or _Fail(Skip.NOT_CONSTANT, f"Add '{add.name}' has one input")
+        if bias.ndim > 2:
+            return _Fail(
+                Skip.SHAPE_MISMATCH,
+                f"Add '{add.name}' bias has shape {list(bias.shape)}, which would change "
+                "the output's rank",
+            )
+        return _matmul_site(matmul, add, bias, bias_index, ir_version)
+    return _Fail(
+        Skip.NO_LAYER,
+        f"its input comes from Add '{add.name}', which is not a MatMul plus a constant bias",
+    )
+
+
+def _known_rank(*values: ir.Value | None) -> int | None:
+    for value in values:
+        if value is not None and value.shape is not None:
+            return len(value.shape)
+    return None

@@ -1,0 +1,185 @@
+"""Apply the matcher's plans to the graph.
+
+For each plan: compute the folded weight and bias (bnfuse.fold, float64,
+rounded once), put them in place, and splice the BatchNorm out so that the
+layer (or its bias Add) now produces the BN's output under the BN's output
+name; graph outputs and downstream names do not change.
+
+A weight or bias initializer used only by this layer is replaced in place and
+keeps its name. One used elsewhere too (a shared weight), a Constant node, or
+an overridable value gets a new initializer, and the original stays for its
+other users. Values that end up unused (BN parameters, replaced weights, the
+Constant/Identity nodes that produced them) are removed; nothing else in the
+model is touched.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+from bnfuse import fold
+from bnfuse.fold import Array
+from bnfuse.onnx.constants import OVERRIDABLE_SINCE_IR
+from bnfuse.onnx.io import all_graphs
+from bnfuse.onnx.match import Plan
+
+
+def op_counts(model: ir.Model) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for graph in all_graphs(model.graph):
+        for node in graph:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            counts[key] += 1
+    return counts
+
+
+class _Names:
+    """Fresh, deterministic names that clash with no value or node in the model."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._taken: set[str] = set()
+        for graph in all_graphs(model.graph):
+            self._taken.update(v.name for v in graph.inputs if v.name)
+            self._taken.update(graph.initializers)
+            for node in graph:
+                if node.name:
+                    self._taken.add(node.name)
+                self._taken.update(v.name for v in node.outputs if v.name)
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self._taken.add(name)
+        return name
+
+
+class FoldBatchNorms:
+    """Rewrite ``model`` in place according to ``plans`` (from match.find)."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self._names = _Names(model)
+        self._maybe_dead: list[ir.Value] = []
+
+    def apply(self, plans: Iterable[Plan]) -> int:
+        count = 0
+        for plan in plans:
+            self._apply_one(plan)
+            count += 1
+        for value in self._maybe_dead:
+            self._drop_if_dead(value)
+        self._maybe_dead.clear()
+        return count
+
+    def _apply_one(self, plan: Plan) -> None:
+        site, bn = plan.site, plan.bn
+        graph = bn.graph
+        assert graph is not None and isinstance(graph, ir.Graph)
+        weight = fold.fold_weight(site.weight, plan.affine.scale, site.axis, site.groups)
+        bias = fold.fold_bias(site.bias, plan.affine)
+        layer = site.layer
+        self._set_const(graph, layer, 1, fold.round_to(weight, plan.dtype), "weight")
+        bias_array = fold.round_to(bias, plan.dtype)
+        tail = site.tail
+        if layer.op_type == "MatMul" and site.bias_index is None:
+            tail = self._insert_bias_add(graph, layer, bias_array)
+        else:
+            index = 2 if site.bias_index is None else site.bias_index
+            self._set_const(graph, tail, index, bias_array, "bias")
+        if layer.op_type == "Gemm" and layer.attributes.get_float("beta", 1.0) != 1.0:
+            # C was folded already multiplied by beta.
+            layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        self._maybe_dead.extend(v for v in bn.inputs[1:] if v is not None)
+        self._splice_out(graph, bn, tail.outputs[0])
+
+    def _insert_bias_add(self, graph: ir.Graph, matmul: ir.Node, bias: Array) -> ir.Node:
+        value = self._new_initializer(graph, bias, f"{matmul.name or 'MatMul'}.bias")
+        add = ir.Node(
+            "",
+            "Add",
+            [matmul.outputs[0], value],
+            name=self._names.fresh(f"{matmul.name or 'MatMul'}/bias_add"),
+        )
+        add.outputs[0].name = self._names.fresh(f"{matmul.outputs[0].name}_biased")
+        graph.insert_after(matmul, add)
+        return add
+
+    def _set_const(
+        self, graph: ir.Graph, node: ir.Node, index: int, array: Array, what: str
+    ) -> None:
+        old = node.inputs[index] if index < len(node.inputs) else None
+        if old is not None and self._owned_by(old, node):
+            old.const_value = ir.tensor(array, name=old.name)
+            old.shape = ir.Shape(array.shape)
+            return
+        base = old.name if old is not None and old.name else f"{node.name or node.op_type}.{what}"
+        value = self._new_initializer(graph, array, f"{base}_bnfused")
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, value)
+        if old is not None:
+            self._maybe_dead.append(old)
+
+    def _owned_by(self, value: ir.Value, node: ir.Node) -> bool:
+        """An initializer only ``node`` reads, which no caller can override."""
+        if not value.is_initializer() or value.graph is not node.graph:
+            return False
+        if value.is_graph_input() and self.model.ir_version >= OVERRIDABLE_SINCE_IR:
+            return False
+        return not value.is_graph_output() and len(value.uses()) == 1
+
+    def _new_initializer(self, graph: ir.Graph, array: Array, base: str) -> ir.Value:
+        name = self._names.fresh(base)
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(tensor.dtype),
+            const_value=tensor,
+        )
+        graph.register_initializer(value)
+        if self.model.ir_version < OVERRIDABLE_SINCE_IR and graph is self.model.graph:
+            graph.inputs.append(value)  # IR < 4: every initializer is also an input
+        return value
+
+    @staticmethod
+    def _splice_out(graph: ir.Graph, bn: ir.Node, replacement: ir.Value) -> None:
+        """Remove ``bn``; ``replacement`` takes over its output's name, type and uses."""
+        out = bn.outputs[0]
+        name, type_, shape = out.name, out.type, out.shape
+        out.replace_all_uses_with(replacement, replace_graph_outputs=True)
+        graph.remove(bn, safe=True)
+        out.name = None
+        replacement.name = name
+        if type_ is not None:
+            replacement.type = type_
+        if shape is not None:
+            replacement.shape = shape
+
+    def _drop_if_dead(self, value: ir.Value) -> None:
+        if value.uses() or value.is_graph_output():
+            return
+        if value.is_initializer():
+            graph = value.graph
+            assert graph is not None and isinstance(graph, ir.Graph)
+            if value.is_graph_input():
+                if self.model.ir_version >= OVERRIDABLE_SINCE_IR:
+                    return  # a real input of the model: not ours to remove
+                graph.inputs.remove(value)
+            assert value.name is not None
+            del graph.initializers[value.name]
+            return
+        producer = value.producer()
+        if producer is None or producer.graph is None:
+            return
+        if any(o.uses() or o.is_graph_output() for o in producer.outputs):
+            return
+        inputs = [v for v in producer.inputs if v is not None]
+        producer.graph.remove(producer, safe=True)
+        for inp in inputs:
+            self._drop_if_dead(inp)
