@@ -43,7 +43,5 @@ def fuse(
     assert out is not None
     FoldBatchNorms(source.model).apply(m.plan for m in matches if m.plan is not None)
     result.ops_after = op_counts(source.model)
-    result.outputs = io.save(
-        source.model, out, external_data=io.needs_external_data(source)
-    )
+    result.outputs = io.save(source.model, out, external_data=io.needs_external_data(source))
     return result

@@ -61,7 +61,9 @@ def fuse_command(
     ] = None,
     dry_run: Annotated[
         bool,
-        typer.Option("--dry-run", help="List what would be folded and what is skipped; write nothing."),
+        typer.Option(
+            "--dry-run", help="List what would be folded and what is skipped; write nothing."
+        ),
     ] = False,
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Replace OUTPUT if it already exists.")
@@ -98,7 +100,7 @@ def fuse_command(
 
         from bnfuse.report.terminal import print_fuse_summary
 
-        print_fuse_summary(result, Console())
+        print_fuse_summary(result, Console(soft_wrap=True))
 
 
 _COMMANDS = {"fuse"}

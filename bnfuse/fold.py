@@ -95,7 +95,9 @@ def bn_affine(
 def _as_f64_vector(arr: Array, what: str) -> F64:
     a = np.asarray(arr)
     if a.ndim != 1:
-        raise FoldError(f"BatchNorm {what} has shape {list(a.shape)}, expected one value per channel")
+        raise FoldError(
+            f"BatchNorm {what} has shape {list(a.shape)}, expected one value per channel"
+        )
     return a.astype(np.float64)
 
 
@@ -105,12 +107,7 @@ def _channel_view(ndim: int, axis: int, channels: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def output_channels(shape: tuple[int, ...], axis: int, groups: int = 1) -> int:
-    """Output channels of a weight whose per-group output axis is ``axis``."""
-    return int(shape[axis]) * (groups if axis != 0 else 1)
-
-
-def _grouped(w: Array, axis: int, groups: int) -> Array:
+def _grouped(w: F64, axis: int, groups: int) -> F64:
     """View a ConvTranspose weight [Cin, Cout/g, k...] as [g, Cin/g, Cout/g, k...]."""
     if axis != 1:
         raise ValueError("grouped output channels are only laid out on axis 1")
@@ -122,9 +119,10 @@ def max_abs_per_channel(w: Array, axis: int, groups: int = 1) -> F64:
     """max |w| over everything that feeds each output channel, in float64."""
     a = np.abs(np.asarray(w).astype(np.float64))
     if groups == 1 or axis == 0:
-        return np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+        peaks: F64 = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+        return peaks
     g = _grouped(a, axis, groups)  # [g, Cin/g, Cout/g, k...]
-    per = np.moveaxis(g, 2, 1).reshape(groups, g.shape[2], -1).max(axis=2)
+    per: F64 = np.moveaxis(g, 2, 1).reshape(groups, g.shape[2], -1).max(axis=2)
     return per.reshape(-1)
 
 
@@ -149,7 +147,8 @@ def fold_weight(w: Array, scale: F64, axis: int, groups: int = 1) -> F64:
         )
     g = _grouped(w64, axis, groups)
     s = scale.reshape(groups, 1, per_group, *([1] * (w64.ndim - 2)))
-    return (g * s).reshape(w64.shape)
+    folded: F64 = (g * s).reshape(w64.shape)
+    return folded
 
 
 def fold_bias(bias: Array | None, affine: Affine) -> F64:

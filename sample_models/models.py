@@ -110,10 +110,7 @@ def layer_bn(
     if op in ("Conv", "ConvTranspose"):
         k = [3] * dims
         x_shape = [2, cin, *[7, 6, 5][:dims]]
-        if op == "Conv":
-            w_shape = [cout, cin // groups, *k]
-        else:
-            w_shape = [cin, cout // groups, *k]
+        w_shape = [cout, cin // groups, *k] if op == "Conv" else [cin, cout // groups, *k]
         inits.append(numpy_helper.from_array(rng.normal(0, 0.5, w_shape).astype(dt), "layer.W"))
         ins = ["x", "layer.W"]
         if bias:

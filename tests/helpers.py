@@ -25,8 +25,19 @@ class _InferenceBatchNorm(OpRun):
 
     op_domain = ""
 
-    def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, spatial=None,
-             training_mode=None, is_test=None):  # type: ignore[no-untyped-def]
+    def _run(
+        self,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        epsilon=None,
+        momentum=None,
+        spatial=None,
+        training_mode=None,
+        is_test=None,
+    ):  # type: ignore[no-untyped-def]
         assert not training_mode, "reference BN: training mode is not a fold reference"
         shape = (-1,) + (1,) * (x.ndim - 2)
         eps = 1e-5 if epsilon is None else epsilon
@@ -44,21 +55,40 @@ class _TorchConvTranspose(OpRun):
 
     op_domain = ""
 
-    def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
-             output_padding=None, output_shape=None, pads=None, strides=None):  # type: ignore[no-untyped-def]
+    def _run(
+        self,
+        x,
+        w,
+        b=None,
+        auto_pad=None,
+        dilations=None,
+        group=None,
+        kernel_shape=None,
+        output_padding=None,
+        output_shape=None,
+        pads=None,
+        strides=None,
+    ):  # type: ignore[no-untyped-def]
         import torch
 
         assert auto_pad in (None, "NOTSET") and output_shape is None
         nd = x.ndim - 2
-        conv = [None, torch.nn.functional.conv_transpose1d, torch.nn.functional.conv_transpose2d,
-                torch.nn.functional.conv_transpose3d][nd]
+        conv = [
+            None,
+            torch.nn.functional.conv_transpose1d,
+            torch.nn.functional.conv_transpose2d,
+            torch.nn.functional.conv_transpose3d,
+        ][nd]
         pads = pads or [0] * 2 * nd
         assert list(pads[:nd]) == list(pads[nd:]), "asymmetric pads"
         y = conv(
-            torch.from_numpy(np.array(x)), torch.from_numpy(np.array(w)),
+            torch.from_numpy(np.array(x)),
+            torch.from_numpy(np.array(w)),
             None if b is None else torch.from_numpy(np.array(b)),
-            stride=tuple(strides or [1] * nd), padding=tuple(pads[:nd]),
-            output_padding=tuple(output_padding or [0] * nd), groups=group or 1,
+            stride=tuple(strides or [1] * nd),
+            padding=tuple(pads[:nd]),
+            output_padding=tuple(output_padding or [0] * nd),
+            groups=group or 1,
             dilation=tuple(dilations or [1] * nd),
         )
         return (y.numpy(),)
@@ -83,7 +113,11 @@ def run_reference(model: onnx.ModelProto | Path, feeds: dict[str, np.ndarray]) -
     except Exception as exc:
         if "NOT_IMPLEMENTED" not in str(exc):
             raise
-        return list(ReferenceEvaluator(proto, new_ops=[_InferenceBatchNorm, _TorchConvTranspose]).run(None, feeds))
+        return list(
+            ReferenceEvaluator(proto, new_ops=[_InferenceBatchNorm, _TorchConvTranspose]).run(
+                None, feeds
+            )
+        )
     return list(session.run(None, feeds))
 
 
@@ -118,9 +152,7 @@ def output_range(arrays: list[Any]) -> float:
     return max(float(np.ptp(np.asarray(a, dtype=np.float64))) for a in arrays)
 
 
-def assert_same_outputs(
-    before: list[Any], after: list[Any], rel: float
-) -> float:
+def assert_same_outputs(before: list[Any], after: list[Any], rel: float) -> float:
     """max |before - after| <= rel * (range of the outputs); returns the error."""
     assert len(before) == len(after)
     scale = output_range(before)

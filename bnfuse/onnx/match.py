@@ -122,8 +122,11 @@ def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fa
     site = _site(producer, ir_version)
     if isinstance(site, _Fail):
         return site
-    for node in (site.layer,) if site.layer is site.tail else (site.layer, site.tail):
-        alone = _check_single_use(node)
+    chain = (
+        [(site.tail, bn)] if site.layer is site.tail else [(site.layer, site.tail), (site.tail, bn)]
+    )
+    for node, consumer in chain:
+        alone = _check_single_use(node, consumer)
         if alone is not None:
             return alone
     params = []
@@ -169,7 +172,7 @@ def _check_inference_mode(bn: ir.Node) -> _Fail | None:
     return None
 
 
-def _check_single_use(node: ir.Node) -> _Fail | None:
+def _check_single_use(node: ir.Node, consumer: ir.Node) -> _Fail | None:
     out = node.outputs[0]
     if out.is_graph_output():
         return _Fail(
@@ -179,7 +182,7 @@ def _check_single_use(node: ir.Node) -> _Fail | None:
         )
     uses = out.uses()
     if len(uses) != 1:
-        others = sorted({u.node.name or u.node.op_type for u in uses})
+        others = sorted({u.node.name or u.node.op_type for u in uses if u.node is not consumer})
         return _Fail(
             Skip.OTHER_CONSUMERS,
             f"the output '{out.name}' of {node.op_type} '{node.name}' is also read by "
@@ -236,9 +239,7 @@ def _const_input(node: ir.Node, index: int, what: str, ir_version: int) -> Array
 
 def _site(producer: ir.Node, ir_version: int) -> Site | _Fail:
     if producer.domain not in ("", "ai.onnx"):
-        return _Fail(
-            Skip.NO_LAYER, f"its input comes from {producer.domain}.{producer.op_type}"
-        )
+        return _Fail(Skip.NO_LAYER, f"its input comes from {producer.domain}.{producer.op_type}")
     if producer.op_type in ("Conv", "ConvTranspose"):
         return _conv_site(producer, ir_version)
     if producer.op_type == "Gemm":

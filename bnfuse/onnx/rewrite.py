@@ -31,7 +31,9 @@ def op_counts(model: ir.Model) -> Counter[str]:
     counts: Counter[str] = Counter()
     for graph in all_graphs(model.graph):
         for node in graph:
-            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            key = (
+                node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            )
             counts[key] += 1
     return counts
 

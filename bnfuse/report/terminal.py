@@ -7,7 +7,7 @@ from rich.table import Table
 
 from bnfuse.result import FuseResult
 
-_MAX_NAMES = 3
+_MAX_LISTED = 10
 
 
 def print_fuse_summary(result: FuseResult, console: Console) -> None:
@@ -19,17 +19,12 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
         + (f"[yellow]{skipped} skipped[/]" if skipped else "0 skipped")
     )
     groups = result.skipped_by_reason()
-    if groups:
-        table = Table(title="Skipped", title_justify="left", show_lines=False)
-        table.add_column("count", justify="right")
-        table.add_column("reason")
-        table.add_column("BatchNorm (first reason in full)")
-        for skip, cands in groups.items():
-            names = ", ".join(c.bn for c in cands[:_MAX_NAMES])
-            if len(cands) > _MAX_NAMES:
-                names += f", ... (+{len(cands) - _MAX_NAMES})"
-            table.add_row(str(len(cands)), skip.value, f"{names}\n[dim]{cands[0].reason}[/]")
-        console.print(table)
+    for skip, cands in groups.items():
+        console.print(f"[yellow]skipped {len(cands)}[/]: {skip.value}")
+        for cand in cands[:_MAX_LISTED]:
+            console.print(f"  {cand.bn}: {cand.reason}", highlight=False, markup=False)
+        if len(cands) > _MAX_LISTED:
+            console.print(f"  ... and {len(cands) - _MAX_LISTED} more")
     if result.dry_run:
         if result.folded:
             table = Table(title="Would fold", title_justify="left")

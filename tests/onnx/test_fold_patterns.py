@@ -51,7 +51,9 @@ def expected_channel_slices(op: str, weight: np.ndarray, channels: int, **kw: An
 def independent_fold(model: onnx.ModelProto, op: str, **kw: Any) -> tuple[np.ndarray, np.ndarray]:
     """W' and b' computed the slow, obvious way in float64, rounded once."""
     w = initializer(model, "layer.W")
-    g, b, mu, var = (initializer(model, f"bn.{k}").astype(np.float64) for k in ("scale", "bias", "mean", "var"))
+    g, b, mu, var = (
+        initializer(model, f"bn.{k}").astype(np.float64) for k in ("scale", "bias", "mean", "var")
+    )
     eps = float(np.float32(EPS))
     s = g / np.sqrt(var + eps)
     w_new = np.empty(w.shape, dtype=np.float64)
@@ -72,7 +74,9 @@ def data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in inits]
 
 
-def check_fold(model: onnx.ModelProto, tmp_path: Any, dtype: str, op: str, **kw: Any) -> onnx.ModelProto:
+def check_fold(
+    model: onnx.ModelProto, tmp_path: Any, dtype: str, op: str, **kw: Any
+) -> onnx.ModelProto:
     fused, result, _ = fuse_proto(model, tmp_path)
     assert [c.fusable for c in result.candidates] == [True], result.candidates
     assert "BatchNormalization" not in op_types(fused)
@@ -87,7 +91,10 @@ def check_fold(model: onnx.ModelProto, tmp_path: Any, dtype: str, op: str, **kw:
     bias_node = "Add" if op == "MatMul" else layer_op
     bias_index = 0 if kw.get("add_bias") == "left" else (1 if op == "MatMul" else 2)
     got_b = initializer(fused, consumer_input(fused, bias_node, bias_index))
-    np.testing.assert_array_equal(np.broadcast_to(got_b, np.broadcast_shapes(got_b.shape, want_b.shape)), np.broadcast_to(want_b, np.broadcast_shapes(got_b.shape, want_b.shape)))
+    np.testing.assert_array_equal(
+        np.broadcast_to(got_b, np.broadcast_shapes(got_b.shape, want_b.shape)),
+        np.broadcast_to(want_b, np.broadcast_shapes(got_b.shape, want_b.shape)),
+    )
     # Names and types of the graph's inputs and outputs survive.
     assert data_inputs(fused) == data_inputs(model)
     assert [o.name for o in fused.graph.output] == [o.name for o in model.graph.output]
@@ -130,7 +137,12 @@ def test_convtranspose_bn(
     dims: int, groups: int, bias: bool, dtype: str, opset: int, tmp_path: Any
 ) -> None:
     model = layer_bn(
-        "ConvTranspose", dims=dims, groups=groups, bias=bias, dtype=DTYPES[dtype], opset=opset,
+        "ConvTranspose",
+        dims=dims,
+        groups=groups,
+        bias=bias,
+        dtype=DTYPES[dtype],
+        opset=opset,
         conv_attrs={"strides": [2] * dims},
     )
     fused = check_fold(model, tmp_path, dtype, "ConvTranspose", groups=groups)
@@ -139,7 +151,9 @@ def test_convtranspose_bn(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "c_shape", [(8,), (1, 8), (), (3, 8), (3, 1), None], ids=["C8", "C1x8", "Cscalar", "C3x8", "C3x1", "noC"]
+    "c_shape",
+    [(8,), (1, 8), (), (3, 8), (3, 1), None],
+    ids=["C8", "C1x8", "Cscalar", "C3x8", "C3x1", "noC"],
 )
 @pytest.mark.parametrize("trans_b", [0, 1], ids=["B", "Bt"])
 @pytest.mark.parametrize("trans_a", [0, 1], ids=["A", "At"])
@@ -147,11 +161,23 @@ def test_gemm_bn(
     trans_a: int, trans_b: int, c_shape: tuple[int, ...] | None, dtype: str, tmp_path: Any
 ) -> None:
     model = layer_bn(
-        "Gemm", trans_a=trans_a, trans_b=trans_b, alpha=0.7, beta=1.3, c_shape=c_shape,
-        bias=c_shape is not None, dtype=DTYPES[dtype], opset=13,
+        "Gemm",
+        trans_a=trans_a,
+        trans_b=trans_b,
+        alpha=0.7,
+        beta=1.3,
+        c_shape=c_shape,
+        bias=c_shape is not None,
+        dtype=DTYPES[dtype],
+        opset=13,
     )
     fused = check_fold(
-        model, tmp_path, dtype, "Gemm", trans_b=trans_b, beta=float(np.float32(1.3)) if c_shape is not None else 1.0
+        model,
+        tmp_path,
+        dtype,
+        "Gemm",
+        trans_b=trans_b,
+        beta=float(np.float32(1.3)) if c_shape is not None else 1.0,
     )
     (gemm,) = [n for n in fused.graph.node if n.op_type == "Gemm"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gemm.attribute}
@@ -159,7 +185,9 @@ def test_gemm_bn(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("add_bias", [None, "right", "left"], ids=["matmul", "matmul-add", "add-matmul"])
+@pytest.mark.parametrize(
+    "add_bias", [None, "right", "left"], ids=["matmul", "matmul-add", "add-matmul"]
+)
 def test_matmul_bn(add_bias: str | None, dtype: str, tmp_path: Any) -> None:
     model = layer_bn("MatMul", add_bias=add_bias, dtype=DTYPES[dtype], opset=15)
     fused = check_fold(model, tmp_path, dtype, "MatMul", add_bias=add_bias)

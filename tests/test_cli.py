@@ -1,0 +1,154 @@
+"""The command line contract: exit codes, one-line errors, nothing written on failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from bnfuse.cli import main
+from sample_models.models import layer_bn
+from tests.onnx.test_legality import add_output
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    code = exc.value.code
+    return (code if isinstance(code, int) else 0), out, err
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    """Two BNs: one folds, one is skipped because the conv output is also a graph output."""
+    model = add_output(layer_bn("Conv"), None, "h")
+    extra = layer_bn("Gemm", trans_b=1)
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    onnx.save(extra, tmp_path / "gemm.onnx")
+    return path
+
+
+def test_fuse_prints_summary_and_exits_0(
+    model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_path = model_path.with_name("fused.onnx")
+    code, out, err = run_cli([str(model_path), "-o", str(out_path)], capsys)
+    assert code == 0, err
+    assert "1 BatchNormalization found, 1 folded" not in out  # it is skipped here
+    assert "1 BatchNormalization found, 0 folded, 1 skipped" in out
+    assert "the layer's output is a graph output" in out
+    assert out_path.exists()
+
+
+def test_fuse_summary_counts_ops(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(layer_bn("Conv"), src)
+    code, out, _ = run_cli(["fuse", str(src), "-o", str(tmp_path / "f.onnx")], capsys)
+    assert code == 0
+    assert "1 BatchNormalization found, 1 folded, 0 skipped" in out
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") == 4}
+    assert rows["BatchNormalization"].split("│")[2:4] == ["      1 ", "     0 "]
+    assert "total" in rows
+
+
+def test_dry_run_writes_nothing(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli([str(model_path.with_name("gemm.onnx")), "--dry-run"], capsys)
+    assert code == 0
+    assert "1 would fold" in out and "Gemm 'layer'" in out
+    assert sorted(p.name for p in model_path.parent.iterdir()) == ["gemm.onnx", "model.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("case", "content"),
+    [
+        ("missing", None),
+        ("empty", b""),
+        ("random_bytes", bytes(range(256)) * 7),
+        ("json", json.dumps({"graph": {"node": []}}).encode()),
+        ("text", b"this is not a model\n"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(
+    case: str, content: bytes | None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / f"{case}.onnx"
+    if content is not None:
+        src.write_bytes(content)
+    out_path = tmp_path / "out.onnx"
+    code, out, err = run_cli([str(src), "-o", str(out_path)], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("bnfuse: error: ") and str(src) in err
+    assert "Traceback" not in err + out
+    assert not out_path.exists()
+
+
+def test_folder_as_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli([str(tmp_path), "-o", str(tmp_path / "o.onnx")], capsys)
+    assert code == 2 and "not a file" in err
+
+
+def test_output_equal_to_input_is_refused(
+    model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = model_path.read_bytes()
+    code, _, err = run_cli([str(model_path), "-o", str(model_path), "--force"], capsys)
+    assert code == 2 and "the output is the input" in err
+    assert model_path.read_bytes() == before
+
+
+def test_existing_output_needs_force(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_path = model_path.with_name("fused.onnx")
+    out_path.write_bytes(b"keep me")
+    code, _, err = run_cli([str(model_path), "-o", str(out_path)], capsys)
+    assert code == 2 and "already exists" in err and "--force" in err
+    assert out_path.read_bytes() == b"keep me"
+    code, _, _ = run_cli([str(model_path), "-o", str(out_path), "--force"], capsys)
+    assert code == 0
+    onnx.checker.check_model(str(out_path), full_check=True)
+
+
+def test_missing_output_option_exits_2(
+    model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli([str(model_path)], capsys)
+    assert code == 2 and "-o/--output" in err
+
+
+def test_quiet_prints_nothing(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(
+        [str(model_path), "-o", str(model_path.with_name("q.onnx")), "-q"], capsys
+    )
+    assert code == 0 and out == "" and err == ""
+
+
+def test_python_dash_m_and_help(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnfuse", "--help"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0 and "bnfuse model.onnx -o fused.onnx" in proc.stdout
+    src = tmp_path / "m.onnx"
+    onnx.save(layer_bn("Conv"), src)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnfuse", str(src), "-o", str(tmp_path / "f.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "1 folded" in proc.stdout
+
+
+def test_help_does_not_import_heavy_modules() -> None:
+    code = (
+        "import sys; from bnfuse.cli import app; "
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx', 'onnx_ir') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
