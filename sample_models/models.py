@@ -175,3 +175,263 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]
         dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
         feeds[vi.name] = rng.normal(0, 1, shape).astype(dtype)
     return feeds
+
+
+# --- Variants and the nasty cases -------------------------------------------------
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    return m
+
+
+def with_extra_output(
+    model: onnx.ModelProto, node: onnx.NodeProto | None, name: str
+) -> onnx.ModelProto:
+    """A copy of ``model`` with an extra node and ``name`` as an extra graph output."""
+    m = _copy(model)
+    if node is not None:
+        m.graph.node.append(node)
+    m.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    return onnx.shape_inference.infer_shapes(m)
+
+
+def with_params_as_inputs(
+    model: onnx.ModelProto, names: set[str], *, keep_initializer: bool
+) -> onnx.ModelProto:
+    """Listed initializers become graph inputs (kept as initializers too, or not)."""
+    m = _copy(model)
+    for t in list(m.graph.initializer):
+        if t.name in names:
+            m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            if not keep_initializer:
+                m.graph.initializer.remove(t)
+    return m
+
+
+def with_constant_nodes(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """Listed initializers become Constant nodes."""
+    m = _copy(model)
+    consts = []
+    for t in list(m.graph.initializer):
+        if t.name in names:
+            consts.append(
+                helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
+            )
+            m.graph.initializer.remove(t)
+    for i, node in enumerate(consts):
+        m.graph.node.insert(i, node)
+    return m
+
+
+def with_identity_alias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The BN reads its variance through Identity, as the TorchScript exporter writes it."""
+    m = _copy(model)
+    for node in m.graph.node:
+        if node.op_type == "BatchNormalization":
+            node.input[4] = "var_alias"
+    m.graph.node.insert(0, helper.make_node("Identity", ["bn.var"], ["var_alias"], name="alias"))
+    return m
+
+
+def with_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> onnx.ModelProto:
+    m = _copy(model)
+    for t in m.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(numpy_helper.from_array(array, name))
+    return m
+
+
+def _conv_then(
+    nodes_after: list[onnx.NodeProto],
+    extra_inits: list[onnx.TensorProto],
+    opset: int,
+    *,
+    x_shape: tuple[int, ...] = (2, 4, 6, 6),
+    w_shape: tuple[int, ...] = (8, 4, 3, 3),
+    outputs: Sequence[str] = ("y",),
+    seed: int = 0,
+) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.5, w_shape).astype(np.float32)
+    return make_model(
+        [helper.make_node("Conv", ["x", "W"], ["h"], name="conv"), *nodes_after],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+        [numpy_helper.from_array(w, "W"), *extra_inits],
+        opset,
+    )
+
+
+def training_mode_bn() -> onnx.ModelProto:
+    """Conv -> BN with training_mode=1 (three outputs, as the spec requires)."""
+    bn = helper.make_node(
+        "BatchNormalization",
+        ["h", "bn.scale", "bn.bias", "bn.mean", "bn.var"],
+        ["y", "new_mean", "new_var"],
+        name="bn",
+        training_mode=1,
+    )
+    return _conv_then([bn], bn_params(8, np.float32, np.random.default_rng(1)), 15)
+
+
+def shared_weight() -> onnx.ModelProto:
+    """conv_a(x, W) -> BN -> ya and conv_b(x, W) -> yb: one weight, two convs."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(0, 0.5, (8, 4, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["a"], name="conv_a"),
+        bn_node("a", "ya"),
+        helper.make_node("Conv", ["x", "W"], ["yb"], name="conv_b"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("ya", "yb")],
+        [numpy_helper.from_array(w, "W"), *bn_params(8, np.float32, rng)],
+        15,
+    )
+
+
+def fp16_overflow() -> onnx.ModelProto:
+    """fp16 Conv whose weight 40000 in channel 5, times gamma/sigma ~ 3, passes 65504."""
+    model = layer_bn("Conv", dtype=np.float16)
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "layer.W"))
+    w = w.copy()
+    w[5, 0, 0, 0] = 40000
+    model = with_initializer(model, "layer.W", w)
+    return with_initializer(model, "bn.var", np.full(8, 0.1, np.float16))
+
+
+PER_SAMPLE_NORMS = {
+    # op: (opset, attributes, scale shape)
+    "LayerNormalization": (17, {"axis": 1}, [8, 4, 4]),
+    "GroupNormalization": (21, {"num_groups": 2}, [8]),
+    "InstanceNormalization": (15, {}, [8]),
+}
+
+
+def per_sample_norm(norm: str) -> onnx.ModelProto:
+    """Conv -> LayerNorm / GroupNorm / InstanceNorm: never folded."""
+    opset, attrs, scale_shape = PER_SAMPLE_NORMS[norm]
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(1, 0.1, scale_shape).astype(np.float32), "g"),
+        numpy_helper.from_array(rng.normal(0, 0.1, scale_shape).astype(np.float32), "b"),
+    ]
+    model = _conv_then(
+        [helper.make_node(norm, ["h", "g", "b"], ["y"], name="norm", **attrs)], inits, opset
+    )
+    # onnx has no shape inference for GroupNormalization-21; the shape is the input's.
+    out = model.graph.output[0].type
+    if not out.tensor_type.HasField("shape"):
+        out.CopyFrom(helper.make_tensor_type_proto(TensorProto.FLOAT, [2, 8, 4, 4]))
+    return model
+
+
+def bn_after_concat() -> onnx.ModelProto:
+    """Conv, then Concat(x, conv) -> BN (DenseNet's shape): no single layer to fold into."""
+    nodes = [
+        helper.make_node("Concat", ["x", "h"], ["cat"], name="concat", axis=1),
+        bn_node("cat", "y"),
+    ]
+    return _conv_then(
+        nodes, bn_params(8, np.float32, np.random.default_rng(1)), 15, w_shape=(4, 4, 1, 1)
+    )
+
+
+def bn_on_graph_input() -> onnx.ModelProto:
+    return make_model(
+        [bn_node("x", "y")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        bn_params(4, np.float32, np.random.default_rng(1)),
+        15,
+    )
+
+
+def matmul_3d() -> onnx.ModelProto:
+    """[B, T, K] @ [K, N] -> BN: BN normalises axis 1 (T), not the MatMul's N."""
+    rng = np.random.default_rng(2)
+    return make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), bn_node("h", "y")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            numpy_helper.from_array(rng.normal(size=(5, 6)).astype(np.float32), "W"),
+            *bn_params(6, np.float32, rng),
+        ],
+        15,
+    )
+
+
+def _conv_bn_subgraph(
+    name: str,
+    seed: int,
+    graph_inputs: Sequence[onnx.ValueInfoProto] = (),
+    extra_outputs: Sequence[onnx.ValueInfoProto] = (),
+    extra_nodes: Sequence[onnx.NodeProto] = (),
+) -> onnx.GraphProto:
+    rng = np.random.default_rng(seed)
+    prefix = f"{name}_bn"
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), f"{name}_W"),
+        *bn_params(4, np.float32, rng, prefix=prefix),
+    ]
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", f"{name}_W"], [f"{name}_h"], name=f"{name}_conv", pads=[1, 1, 1, 1]
+        ),
+        bn_node(f"{name}_h", f"{name}_y", prefix=prefix),
+        *extra_nodes,
+    ]
+    outputs = [*extra_outputs, helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)]
+    return helper.make_graph(nodes, name, list(graph_inputs), outputs, inits)
+
+
+def if_branches() -> onnx.ModelProto:
+    """If(cond) with a Conv -> BN in each branch, both reading the outer x."""
+    return make_model(
+        [
+            helper.make_node(
+                "If",
+                ["cond"],
+                ["y"],
+                name="if",
+                then_branch=_conv_bn_subgraph("then", 1),
+                else_branch=_conv_bn_subgraph("else", 2),
+            )
+        ],
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [],
+        15,
+    )
+
+
+def loop_body() -> onnx.ModelProto:
+    """Loop running a Conv -> BN on the outer x each iteration (a scan output)."""
+    body = _conv_bn_subgraph(
+        "body",
+        3,
+        graph_inputs=[
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+        ],
+        extra_outputs=[helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])],
+        extra_nodes=[helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")],
+    )
+    return make_model(
+        [helper.make_node("Loop", ["trips", ""], ["ys"], name="loop", body=body)],
+        [
+            helper.make_tensor_value_info("trips", TensorProto.INT64, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+        ],
+        [helper.make_tensor_value_info("ys", TensorProto.FLOAT, None)],
+        [],
+        15,
+    )

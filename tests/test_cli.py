@@ -11,8 +11,7 @@ import onnx
 import pytest
 
 from bnfuse.cli import main
-from sample_models.models import layer_bn
-from tests.onnx.test_legality import add_output
+from sample_models.models import layer_bn, with_extra_output
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -26,7 +25,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 @pytest.fixture
 def model_path(tmp_path: Path) -> Path:
     """Two BNs: one folds, one is skipped because the conv output is also a graph output."""
-    model = add_output(layer_bn("Conv"), None, "h")
+    model = with_extra_output(layer_bn("Conv"), None, "h")
     extra = layer_bn("Gemm", trans_b=1)
     path = tmp_path / "model.onnx"
     onnx.save(model, path)
