@@ -95,7 +95,7 @@ def load(path: Path) -> LoadedModel:
 
 def check_output_path(source: LoadedModel, output: Path, *, force: bool) -> None:
     """Refuse outputs that would overwrite the input or its data, or clobber a file."""
-    if output.exists() and output.resolve() == source.path.resolve():
+    if output.exists() and os.path.samefile(output, source.path):
         raise OutputError(f"{output}: the output is the input; bnfuse never modifies its input")
     if output.is_dir():
         raise OutputError(f"{output}: is a folder, expected a file name")

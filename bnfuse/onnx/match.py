@@ -122,6 +122,12 @@ def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fa
     site = _site(producer, ir_version)
     if isinstance(site, _Fail):
         return site
+    if site.layer.graph is not bn.graph or site.tail.graph is not bn.graph:
+        return _Fail(
+            Skip.UNSUPPORTED,
+            f"{site.layer.op_type} '{site.layer.name}' is in an enclosing graph, outside the "
+            "subgraph that holds the BatchNorm",
+        )
     chain = (
         [(site.tail, bn)] if site.layer is site.tail else [(site.layer, site.tail), (site.tail, bn)]
     )
@@ -153,10 +159,10 @@ def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fa
 
 
 def _check_inference_mode(bn: ir.Node) -> _Fail | None:
-    if bn.attributes.get_int("training_mode", 0) != 0:
+    if bn.attributes.get_int("training_mode", 0) != 0 or bn.attributes.get_int("is_test", 1) == 0:
         return _Fail(
             Skip.TRAINING_MODE,
-            "training_mode=1: it normalises with the batch's own statistics, "
+            "training_mode=1 (or is_test=0): it normalises with the batch's own statistics, "
             "which change with every input",
         )
     for extra in bn.outputs[1:]:

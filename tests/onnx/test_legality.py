@@ -207,3 +207,40 @@ def test_bn_inside_loop_body_folds(tmp_path: Path) -> None:
     before, after = run_reference(model, feeds), run_reference(fused, feeds)
     assert before[0].shape == (3, 1, 4, 6, 6)
     assert_same_outputs(before, after, 1e-5)
+
+
+def test_bn_in_subgraph_on_outer_conv_is_skipped(tmp_path: Path) -> None:
+    """Conv in the main graph, its only reader a BN inside an If branch: not folded."""
+    from onnx import TensorProto
+
+    from sample_models.models import bn_node, bn_params, make_model
+
+    then_g = helper.make_graph(
+        [bn_node("h", "t_y")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_y", TensorProto.FLOAT, None)],
+        bn_params(8, np.float32, np.random.default_rng(0)),
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["e_y"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_y", TensorProto.FLOAT, None)],
+    )
+    w = np.random.default_rng(1).normal(size=(8, 4, 3, 3)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
+            helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+        ],
+        [
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(w, "W")],
+        15,
+    )
+    (cand,) = dry_run(model, tmp_path).candidates
+    assert cand.skip is Skip.UNSUPPORTED and "enclosing graph" in (cand.reason or "")
