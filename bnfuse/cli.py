@@ -11,12 +11,19 @@ Exit codes (stable; scripts rely on them):
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
 from bnfuse.errors import BnfuseError
+
+if TYPE_CHECKING:
+    from bnfuse.result import FuseResult, VerifyResult
+    from bnfuse.verify.compare import VerifyOptions
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
@@ -30,6 +37,7 @@ app = typer.Typer(
         "Examples:\n\n"
         "  bnfuse model.onnx -o fused.onnx\n\n"
         "  bnfuse model.onnx --dry-run\n\n"
+        "  bnfuse verify model.onnx fused.onnx --report junit.xml\n\n"
         "Exit codes: 0 ok, 1 verification failed, 2 bad usage or unreadable input."
     ),
     add_completion=False,
@@ -47,6 +55,137 @@ def _fail(exc: BnfuseError, debug: bool) -> NoReturn:
         message += f" ({exc.hint})"
     typer.echo(message, err=True)
     raise typer.Exit(exc.exit_code)
+
+
+# Options shared by `fuse` (which verifies after writing) and `verify`.
+Device = Annotated[
+    str,
+    typer.Option(help="Where to run the comparison: cpu, cuda, or all that are present."),
+]
+Seed = Annotated[int, typer.Option(help="Seed of the generated inputs.")]
+Samples = Annotated[int, typer.Option(min=1, help="How many generated input samples to run.")]
+InputShape = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--input-shape",
+        help="Shape for an input with dynamic dimensions, NAME:1x3x224x224 (repeatable).",
+    ),
+]
+InputsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--inputs",
+        exists=True,
+        dir_okay=False,
+        help="Your own inputs: a .npz of input name to array.",
+    ),
+]
+PerLayer = Annotated[
+    bool,
+    typer.Option(
+        "--per-layer",
+        help="Also compare each folded layer's output with the BN's, and name the worst.",
+    ),
+]
+Atol = Annotated[
+    float | None, typer.Option(help="Absolute tolerance (default by dtype: fp32 1e-4, fp16 1e-2).")
+]
+Rtol = Annotated[
+    float | None, typer.Option(help="Relative tolerance (default by dtype: fp32 1e-4, fp16 1e-2).")
+]
+Reports = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--report",
+        help="Write a report; type by suffix: .json, .md, .xml (JUnit), .html (repeatable).",
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only (for CI logs).")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
+
+
+def _run(debug: bool, what: str, func: Callable[[], T]) -> T:
+    """Call the library; a BnfuseError (or a crash) becomes one line and exit 2."""
+    try:
+        return func()
+    except BnfuseError as exc:
+        _fail(exc, debug)
+    except Exception as exc:  # a bug, or a model no check foresaw: one line, exit 2
+        if debug:
+            raise
+        typer.echo(
+            f"bnfuse: error: {what}: {type(exc).__name__}: {exc} "
+            "(run with --debug for the traceback)",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _verify_options(
+    device: str,
+    seed: int,
+    samples: int,
+    input_shape: list[str] | None,
+    inputs: Path | None,
+    per_layer: bool,
+    atol: float | None,
+    rtol: float | None,
+) -> VerifyOptions:
+    from bnfuse.verify.compare import VerifyOptions
+    from bnfuse.verify.inputs import parse_input_shapes
+
+    return VerifyOptions(
+        device=device,
+        seed=seed,
+        samples=samples,
+        atol=atol,
+        rtol=rtol,
+        input_shapes=parse_input_shapes(input_shape or []),
+        inputs=inputs,
+        per_layer=per_layer,
+    )
+
+
+def _verify_with_progress(
+    original: Path, candidate: Path, options: VerifyOptions, quiet: bool
+) -> VerifyResult:
+    from bnfuse.verify.compare import verify_onnx
+
+    if quiet:
+        return verify_onnx(original, candidate, options)
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    with Progress(
+        SpinnerColumn(), TextColumn("verifying: {task.description}"),
+        console=Console(stderr=True), transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("loading")
+        return verify_onnx(
+            original, candidate, options, on_step=lambda msg: progress.update(task, description=msg)
+        )
+
+
+def _finish(
+    fusion: FuseResult | None, verification: VerifyResult | None, reports: list[Path], quiet: bool
+) -> None:
+    from bnfuse.report import write_reports
+
+    write_reports(reports, fusion, verification)
+    if not quiet:
+        from rich.console import Console
+
+        from bnfuse.report.terminal import print_fuse_summary, print_verify_summary
+
+        console = Console(soft_wrap=True)
+        if fusion is not None:
+            print_fuse_summary(fusion, console)
+        if verification is not None:
+            print_verify_summary(verification, console)
+        for path in reports:
+            console.print(f"report: {path}", highlight=False)
+    if verification is not None and not verification.passed:
+        raise typer.Exit(EXIT_VERIFY_FAILED)
 
 
 @app.command("fuse")
@@ -68,42 +207,89 @@ def fuse_command(
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Replace OUTPUT if it already exists.")
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only.")] = False,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show the full traceback of an error.")
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Write the fused model without comparing outputs.")
     ] = False,
+    device: Device = "all",
+    seed: Seed = 0,
+    samples: Samples = 1,
+    input_shape: InputShape = None,
+    inputs: InputsFile = None,
+    per_layer: PerLayer = False,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    report: Reports = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
 ) -> None:
-    """Fold BatchNorms and write the fused model.
+    """Fold BatchNorms, write the fused model, and verify it against the original.
 
-    Example: bnfuse model.onnx -o fused.onnx
+    Examples:
+
+      bnfuse model.onnx -o fused.onnx
+
+      bnfuse model.onnx -o fused.onnx --report report.json --report junit.xml
+
+      bnfuse model.onnx -o fused.onnx --input-shape input:1x3x224x224 --samples 4
     """
     if output is None and not dry_run:
         typer.echo("bnfuse: error: missing -o/--output (or pass --dry-run)", err=True)
         raise typer.Exit(EXIT_USAGE)
-    try:
+    reports = report or []
+
+    def work() -> tuple[FuseResult, VerifyResult | None]:
         from bnfuse.api import fuse
+        from bnfuse.report import check_report_paths
 
-        result = fuse(input, output, force=force, dry_run=dry_run)
-    except BnfuseError as exc:
-        _fail(exc, debug)
-    except Exception as exc:  # a bug, or a model no check foresaw: one line, exit 2
-        if debug:
-            raise
-        typer.echo(
-            f"bnfuse: error: {input}: {type(exc).__name__}: {exc} "
-            "(run with --debug for the traceback)",
-            err=True,
+        check_report_paths(reports)
+        options = (
+            None
+            if (dry_run or no_verify)
+            else _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
         )
-        raise typer.Exit(EXIT_USAGE) from None
-    if not quiet:
-        from rich.console import Console
+        result = fuse(input, output, force=force, dry_run=dry_run)
+        if options is None or output is None:
+            return result, None
+        return result, _verify_with_progress(input, output, options, quiet)
 
-        from bnfuse.report.terminal import print_fuse_summary
+    fusion, verification = _run(debug, str(input), work)
+    _run(debug, "report", lambda: _finish(fusion, verification, reports, quiet))
 
-        print_fuse_summary(result, Console(soft_wrap=True))
+
+@app.command("verify")
+def verify_command(
+    original: Annotated[Path, typer.Argument(help="The reference model (e.g. before fusion).")],
+    candidate: Annotated[Path, typer.Argument(help="The model to check against it.")],
+    device: Device = "all",
+    seed: Seed = 0,
+    samples: Samples = 1,
+    input_shape: InputShape = None,
+    inputs: InputsFile = None,
+    per_layer: PerLayer = False,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    report: Reports = None,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Compare two models with the same inputs and outputs; exit 1 if any output differs.
+
+    Example: bnfuse verify model.onnx fused.onnx --report junit.xml
+    """
+    reports = report or []
+
+    def work() -> VerifyResult:
+        from bnfuse.report import check_report_paths
+
+        check_report_paths(reports)
+        options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
+        return _verify_with_progress(original, candidate, options, quiet)
+
+    verification = _run(debug, str(candidate), work)
+    _run(debug, "report", lambda: _finish(None, verification, reports, quiet))
 
 
-_COMMANDS = {"fuse"}
+_COMMANDS = {"fuse", "verify"}
 
 
 @app.callback()

@@ -69,3 +69,98 @@ class FuseResult:
             assert cand.skip is not None
             groups.setdefault(cand.skip, []).append(cand)
         return groups
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """How far one output (or intermediate tensor) moved; true when it passes."""
+
+    name: str
+    device: str
+    dtype: str
+    shape: tuple[int, ...]
+    atol: float
+    rtol: float
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    rmse: float
+    cosine: float
+    snr_db: float
+    failed: int
+    total: int
+    worst_index: tuple[int, ...]
+    worst_ref: float
+    worst_got: float
+    nan_ref: int
+    nan_got: int
+    inf_ref: int
+    inf_got: int
+    argmax_agreement: float | None
+    value_range: float  # max - min of the reference's finite values: errors in context
+    errors: tuple[float, ...] = ()  # a sample of |ref - got| for histograms
+
+    @property
+    def passed(self) -> bool:
+        return self.failed == 0
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+
+@dataclass
+class VerifyResult:
+    """Before vs after, per output and device, with the noise floor beside it.
+
+    True when every output on every device is within tolerance.
+    """
+
+    original: Path
+    candidate: Path
+    devices: list[str]
+    outputs: list[Comparison]
+    noise_floor: list[Comparison] = field(default_factory=list)
+    layers: list[Comparison] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seed: int = 0
+    samples: int = 1
+    input_source: str = "generated"
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.outputs)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    @property
+    def failures(self) -> list[Comparison]:
+        return [c for c in self.outputs if not c.passed]
+
+    def ordered_outputs(self) -> list[Comparison]:
+        """Failing outputs first, then by name and device."""
+        return sorted(self.outputs, key=lambda c: (c.passed, c.name, c.device))
+
+    def noise_for(self, comparison: Comparison) -> Comparison | None:
+        """The noise-floor entry for the same output (first one found)."""
+        for floor in self.noise_floor:
+            if floor.name == comparison.name:
+                return floor
+        return None
+
+    @property
+    def first_failing_layer(self) -> Comparison | None:
+        """The earliest folded layer (graph order) beyond tolerance: where an error starts.
+
+        Errors flow downstream, so later layers fail too; the first one is the culprit.
+        """
+        return next((c for c in self.layers if not c.passed), None)
+
+    @property
+    def worst_layer(self) -> Comparison | None:
+        """The folded layer whose output moved most, relative to its range."""
+        if not self.layers:
+            return None
+        return max(
+            self.layers, key=lambda c: c.max_abs / c.value_range if c.value_range else c.max_abs
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from bnfuse.result import FuseResult
+from bnfuse.result import FuseResult, VerifyResult
 
 _MAX_LISTED = 10
 
@@ -52,3 +52,52 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
     console.print(ops)
     for path in result.outputs:
         console.print(f"wrote {path}")
+
+
+def print_verify_summary(result: VerifyResult, console: Console) -> None:
+    from bnfuse.report.fmt import db, num
+
+    verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
+    console.print(
+        f"verify {verdict}: {result.candidate} against {result.original} "
+        f"on {', '.join(result.devices)} ({result.samples} sample(s), {result.input_source} inputs)"
+    )
+    table = Table(title="Outputs (failing first)", title_justify="left")
+    table.add_column("output", overflow="fold")
+    table.add_column("device")
+    table.add_column("verdict")
+    for col in ("max abs", "SNR", "beyond tol", "noise floor"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for c in result.ordered_outputs():
+        floor = result.noise_for(c)
+        table.add_row(
+            c.name,
+            c.device,
+            "pass" if c.passed else "[red]FAIL[/]",
+            num(c.max_abs),
+            db(c.snr_db),
+            f"{c.failed}/{c.total}",
+            num(floor.max_abs) if floor else "-",
+        )
+    console.print(table)
+    for c in result.outputs:
+        if c.argmax_agreement is not None:
+            console.print(
+                f"  {c.name} ({c.device}): top-1 agreement {100 * c.argmax_agreement:.1f}%"
+            )
+    worst = result.worst_layer
+    if worst is not None:
+        console.print(
+            f"worst layer: {worst.name} (max abs {num(worst.max_abs)} over a range of "
+            f"{num(worst.value_range)}; {len(result.layers)} layers compared)",
+            highlight=False,
+        )
+    first = result.first_failing_layer
+    if first is not None:
+        console.print(
+            f"[red]first failing layer[/]: {first.name} (max abs {num(first.max_abs)}; "
+            "the error starts here and flows downstream)",
+            highlight=False,
+        )
+    for note in result.notes:
+        console.print(f"[dim]{note}[/]")

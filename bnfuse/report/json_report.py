@@ -1,0 +1,103 @@
+"""The JSON report: a documented, versioned schema (see README, "JSON report").
+
+Numbers are plain JSON numbers; infinities (an SNR with zero error) are null.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from typing import Any
+
+from bnfuse.result import Comparison, FuseResult, VerifyResult
+
+SCHEMA = "bnfuse-report"
+SCHEMA_VERSION = 1
+
+
+def _num(x: float) -> float | None:
+    return None if math.isinf(x) or math.isnan(x) else x
+
+
+def comparison_dict(c: Comparison) -> dict[str, Any]:
+    d = asdict(c)
+    d.pop("errors")
+    d["shape"] = list(c.shape)
+    d["worst_index"] = list(c.worst_index)
+    d["passed"] = c.passed
+    for key in (
+        "max_abs",
+        "max_rel",
+        "mean_abs",
+        "rmse",
+        "cosine",
+        "snr_db",
+        "worst_ref",
+        "worst_got",
+        "value_range",
+    ):
+        d[key] = _num(d[key])
+    return d
+
+
+def fusion_dict(r: FuseResult) -> dict[str, Any]:
+    return {
+        "input": str(r.input) if r.input else None,
+        "outputs": [str(p) for p in r.outputs],
+        "dry_run": r.dry_run,
+        "found": len(r.candidates),
+        "folded": len(r.folded),
+        "skipped": len(r.skipped),
+        "candidates": [
+            {
+                "bn": c.bn,
+                "graph": c.graph,
+                "producer": c.producer,
+                "producer_op": c.producer_op,
+                "fused": c.fusable,
+                "skip_code": c.skip.name.lower() if c.skip else None,
+                "skip_label": c.skip.value if c.skip else None,
+                "reason": c.reason,
+            }
+            for c in r.candidates
+        ],
+        "ops_before": dict(sorted(r.ops_before.items())),
+        "ops_after": dict(sorted(r.ops_after.items())),
+    }
+
+
+def verification_dict(v: VerifyResult) -> dict[str, Any]:
+    worst, first = v.worst_layer, v.first_failing_layer
+    return {
+        "original": str(v.original),
+        "candidate": str(v.candidate),
+        "passed": v.passed,
+        "devices": v.devices,
+        "notes": v.notes,
+        "seed": v.seed,
+        "samples": v.samples,
+        "input_source": v.input_source,
+        "outputs": [comparison_dict(c) for c in v.ordered_outputs()],
+        "noise_floor": [comparison_dict(c) for c in v.noise_floor],
+        "layers": [comparison_dict(c) for c in v.layers],
+        "worst_layer": worst.name if worst else None,
+        "first_failing_layer": first.name if first else None,
+    }
+
+
+def report_dict(fusion: FuseResult | None, verification: VerifyResult | None) -> dict[str, Any]:
+    from bnfuse import __version__
+
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "bnfuse_version": __version__,
+        "passed": verification.passed if verification else None,
+        "fusion": fusion_dict(fusion) if fusion else None,
+        "verification": verification_dict(verification) if verification else None,
+    }
+
+
+def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
+    return json.dumps(report_dict(fusion, verification), indent=2, allow_nan=False) + "\n"

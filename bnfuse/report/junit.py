@@ -1,0 +1,60 @@
+"""JUnit XML: one testcase per output and device; failures carry the metrics.
+
+GitHub (via test-reporter actions), GitLab (artifacts:reports:junit) and
+Jenkins read this format.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from bnfuse.report.fmt import db, num
+from bnfuse.result import Comparison, FuseResult, VerifyResult
+
+
+def _metrics(c: Comparison) -> str:
+    return (
+        f"max_abs={num(c.max_abs)} max_rel={num(c.max_rel)} mean_abs={num(c.mean_abs)} "
+        f"rmse={num(c.rmse)} cosine={num(c.cosine, 8)} snr={db(c.snr_db)} "
+        f"beyond_tolerance={c.failed}/{c.total} atol={c.atol:g} rtol={c.rtol:g} "
+        f"worst_index={list(c.worst_index)} worst_ref={num(c.worst_ref)} worst_got={num(c.worst_got)} "
+        f"nan={c.nan_ref}/{c.nan_got} inf={c.inf_ref}/{c.inf_got}"
+    )
+
+
+def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
+    cases = verification.ordered_outputs() if verification is not None else []
+    failures = sum(not c.passed for c in cases)
+    counts = {"tests": str(len(cases)), "failures": str(failures), "errors": "0", "skipped": "0"}
+    suites = ET.Element("testsuites", {"name": "bnfuse", **counts})
+    target = verification.candidate.name if verification else (fusion.input if fusion else "")
+    suite = ET.SubElement(suites, "testsuite", {"name": f"bnfuse verify {target}", **counts})
+    if fusion is not None:
+        props = ET.SubElement(suite, "properties")
+        for key, value in (
+            ("bn_found", len(fusion.candidates)),
+            ("bn_folded", len(fusion.folded)),
+            ("bn_skipped", len(fusion.skipped)),
+        ):
+            ET.SubElement(props, "property", name=key, value=str(value))
+    for c in cases:
+        case = ET.SubElement(
+            suite, "testcase", classname=f"bnfuse.verify.{c.device}", name=c.name, time="0"
+        )
+        if c.passed:
+            ET.SubElement(case, "system-out").text = _metrics(c)
+            continue
+        failure = ET.SubElement(
+            case,
+            "failure",
+            message=(
+                f"output '{c.name}' on {c.device}: {c.failed} of {c.total} elements beyond "
+                f"tolerance (max abs {num(c.max_abs)})"
+            ),
+            type="ToleranceExceeded",
+        )
+        failure.text = _metrics(c)
+    ET.indent(suites)
+    return (
+        '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+    )

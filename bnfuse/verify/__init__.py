@@ -1,0 +1,1 @@
+"""The verifier: inputs, runners, metrics, and the driver that compares two models."""

@@ -1,0 +1,116 @@
+"""Compare a reference output with a candidate's, element by element.
+
+An element fails when ``|ref - got| > atol + rtol * |ref|`` (numpy's
+``isclose`` rule, asymmetric: the reference is the unfused model), or when
+one side is NaN/Inf and the other is not the same NaN/Inf.
+
+Default tolerances by output dtype (``--atol``/``--rtol`` override both):
+
+    dtype      atol    rtol
+    float64    1e-9    1e-9
+    float32    1e-4    1e-4
+    float16    1e-2    1e-2
+    bfloat16   5e-2    5e-2
+    integers   0       0
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from bnfuse.result import Comparison
+
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-9, 1e-9),
+    "float32": (1e-4, 1e-4),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+
+
+def default_tolerance(dtype: np.dtype[np.generic]) -> tuple[float, float]:
+    return DEFAULT_TOLERANCES.get(dtype.name, (0.0, 0.0))
+
+
+_HISTOGRAM_SAMPLE = 4096
+
+
+def compare(
+    name: str,
+    device: str,
+    ref: np.ndarray,
+    got: np.ndarray,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> Comparison:
+    if ref.shape != got.shape:
+        raise ValueError(f"output '{name}': shape {got.shape} differs from reference {ref.shape}")
+    d_atol, d_rtol = default_tolerance(ref.dtype)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    a = np.asarray(ref, dtype=np.float64)
+    b = np.asarray(got, dtype=np.float64)
+    finite = np.isfinite(a) & np.isfinite(b)
+    same_special = ~finite & ((a == b) | (np.isnan(a) & np.isnan(b)))
+    diff = np.where(finite, np.abs(a - b), 0.0)
+    bad = (~finite & ~same_special) | (diff > atol + rtol * np.abs(np.where(finite, a, 0.0)))
+    n = a.size
+    if n == 0:
+        return _empty(name, device, ref, atol, rtol)
+    worst_flat = int(np.argmax(np.where(bad, np.inf, diff))) if bad.any() else int(np.argmax(diff))
+    worst = tuple(int(i) for i in np.unravel_index(worst_flat, a.shape))
+    fa, fb = a[finite], b[finite]
+    err = np.abs(fa - fb)
+    nonzero = np.abs(fa) > 0
+    max_rel = float(np.max(err[nonzero] / np.abs(fa[nonzero]), initial=0.0))
+    signal = float(np.sum(fa * fa))
+    noise = float(np.sum(err * err))
+    norms = float(np.linalg.norm(fa) * np.linalg.norm(fb))
+    sample = err if err.size <= _HISTOGRAM_SAMPLE else err[:: max(1, err.size // _HISTOGRAM_SAMPLE)]
+    return Comparison(
+        name=name,
+        device=device,
+        dtype=str(ref.dtype),
+        shape=tuple(int(s) for s in ref.shape),
+        atol=atol,
+        rtol=rtol,
+        max_abs=float(err.max(initial=0.0)),
+        max_rel=max_rel,
+        mean_abs=float(err.mean()) if err.size else 0.0,
+        rmse=math.sqrt(noise / err.size) if err.size else 0.0,
+        cosine=float(np.dot(fa, fb) / norms) if norms > 0 else (1.0 if noise == 0 else 0.0),
+        snr_db=(10 * math.log10(signal / noise)) if noise > 0 and signal > 0 else math.inf,
+        failed=int(bad.sum()),
+        total=int(n),
+        worst_index=worst,
+        worst_ref=float(a.flat[worst_flat]),
+        worst_got=float(b.flat[worst_flat]),
+        nan_ref=int(np.isnan(a).sum()),
+        nan_got=int(np.isnan(b).sum()),
+        inf_ref=int(np.isinf(a).sum()),
+        inf_got=int(np.isinf(b).sum()),
+        argmax_agreement=_argmax_agreement(a, b),
+        value_range=float(np.ptp(fa)) if fa.size else 0.0,
+        errors=tuple(float(e) for e in sample),
+    )
+
+
+def _argmax_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Share of rows whose top class agrees, for outputs shaped like class scores [N, C]."""
+    if a.ndim != 2 or a.shape[1] < 2:
+        return None
+    return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+
+
+def _empty(name: str, device: str, ref: np.ndarray, atol: float, rtol: float) -> Comparison:
+    return Comparison(
+        name, device, str(ref.dtype), tuple(ref.shape), atol, rtol,
+        0.0, 0.0, 0.0, 0.0, 1.0, math.inf, 0, 0, (), 0.0, 0.0, 0, 0, 0, 0, None, 0.0,
+    )  # fmt: skip
+
+
+def stack(samples: list[np.ndarray]) -> np.ndarray:
+    """Several samples of one output as one array (compared as a whole)."""
+    return samples[0] if len(samples) == 1 else np.stack(samples)

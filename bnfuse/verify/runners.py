@@ -1,0 +1,86 @@
+"""Runners share one interface: build once, then ``infer(feeds) -> {output: array}``.
+
+The ONNX reference runs with every onnxruntime graph optimisation off:
+otherwise onnxruntime folds BatchNorm itself and "before" is already fused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from bnfuse.errors import BnfuseError, InputError
+
+Feeds = dict[str, np.ndarray]
+
+CPU, CUDA = "cpu", "cuda"
+_PROVIDER = {CPU: "CPUExecutionProvider", CUDA: "CUDAExecutionProvider"}
+
+
+class Runner(Protocol):
+    label: str
+    device: str
+
+    def infer(self, feeds: Feeds) -> dict[str, np.ndarray]: ...
+
+
+def onnx_devices() -> dict[str, str | None]:
+    """Each device and why it cannot run (None when it can)."""
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    cuda = (
+        None
+        if _PROVIDER[CUDA] in providers
+        else (
+            "onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu and a CUDA runtime)"
+        )
+    )
+    return {CPU: None, CUDA: cuda}
+
+
+def pick_devices(asked: str, available: dict[str, str | None]) -> tuple[list[str], list[str]]:
+    """The devices to run on, and a note for each one that was skipped."""
+    if asked not in (CPU, CUDA, "all"):
+        raise BnfuseError(f"--device {asked!r}: expected cpu, cuda or all")
+    if asked != "all":
+        why = available.get(asked)
+        if why is not None:
+            raise BnfuseError(f"--device {asked}: not available: {why}")
+        return [asked], []
+    devices = [d for d, why in available.items() if why is None]
+    notes = [f"{d.upper()} not checked: {why}" for d, why in available.items() if why is not None]
+    return devices, notes
+
+
+class OnnxRuntimeRunner:
+    """One onnxruntime session on one device."""
+
+    def __init__(self, model: Path | bytes, device: str, *, optimize: bool = False) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if optimize
+            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
+        options.log_severity_level = 3
+        self.device = device
+        self.label = f"onnxruntime {device.upper()}" + (" (optimised)" if optimize else "")
+        source: Any = str(model) if isinstance(model, Path) else model
+        name = model.name if isinstance(model, Path) else "model"
+        try:
+            self._session = ort.InferenceSession(source, options, providers=[_PROVIDER[device]])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{name}: onnxruntime cannot load it: {first}") from exc
+        if _PROVIDER[device] not in self._session.get_providers():
+            raise BnfuseError(f"{name}: onnxruntime did not place it on {device}")
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
+        values = self._session.run(None, feeds)
+        return {n: np.asarray(v) for n, v in zip(self.output_names, values, strict=True)}
