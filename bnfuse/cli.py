@@ -108,6 +108,8 @@ def _run(debug: bool, what: str, func: Callable[[], T]) -> T:
     """Call the library; a BnfuseError (or a crash) becomes one line and exit 2."""
     try:
         return func()
+    except typer.Exit:
+        raise
     except BnfuseError as exc:
         _fail(exc, debug)
     except Exception as exc:  # a bug, or a model no check foresaw: one line, exit 2

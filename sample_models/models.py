@@ -435,3 +435,44 @@ def loop_body() -> onnx.ModelProto:
         [],
         15,
     )
+
+
+def conv_chain(*, dynamic_batch: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """x -> 3 x (Conv -> BN -> Relu) -> GlobalAveragePool -> Flatten -> Gemm: class scores.
+
+    Layers are named conv1..conv3 and bn1..bn3 (the BNs' outputs: bn1_out...).
+    """
+    rng = np.random.default_rng(seed)
+    channels = [3, 8, 8, 16]
+    nodes, inits = [], []
+    prev = "x"
+    for i in range(1, 4):
+        cin, cout = channels[i - 1], channels[i]
+        w = rng.normal(0, 0.4, (cout, cin, 3, 3)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"conv{i}.W"))
+        inits += bn_params(cout, np.float32, rng, prefix=f"bn{i}")
+        nodes += [
+            helper.make_node(
+                "Conv", [prev, f"conv{i}.W"], [f"conv{i}_out"], name=f"conv{i}", pads=[1, 1, 1, 1]
+            ),
+            bn_node(f"conv{i}_out", f"bn{i}_out", prefix=f"bn{i}"),
+            helper.make_node("Relu", [f"bn{i}_out"], [f"relu{i}_out"], name=f"relu{i}"),
+        ]
+        prev = f"relu{i}_out"
+    inits += [
+        numpy_helper.from_array(rng.normal(0, 0.3, (10, 16)).astype(np.float32), "fc.W"),
+        numpy_helper.from_array(rng.normal(0, 0.1, 10).astype(np.float32), "fc.B"),
+    ]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.W", "fc.B"], ["logits"], name="fc", transB=1),
+    ]
+    batch: int | str = "N" if dynamic_batch else 4
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
+        inits,
+        13,
+    )

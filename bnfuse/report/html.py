@@ -112,7 +112,9 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
         badge = '<span class="verdict pass">PASS</span>'
     else:
         badge = '<span class="verdict fail">FAIL</span>'
-    title = escape(str(v.candidate if v else (fusion.input if fusion else "bnfuse")))
+    title = escape(
+        str(v.candidate if v is not None else (fusion.input if fusion is not None else "bnfuse"))
+    )
     body = [f"<h1>bnfuse report {badge}</h1>", f'<div class="muted">{title}</div>']
     if fusion is not None:
         body.append("<h2>Fusion</h2>")
@@ -158,7 +160,7 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
                 f"<td>{num(c.rmse)}</td><td>{num(c.cosine, 8)}</td><td>{db(c.snr_db)}</td>"
                 f"<td>{pct(c.argmax_agreement)}</td><td>{c.failed}/{c.total}</td>"
                 f"<td>{escape(str(list(c.worst_index)))}</td>"
-                f"<td>{num(floor.max_abs) if floor else '-'}</td></tr>"
+                f"<td>{num(floor.max_abs) if floor is not None else '-'}</td></tr>"
             )
         body.append(f"<table>{header}{''.join(rows_html)}</table>")
         if v.noise_floor:

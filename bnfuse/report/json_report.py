@@ -81,8 +81,8 @@ def verification_dict(v: VerifyResult) -> dict[str, Any]:
         "outputs": [comparison_dict(c) for c in v.ordered_outputs()],
         "noise_floor": [comparison_dict(c) for c in v.noise_floor],
         "layers": [comparison_dict(c) for c in v.layers],
-        "worst_layer": worst.name if worst else None,
-        "first_failing_layer": first.name if first else None,
+        "worst_layer": worst.name if worst is not None else None,
+        "first_failing_layer": first.name if first is not None else None,
     }
 
 
@@ -93,9 +93,9 @@ def report_dict(fusion: FuseResult | None, verification: VerifyResult | None) ->
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "bnfuse_version": __version__,
-        "passed": verification.passed if verification else None,
-        "fusion": fusion_dict(fusion) if fusion else None,
-        "verification": verification_dict(verification) if verification else None,
+        "passed": verification.passed if verification is not None else None,
+        "fusion": fusion_dict(fusion) if fusion is not None else None,
+        "verification": verification_dict(verification) if verification is not None else None,
     }
 
 

@@ -27,7 +27,11 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
     failures = sum(not c.passed for c in cases)
     counts = {"tests": str(len(cases)), "failures": str(failures), "errors": "0", "skipped": "0"}
     suites = ET.Element("testsuites", {"name": "bnfuse", **counts})
-    target = verification.candidate.name if verification else (fusion.input if fusion else "")
+    target = (
+        verification.candidate.name
+        if verification is not None
+        else (fusion.input if fusion is not None else "")
+    )
     suite = ET.SubElement(suites, "testsuite", {"name": f"bnfuse verify {target}", **counts})
     if fusion is not None:
         props = ET.SubElement(suite, "properties")

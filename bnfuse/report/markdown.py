@@ -55,7 +55,7 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
             lines.append(
                 f"| `{c.name}` | {c.device} | {'pass' if c.passed else '**FAIL**'} | {num(c.max_abs)} "
                 f"| {num(c.max_rel)} | {num(c.cosine, 8)} | {db(c.snr_db)} | {c.failed}/{c.total} "
-                f"| {num(floor.max_abs) if floor else '-'} |"
+                f"| {num(floor.max_abs) if floor is not None else '-'} |"
             )
         argmax = [c for c in v.outputs if c.argmax_agreement is not None]
         if argmax:
@@ -68,8 +68,8 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
             worst, first = v.worst_layer, v.first_failing_layer
             lines += [
                 "",
-                f"Per layer (worst: `{worst.name if worst else '-'}`"
-                + (f"; first failing: `{first.name}`" if first else "")
+                f"Per layer (worst: `{worst.name if worst is not None else '-'}`"
+                + (f"; first failing: `{first.name}`" if first is not None else "")
                 + "):",
                 "",
                 "| tensor | max abs | range | verdict |",

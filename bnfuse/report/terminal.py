@@ -77,7 +77,7 @@ def print_verify_summary(result: VerifyResult, console: Console) -> None:
             num(c.max_abs),
             db(c.snr_db),
             f"{c.failed}/{c.total}",
-            num(floor.max_abs) if floor else "-",
+            num(floor.max_abs) if floor is not None else "-",
         )
     console.print(table)
     for c in result.outputs:

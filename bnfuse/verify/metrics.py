@@ -54,7 +54,8 @@ def compare(
     b = np.asarray(got, dtype=np.float64)
     finite = np.isfinite(a) & np.isfinite(b)
     same_special = ~finite & ((a == b) | (np.isnan(a) & np.isnan(b)))
-    diff = np.where(finite, np.abs(a - b), 0.0)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(finite, np.abs(a - b), 0.0)
     bad = (~finite & ~same_special) | (diff > atol + rtol * np.abs(np.where(finite, a, 0.0)))
     n = a.size
     if n == 0:
