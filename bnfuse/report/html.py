@@ -82,7 +82,8 @@ def _layer_chart(layers: list[Comparison]) -> str:
     height = row_h * len(rows) + 30
     floor = 1e-12
     parts = [
-        f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="per-layer error">'
+        f'<svg viewBox="0 0 {width} {height}" width="100%" style="max-width:{width}px" '
+        'role="img" aria-label="per-layer error">'
     ]
     for i, (name, value) in enumerate(rows):
         v = max(value, floor)

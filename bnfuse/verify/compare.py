@@ -94,6 +94,8 @@ def verify_onnx(
     def gathered(role: str, device: str, name: str) -> np.ndarray:
         return stack([r[name] for r in runs[(role, device)]])
 
+    first = runs[("original", devices[0])][0]
+    scores = {name: first[name].ndim == 2 for name in output_names}  # [N, C] per sample
     outputs, layers = [], []
     for device in devices:
         for name in output_names:
@@ -105,6 +107,7 @@ def verify_onnx(
                     gathered("candidate", device, name),
                     opts.atol,
                     opts.rtol,
+                    class_scores=scores[name],
                 )
             )
         if device == CPU:

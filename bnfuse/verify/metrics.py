@@ -44,7 +44,14 @@ def compare(
     got: np.ndarray,
     atol: float | None = None,
     rtol: float | None = None,
+    *,
+    class_scores: bool | None = None,
 ) -> Comparison:
+    """Compare ``got`` with the reference ``ref``.
+
+    ``class_scores``: whether the last axis holds class scores (top-1 agreement is
+    then reported over it); by default, when the output is 2-D [N, C].
+    """
     if ref.shape != got.shape:
         raise ValueError(f"output '{name}': shape {got.shape} differs from reference {ref.shape}")
     d_atol, d_rtol = default_tolerance(ref.dtype)
@@ -92,17 +99,19 @@ def compare(
         nan_got=int(np.isnan(b).sum()),
         inf_ref=int(np.isinf(a).sum()),
         inf_got=int(np.isinf(b).sum()),
-        argmax_agreement=_argmax_agreement(a, b),
+        argmax_agreement=_argmax_agreement(
+            a, b, a.ndim == 2 if class_scores is None else class_scores
+        ),
         value_range=float(np.ptp(fa)) if fa.size else 0.0,
         errors=tuple(float(e) for e in sample),
     )
 
 
-def _argmax_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Share of rows whose top class agrees, for outputs shaped like class scores [N, C]."""
-    if a.ndim != 2 or a.shape[1] < 2:
+def _argmax_agreement(a: np.ndarray, b: np.ndarray, class_scores: bool) -> float | None:
+    """Share of rows whose top class (last axis) agrees, for class-score outputs."""
+    if not class_scores or a.ndim < 2 or a.shape[-1] < 2:
         return None
-    return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+    return float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
 
 
 def _empty(name: str, device: str, ref: np.ndarray, atol: float, rtol: float) -> Comparison:

@@ -194,6 +194,7 @@ def test_dynamic_batch_defaults_to_one_and_samples_stack(
     assert code == 0, err
     out = json.loads(rj.read_text())["verification"]["outputs"][0]
     assert out["shape"] == [3, 1, 10] and out["max_abs"] == 0.0
+    assert out["argmax_agreement"] == 1.0  # [N, C] logits per sample: class scores
 
 
 def test_cuda_asked_for_where_there_is_none_exits_2(
