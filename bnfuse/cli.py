@@ -156,16 +156,18 @@ def _verify_with_progress(
     if quiet:
         return verify_onnx(original, candidate, options)
     from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with Progress(
-        SpinnerColumn(), TextColumn("verifying: {task.description}"),
-        console=Console(stderr=True), transient=True,
+        TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.description}"), console=Console(stderr=True), transient=True,
     ) as progress:  # fmt: skip
-        task = progress.add_task("loading")
-        return verify_onnx(
-            original, candidate, options, on_step=lambda msg: progress.update(task, description=msg)
-        )
+        task = progress.add_task("loading", total=None)
+
+        def on_step(what: str, done: int, total: int) -> None:
+            progress.update(task, description=what, completed=done, total=total)
+
+        return verify_onnx(original, candidate, options, on_step=on_step)
 
 
 def _finish(

@@ -261,10 +261,17 @@ def _site(producer: ir.Node, ir_version: int) -> Site | _Fail:
     )
 
 
+def _required_const(node: ir.Node, index: int, what: str, ir_version: int) -> Array | _Fail:
+    array = _const_input(node, index, what, ir_version)
+    if array is None:
+        return _Fail(Skip.NOT_CONSTANT, f"{node.op_type} '{node.name}' has no {what}")
+    return array
+
+
 def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
-    weight = _const_input(node, 1, "weight", ir_version)
-    if weight is None or isinstance(weight, _Fail):
-        return weight or _Fail(Skip.NOT_CONSTANT, f"{node.op_type} '{node.name}' has no weight")
+    weight = _required_const(node, 1, "weight", ir_version)
+    if isinstance(weight, _Fail):
+        return weight
     bias = _const_input(node, 2, "bias", ir_version)
     if isinstance(bias, _Fail):
         return bias
@@ -286,9 +293,9 @@ def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
 
 
 def _gemm_site(node: ir.Node, ir_version: int) -> Site | _Fail:
-    weight = _const_input(node, 1, "B", ir_version)
-    if weight is None or isinstance(weight, _Fail):
-        return weight or _Fail(Skip.NOT_CONSTANT, f"Gemm '{node.name}' has no B input")
+    weight = _required_const(node, 1, "B", ir_version)
+    if isinstance(weight, _Fail):
+        return weight
     c = _const_input(node, 2, "C", ir_version)
     if isinstance(c, _Fail):
         return c
@@ -310,9 +317,9 @@ def _matmul_site(
     bias_index: int | None,
     ir_version: int,
 ) -> Site | _Fail:
-    weight = _const_input(matmul, 1, "weight (second input)", ir_version)
-    if weight is None or isinstance(weight, _Fail):
-        return weight or _Fail(Skip.NOT_CONSTANT, f"MatMul '{matmul.name}' has one input")
+    weight = _required_const(matmul, 1, "weight (second input)", ir_version)
+    if isinstance(weight, _Fail):
+        return weight
     if weight.ndim != 2:
         return _Fail(
             Skip.SHAPE_MISMATCH,
@@ -342,9 +349,9 @@ def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | _Fail:
         matmul = other.producer() if other is not None else None
         if matmul is None or matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
             continue
-        bias = _const_input(add, bias_index, "bias", ir_version)
-        if bias is None or isinstance(bias, _Fail):
-            return bias or _Fail(Skip.NOT_CONSTANT, f"Add '{add.name}' has one input")
+        bias = _required_const(add, bias_index, "bias", ir_version)
+        if isinstance(bias, _Fail):
+            return bias
         if bias.ndim > 2:
             return _Fail(
                 Skip.SHAPE_MISMATCH,

@@ -43,7 +43,7 @@ class VerifyOptions:
     per_layer: bool = False
 
 
-Step = Callable[[str], None]
+Step = Callable[[str, int, int], None]  # (what runs now, steps done, steps in all)
 
 
 def verify_onnx(
@@ -53,7 +53,7 @@ def verify_onnx(
     on_step: Step | None = None,
 ) -> VerifyResult:
     opts = options or VerifyOptions()
-    step = on_step or (lambda _msg: None)
+    report_step = on_step or (lambda _msg, _done, _total: None)
     if opts.samples < 1:
         raise BnfuseError("--samples must be at least 1")
     a_proto = _load_graph(original)
@@ -81,47 +81,42 @@ def verify_onnx(
         b_model = _with_outputs(candidate, layer_names)
     output_names = [o.name for o in a_proto.graph.output]
 
+    jobs: list[tuple[str, str, Path | bytes, bool]] = [
+        (role, device, model, False)
+        for device in devices
+        for role, model in (("original", a_model), ("candidate", b_model))
+    ]
+    jobs.append(("optimised", CPU, original, True))  # the noise floor's run
+    total = len(jobs) * len(feeds)
     runs: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {}
-    for device in devices:
-        for role, model in (("original", a_model), ("candidate", b_model)):
-            step(f"{role} on {device}")
-            runner = OnnxRuntimeRunner(model, device)
-            runs[(role, device)] = [runner.infer(f) for f in feeds]
-    step("noise floor")
-    optimised = OnnxRuntimeRunner(original, CPU, optimize=True)
-    runs[("optimised", CPU)] = [optimised.infer(f) for f in feeds]
+    done = 0
+    for role, device, model, optimize in jobs:
+        runner = OnnxRuntimeRunner(model, device, optimize=optimize)
+        results = runs.setdefault((role, device), [])
+        for sample in feeds:
+            report_step(f"{role} on {runner.label}", done, total)
+            results.append(runner.infer(sample))
+            done += 1
+    report_step("comparing", done, total)
 
     def gathered(role: str, device: str, name: str) -> np.ndarray:
         return stack([r[name] for r in runs[(role, device)]])
 
     first = runs[("original", devices[0])][0]
-    scores = {name: first[name].ndim == 2 for name in output_names}  # [N, C] per sample
-    outputs, layers = [], []
-    for device in devices:
-        for name in output_names:
-            outputs.append(
-                compare(
-                    name,
-                    device,
-                    gathered("original", device, name),
-                    gathered("candidate", device, name),
-                    opts.atol,
-                    opts.rtol,
-                    class_scores=scores[name],
-                )
-            )
-        if device == CPU:
-            for name in layer_names:
-                layers.append(
-                    compare(
-                        name,
-                        device,
-                        gathered("original", device, name),
-                        gathered("candidate", device, name),
-                        opts.atol,
-                        opts.rtol,
-                    )
-                )
+
+    def fusion_error(name: str, device: str) -> Comparison:
+        return compare(
+            name,
+            device,
+            gathered("original", device, name),
+            gathered("candidate", device, name),
+            opts.atol,
+            opts.rtol,
+            class_scores=first[name].ndim == 2,  # [N, C] per sample: class scores
+        )
+
+    outputs = [fusion_error(name, device) for device in devices for name in output_names]
+    layers = [fusion_error(name, CPU) for name in layer_names]
     floor: list[Comparison] = []
     for name in output_names:
         ref = gathered("original", CPU, name)
