@@ -2,14 +2,54 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
 
 from bnfuse.onnx import io, match
 from bnfuse.onnx.rewrite import FoldBatchNorms, op_counts
 from bnfuse.result import FuseResult
 
+if TYPE_CHECKING:
+    from torch import fx, nn
+
+
+@overload
+def fuse(
+    input: str | Path,
+    output: str | Path | None = None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+) -> FuseResult: ...
+
+
+@overload
+def fuse(input: nn.Module, *, example_inputs: Sequence[Any] | None = None) -> fx.GraphModule: ...
+
 
 def fuse(
+    input: Any,
+    output: str | Path | None = None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    example_inputs: Sequence[Any] | None = None,
+) -> Any:
+    """Fold BatchNorms: an ONNX file (returns a FuseResult), or an nn.Module (a fused copy).
+
+    For an ``nn.Module`` the original is left untouched and a fused
+    ``torch.fx.GraphModule`` is returned; ``bnfuse.torch.module.fuse_module``
+    returns the report too.
+    """
+    if not isinstance(input, (str, Path)):
+        from bnfuse.torch.module import fuse_module
+
+        return fuse_module(input, example_inputs).module
+    return fuse_file(input, output, force=force, dry_run=dry_run)
+
+
+def fuse_file(
     input: str | Path,
     output: str | Path | None = None,
     *,

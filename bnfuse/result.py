@@ -13,7 +13,7 @@ class Skip(str, Enum):
 
     TRAINING_MODE = "uses batch statistics (training mode)"
     STATS_OUTPUTS = "its running-statistics outputs are used"
-    NO_LAYER = "not preceded by Conv/ConvTranspose/Gemm/MatMul"
+    NO_LAYER = "not preceded by a layer with weights (Conv, ConvTranspose, Gemm/Linear, MatMul)"
     OTHER_CONSUMERS = "the layer's output has other consumers"
     GRAPH_OUTPUT = "the layer's output is a graph output"
     NOT_CONSTANT = "a parameter is not a constant"

@@ -174,6 +174,7 @@ TORCH_DESCRIPTIONS = {
     "densenet": "DenseNet-shaped network (7 BNs after Concat/pooling stay)",
     "dcgan_generator": "DCGAN generator (ConvTranspose + BN, one grouped)",
     "bn1d_mlp": "MLP with Linear -> BatchNorm1d (exported as Gemm)",
+    "conv1d_audio": "audio front end: strided Conv1d -> BatchNorm1d stack",
 }
 TORCH_OPSET = 17
 
@@ -188,6 +189,7 @@ def build_all(out: Path) -> list[tuple[str, str]]:
         rows.append((f"{name}.onnx", description))
     ext = out / EXTERNAL[0]
     ext.mkdir(exist_ok=True)
+    (ext / "weights.bin").unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save(
         m.layer_bn("Conv", cin=16, cout=32),
         str(ext / "model.onnx"),

@@ -195,6 +195,21 @@ class BN1dMLP(nn.Module):
         return self.net(x)
 
 
+class Conv1dAudio(nn.Module):
+    """Raw-waveform front end: strided Conv1d + BatchNorm1d stack, pooled classifier."""
+
+    def __init__(self, classes: int = 6) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for cin, cout, k, s in ((1, 16, 9, 4), (16, 32, 5, 2), (32, 32, 3, 1)):
+            layers += [nn.Conv1d(cin, cout, k, s, k // 2), nn.BatchNorm1d(cout), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=2))
+
+
 @dataclass(frozen=True)
 class NetSpec:
     name: str
@@ -211,6 +226,7 @@ NETS = [
     NetSpec("densenet", DenseNetish, (2, 3, 16, 16), bn_not_after_layer=7),
     NetSpec("dcgan_generator", DCGANGenerator, (2, 16, 1, 1)),
     NetSpec("bn1d_mlp", BN1dMLP, (4, 20)),
+    NetSpec("conv1d_audio", Conv1dAudio, (2, 1, 400)),
 ]
 
 

@@ -1,0 +1,73 @@
+"""Fuse an nn.Module: capture it as a torch.fx graph, fold, return a fused copy.
+
+Capture is torch.fx.symbolic_trace where the model traces; otherwise
+torch.export with the example inputs. The original module is never touched
+(the fusion works on a deep copy).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnfuse.errors import BnfuseError
+from bnfuse.result import FuseResult
+from bnfuse.torch.fx_fuse import fuse_graph_module, op_counts
+
+
+@dataclass
+class FusedModule:
+    module: fx.GraphModule
+    result: FuseResult
+
+
+def capture(module: nn.Module, example_inputs: Sequence[Any] | None) -> fx.GraphModule:
+    """A GraphModule computing what ``module`` computes (on a copy of it)."""
+    clone = copy.deepcopy(module)
+    try:
+        gm = fx.symbolic_trace(clone)
+    except Exception as fx_exc:
+        if example_inputs is None:
+            raise BnfuseError(
+                f"torch.fx cannot trace {type(module).__name__} ({type(fx_exc).__name__}: "
+                f"{_first_line(fx_exc)})",
+                hint="pass example_inputs so that torch.export can capture it",
+            ) from fx_exc
+        try:
+            exported = torch.export.export(clone, tuple(example_inputs))
+        except Exception as export_exc:
+            raise BnfuseError(
+                f"neither torch.fx ({type(fx_exc).__name__}: {_first_line(fx_exc)}) nor "
+                f"torch.export ({type(export_exc).__name__}: {_first_line(export_exc)}) "
+                f"can capture {type(module).__name__}"
+            ) from export_exc
+        return exported.module()
+    if example_inputs is not None:
+        from torch.fx.passes.shape_prop import ShapeProp
+
+        ShapeProp(gm).propagate(*example_inputs)
+    return gm
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+def fuse_module(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> FusedModule:
+    """Fold every legal BN of ``module`` into a fused copy; the original is untouched.
+
+    ``example_inputs`` (a tuple of tensors) lets bnfuse check shapes (Linear ->
+    BatchNorm1d needs a 2-D input) and capture models torch.fx cannot trace.
+    """
+    gm = capture(module, example_inputs)
+    before = op_counts(gm)
+    candidates = fuse_graph_module(gm)
+    return FusedModule(
+        gm, FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(gm))
+    )
