@@ -237,11 +237,12 @@ def trained(model: nn.Module, seed: int = 0) -> nn.Module:
         for mod in model.modules():
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 c = mod.num_features
-                assert mod.running_mean is not None and mod.running_var is not None
-                mod.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                mod.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
-                mod.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                mod.bias.copy_(torch.randn(c, generator=gen) * 0.2)
+                if mod.running_mean is not None and mod.running_var is not None:
+                    mod.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                    mod.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.25)
+                if mod.affine:
+                    mod.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                    mod.bias.copy_(torch.randn(c, generator=gen) * 0.2)
     return model.eval()
 
 
