@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
+from bnfuse.errors import OutputError
+from bnfuse.formats import TORCH_FORMATS, detect, require_torch
 from bnfuse.onnx import io, match
 from bnfuse.onnx.rewrite import FoldBatchNorms, op_counts
 from bnfuse.result import FuseResult
@@ -21,6 +23,7 @@ def fuse(
     *,
     force: bool = False,
     dry_run: bool = False,
+    trust_pickle: bool = False,
 ) -> FuseResult: ...
 
 
@@ -34,6 +37,7 @@ def fuse(
     *,
     force: bool = False,
     dry_run: bool = False,
+    trust_pickle: bool = False,
     example_inputs: Sequence[Any] | None = None,
 ) -> Any:
     """Fold BatchNorms: an ONNX file (returns a FuseResult), or an nn.Module (a fused copy).
@@ -46,10 +50,47 @@ def fuse(
         from bnfuse.torch.module import fuse_module
 
         return fuse_module(input, example_inputs).module
-    return fuse_file(input, output, force=force, dry_run=dry_run)
+    return fuse_file(input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle)
 
 
 def fuse_file(
+    input: str | Path,
+    output: str | Path | None = None,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    trust_pickle: bool = False,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> FuseResult:
+    """Fuse a model file: ONNX, TorchScript (.pt) or ExportedProgram (.pt2).
+
+    The format comes from the file's content. A PyTorch input may be written
+    as ``.onnx`` (fused, then exported) or in its own format.
+    """
+    path = Path(input)
+    out = Path(output) if output is not None else None
+    fmt = detect(path)
+    if fmt in TORCH_FORMATS:
+        require_torch(path, fmt)
+        from bnfuse.torch.files import fuse_torch_file
+
+        return fuse_torch_file(
+            path,
+            out,
+            fmt,
+            force=force,
+            dry_run=dry_run,
+            trust_pickle=trust_pickle,
+            input_shapes=input_shapes,
+        )
+    if out is not None and out.suffix.lower() in (".pt", ".pt2", ".pth"):
+        raise OutputError(
+            f"{out}: bnfuse writes an ONNX input as ONNX", hint="name the output .onnx"
+        )
+    return fuse_onnx(path, out, force=force, dry_run=dry_run)
+
+
+def fuse_onnx(
     input: str | Path,
     output: str | Path | None = None,
     *,

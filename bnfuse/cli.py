@@ -151,10 +151,10 @@ def _verify_options(
 def _verify_with_progress(
     original: Path, candidate: Path, options: VerifyOptions, quiet: bool
 ) -> VerifyResult:
-    from bnfuse.verify.compare import verify_onnx
+    from bnfuse.verify.compare import verify_models
 
     if quiet:
-        return verify_onnx(original, candidate, options)
+        return verify_models(original, candidate, options)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -167,7 +167,7 @@ def _verify_with_progress(
         def on_step(what: str, done: int, total: int) -> None:
             progress.update(task, description=what, completed=done, total=total)
 
-        return verify_onnx(original, candidate, options, on_step=on_step)
+        return verify_models(original, candidate, options, on_step=on_step)
 
 
 def _finish(
@@ -196,7 +196,10 @@ def _finish(
 def fuse_command(
     input: Annotated[
         Path,
-        typer.Argument(help="The model to fuse (.onnx; external data is found beside it)."),
+        typer.Argument(
+            help="The model to fuse: .onnx (external data beside it), TorchScript .pt, "
+            "or torch.export .pt2."
+        ),
     ],
     output: Annotated[
         Path | None,
@@ -213,6 +216,13 @@ def fuse_command(
     ] = False,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Write the fused model without comparing outputs.")
+    ] = False,
+    trust_pickle: Annotated[
+        bool,
+        typer.Option(
+            "--trust-pickle",
+            help="Load a full torch.save pickle; unpickling runs code stored in the file.",
+        ),
     ] = False,
     device: Device = "all",
     seed: Seed = 0,
@@ -242,16 +252,21 @@ def fuse_command(
     reports = report or []
 
     def work() -> tuple[FuseResult, VerifyResult | None]:
-        from bnfuse.api import fuse
+        from bnfuse.api import fuse_file
         from bnfuse.report import check_report_paths
 
         check_report_paths(reports)
-        options = (
-            None
-            if (dry_run or no_verify)
-            else _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
-        )
-        result = fuse(input, output, force=force, dry_run=dry_run)
+        options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
+        if not (dry_run or no_verify):
+            from bnfuse.verify.compare import preflight
+
+            preflight(input, options)
+        result = fuse_file(
+            input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle,
+            input_shapes=options.input_shapes,
+        )  # fmt: skip
+        if dry_run or no_verify:
+            return result, None
         if options is None or output is None:
             return result, None
         return result, _verify_with_progress(input, output, options, quiet)

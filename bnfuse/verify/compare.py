@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,8 @@ from bnfuse.errors import BnfuseError, InputError
 from bnfuse.result import Comparison, VerifyResult
 from bnfuse.verify import inputs as inputs_mod
 from bnfuse.verify.metrics import compare, stack
-from bnfuse.verify.runners import CPU, CUDA, OnnxRuntimeRunner, onnx_devices, pick_devices
+from bnfuse.verify.runners import CPU, CUDA, Runner, onnx_devices, pick_devices
+from bnfuse.verify.sources import Source, open_source
 
 # Protobuf cannot hold 2 GiB; a model with extra outputs is passed to onnxruntime as bytes.
 _INLINE_LIMIT = 2**31 - 2**26
@@ -46,52 +48,74 @@ class VerifyOptions:
 Step = Callable[[str, int, int], None]  # (what runs now, steps done, steps in all)
 
 
-def verify_onnx(
+def resolve_feeds(source: Source, opts: VerifyOptions) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The input samples for ``source``: the user's file, or generated ones."""
+    if opts.samples < 1:
+        raise BnfuseError("--samples must be at least 1")
+    if opts.inputs is not None:
+        return inputs_mod.load_npz(opts.inputs, source.specs), f"file {opts.inputs}"
+    shapes = inputs_mod.concrete_shapes(source.specs, opts.input_shapes)
+    return inputs_mod.generate(source.specs, shapes, opts.seed, opts.samples), "generated"
+
+
+def preflight(original: Path, opts: VerifyOptions) -> None:
+    """Fail early, before anything is written, if the inputs or devices cannot be had."""
+    source = open_source(original)
+    resolve_feeds(source, VerifyOptions(**{**opts.__dict__, "samples": 1}))
+    pick_devices(opts.device, available_devices(source))
+
+
+def verify_models(
     original: Path,
     candidate: Path,
     options: VerifyOptions | None = None,
     on_step: Step | None = None,
 ) -> VerifyResult:
+    """Compare ``candidate`` with ``original`` (ONNX, TorchScript or .pt2, in any pairing)."""
     opts = options or VerifyOptions()
     report_step = on_step or (lambda _msg, _done, _total: None)
-    if opts.samples < 1:
-        raise BnfuseError("--samples must be at least 1")
-    a_proto = _load_graph(original)
-    b_proto = _load_graph(candidate)
-    specs = inputs_mod.onnx_input_specs(a_proto)
-    _check_same_interface(a_proto, b_proto, original, candidate)
-    if opts.inputs is not None:
-        feeds = inputs_mod.load_npz(opts.inputs, specs)
-        source = f"file {opts.inputs}"
-    else:
-        shapes = inputs_mod.concrete_shapes(specs, opts.input_shapes)
-        feeds = inputs_mod.generate(specs, shapes, opts.seed, opts.samples)
-        source = "generated"
-    devices, notes = pick_devices(opts.device, onnx_devices())
-
-    layer_names = _folded_tensors(a_proto, b_proto) if opts.per_layer else []
-    if opts.per_layer and not layer_names:
-        notes.append(
-            "per-layer: no tensor is a BatchNorm output in the original and a layer output in the candidate"
+    a, b = open_source(original), open_source(candidate)
+    if [s.name for s in a.specs] != [s.name for s in b.specs]:
+        raise InputError(
+            f"{candidate} does not have the inputs of {original} "
+            f"({[s.name for s in b.specs]} vs {[s.name for s in a.specs]})"
         )
-    a_model: Path | bytes = original
-    b_model: Path | bytes = candidate
+    if a.is_onnx and b.is_onnx and a.outputs != b.outputs:
+        raise InputError(
+            f"{candidate} does not have the outputs of {original} ({b.outputs} vs {a.outputs})"
+        )
+    feeds, source = resolve_feeds(a, opts)
+    devices, notes = pick_devices(opts.device, available_devices(a, b))
+
+    layer_names: list[str] = []
+    a_model: Path | bytes | None = None
+    b_model: Path | bytes | None = None
+    if opts.per_layer:
+        if a.proto is not None and b.proto is not None:
+            layer_names = _folded_tensors(a.proto, b.proto)
+            if not layer_names:
+                notes.append(
+                    "per-layer: no tensor is a BatchNorm output in the original and a layer "
+                    "output in the candidate"
+                )
+        else:
+            notes.append("per-layer: compared for ONNX models only")
     if layer_names:
         a_model = _with_outputs(original, layer_names)
         b_model = _with_outputs(candidate, layer_names)
-    output_names = [o.name for o in a_proto.graph.output]
 
-    jobs: list[tuple[str, str, Path | bytes, bool]] = [
-        (role, device, model, False)
+    floor_label, floor_runner = _noise_floor_run(a)
+    jobs: list[tuple[str, str, Callable[[], Runner]]] = [
+        (role, device, partial(src.runner, device, model=model))
         for device in devices
-        for role, model in (("original", a_model), ("candidate", b_model))
+        for role, src, model in (("original", a, a_model), ("candidate", b, b_model))
     ]
-    jobs.append(("optimised", CPU, original, True))  # the noise floor's run
+    jobs.append(("floor", CPU, floor_runner))
     total = len(jobs) * len(feeds)
     runs: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {}
     done = 0
-    for role, device, model, optimize in jobs:
-        runner = OnnxRuntimeRunner(model, device, optimize=optimize)
+    for role, device, make in jobs:
+        runner = make()
         results = runs.setdefault((role, device), [])
         for sample in feeds:
             report_step(f"{role} on {runner.label}", done, total)
@@ -99,31 +123,33 @@ def verify_onnx(
             done += 1
     report_step("comparing", done, total)
 
+    first = runs[("original", devices[0])][0]
+    a_names = a.outputs or list(first)
+    pairs = _pair_outputs(
+        a_names, list(runs[("candidate", devices[0])][0]), a.is_onnx and b.is_onnx
+    )
+
     def gathered(role: str, device: str, name: str) -> np.ndarray:
         return stack([r[name] for r in runs[(role, device)]])
-
-    first = runs[("original", devices[0])][0]
 
     def fusion_error(name: str, device: str) -> Comparison:
         return compare(
             name,
             device,
             gathered("original", device, name),
-            gathered("candidate", device, name),
+            gathered("candidate", device, pairs.get(name, name)),
             opts.atol,
             opts.rtol,
             class_scores=first[name].ndim == 2,  # [N, C] per sample: class scores
         )
 
-    outputs = [fusion_error(name, device) for device in devices for name in output_names]
+    outputs = [fusion_error(name, device) for device in devices for name in a_names]
     layers = [fusion_error(name, CPU) for name in layer_names]
     floor: list[Comparison] = []
-    for name in output_names:
+    for name in a_names:
         ref = gathered("original", CPU, name)
         floor.append(
-            compare(
-                name, "cpu: onnxruntime optimised vs not", ref, gathered("optimised", CPU, name)
-            )
+            compare(name, floor_label, ref, gathered("floor", CPU, name).astype(ref.dtype))
         )
         if CUDA in devices:
             floor.append(compare(name, "cpu vs cuda", ref, gathered("original", CUDA, name)))
@@ -141,32 +167,38 @@ def verify_onnx(
     )
 
 
-def _load_graph(path: Path) -> onnx.ModelProto:
-    """The graph without its weights (external data stays on disk)."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+def available_devices(*sources: Source) -> dict[str, str | None]:
+    """Devices every model can run on, and why not where one cannot."""
+    devices: dict[str, str | None] = (
+        onnx_devices() if any(s.is_onnx for s in sources) else {CPU: None, CUDA: None}
+    )
+    if any(not s.is_onnx for s in sources) and devices.get(CUDA) is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            devices[CUDA] = "torch sees no CUDA device"
+    return devices
 
 
-def _check_same_interface(
-    a: onnx.ModelProto, b: onnx.ModelProto, a_path: Path, b_path: Path
-) -> None:
-    def interface(m: onnx.ModelProto) -> tuple[list[str], list[str]]:
-        inits = {t.name for t in m.graph.initializer}
-        return (
-            [i.name for i in m.graph.input if i.name not in inits],
-            [o.name for o in m.graph.output],
-        )
+def _noise_floor_run(a: Source) -> tuple[str, Callable[[], Runner]]:
+    """What the original itself moves by, on the CPU, under a change that should not matter.
 
-    (a_in, a_out), (b_in, b_out) = interface(a), interface(b)
-    if a_in != b_in or a_out != b_out:
-        raise InputError(
-            f"{b_path} does not have the inputs and outputs of {a_path} "
-            f"(inputs {b_in} vs {a_in}; outputs {b_out} vs {a_out})"
-        )
+    ONNX: onnxruntime's own graph optimisations on vs off. torch: float32 vs float64.
+    """
+    if a.is_onnx:
+        return "cpu: onnxruntime optimised vs not", lambda: a.runner(CPU, optimize=True)
+    import torch
+
+    return "cpu: float32 vs float64", lambda: a.torch_runner(CPU, torch.float64)
+
+
+def _pair_outputs(a: list[str], b: list[str], by_name: bool) -> dict[str, str]:
+    """The candidate's output for each of the original's: by name, else by position."""
+    if by_name or a == b:
+        return {n: n for n in a}
+    if len(a) != len(b):
+        raise InputError(f"the models have {len(a)} and {len(b)} outputs")
+    return dict(zip(a, b, strict=True))
 
 
 def _folded_tensors(a: onnx.ModelProto, b: onnx.ModelProto) -> list[str]:

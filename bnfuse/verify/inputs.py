@@ -24,7 +24,9 @@ Feeds = dict[str, np.ndarray]
 class InputSpec:
     name: str
     dtype: np.dtype[np.generic]
-    shape: tuple[int | str | None, ...]  # int: fixed; str: symbolic; None: unknown
+    # int: fixed; str: symbolic; None: unknown. The whole shape is None when even
+    # the rank is unknown (a saved TorchScript module).
+    shape: tuple[int | str | None, ...] | None
 
 
 def onnx_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -76,6 +78,14 @@ def concrete_shapes(
             )
     shapes = {}
     for spec in specs:
+        if spec.shape is None:
+            if spec.name not in overrides:
+                raise InputError(
+                    f"input '{spec.name}' has no recorded shape",
+                    hint=f"pass --input-shape {spec.name}:1x3x224x224 (its real shape)",
+                )
+            shapes[spec.name] = overrides[spec.name]
+            continue
         if spec.name in overrides:
             given = overrides[spec.name]
             if len(given) != len(spec.shape):

@@ -12,7 +12,7 @@ import pytest
 
 import bnfuse
 from bnfuse.report import write_reports
-from bnfuse.verify.compare import VerifyOptions, verify_onnx
+from bnfuse.verify.compare import VerifyOptions, verify_models
 from sample_models.models import conv_chain
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,7 +33,7 @@ def test_html_report_renders_in_chromium(tmp_path: Path) -> None:
     src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
     onnx.save(conv_chain(), src)
     fusion = bnfuse.fuse(src, out)
-    verification = verify_onnx(src, out, VerifyOptions(per_layer=True, samples=2))
+    verification = verify_models(src, out, VerifyOptions(per_layer=True, samples=2))
     page = tmp_path / "report.html"
     write_reports([page], fusion, verification)
     assert CHROMIUM is not None

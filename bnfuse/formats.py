@@ -1,0 +1,63 @@
+"""What kind of model file this is, from its content (and suffix), without heavy imports."""
+
+from __future__ import annotations
+
+import zipfile
+from enum import Enum
+from pathlib import Path
+
+from bnfuse.errors import InputError
+
+
+class Format(Enum):
+    ONNX = "ONNX"
+    TORCHSCRIPT = "TorchScript"
+    EXPORTED = "torch.export ExportedProgram"
+    PICKLE = "torch.save pickle"
+
+
+TORCH_FORMATS = (Format.TORCHSCRIPT, Format.EXPORTED, Format.PICKLE)
+
+
+def detect(path: Path) -> Format:
+    """The format of ``path``: PyTorch archives by their entries, otherwise ONNX.
+
+    ONNX has no magic number, so anything that is not a PyTorch archive or
+    pickle is handed to the ONNX loader, which says clearly when it is not ONNX.
+    """
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head[:1] == b"\x80" and path.suffix.lower() in (".pt", ".pth", ".pkl", ".bin"):
+            return Format.PICKLE  # a legacy (non-zip) torch.save pickle
+        return Format.ONNX
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    if any(n.endswith("/archive_format") for n in names):
+        return Format.EXPORTED
+    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        return Format.TORCHSCRIPT
+    if any(n.endswith("data.pkl") for n in names):
+        return Format.PICKLE
+    raise InputError(
+        f"{path}: a zip archive that is neither TorchScript, a .pt2 ExportedProgram nor a "
+        "torch.save file",
+        hint="bnfuse reads .onnx, TorchScript .pt and torch.export .pt2",
+    )
+
+
+def require_torch(path: Path, fmt: Format) -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise InputError(
+            f"{path}: a {fmt.value} file; reading it needs PyTorch",
+            hint="pip install 'bnfuse[torch]'",
+        ) from exc

@@ -1,0 +1,249 @@
+"""PyTorch files: load safely, fuse, write.
+
+Formats (bnfuse.formats recognises them from a zip archive's entries):
+
+  TorchScript      ``torch.jit.save``: entries ``*/code/`` and ``*/constants.pkl``
+  ExportedProgram  ``torch.export.save`` (.pt2): entry ``*/archive_format``
+  pickle           ``torch.save``: entry ``*/data.pkl`` only (or a legacy pickle)
+
+A pickle can run arbitrary code when loaded, so a full pickled module
+(``torch.save(model)``) is refused unless ``trust_pickle`` is set; a bare
+state_dict (loaded with ``weights_only=True``, which runs no code) is refused
+with a hint to use the Python API, since it holds no architecture to fuse.
+TorchScript and .pt2 archives load without unpickling arbitrary Python.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnfuse.errors import BnfuseError, InputError, OutputError
+from bnfuse.formats import Format
+from bnfuse.result import FuseResult
+
+
+def load_pickle(path: Path, trust_pickle: bool) -> nn.Module:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_exc:
+        if not trust_pickle:
+            raise InputError(
+                f"{path}: a full pickled model (torch.save(model)); loading it runs code "
+                "stored in the file",
+                hint="pass --trust-pickle if you trust it, or save it with torch.jit.save / "
+                "torch.export.save",
+            ) from safe_exc
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, Mapping):
+        raise InputError(
+            f"{path}: a state_dict (weights without the architecture), nothing to fuse",
+            hint="load it into your nn.Module and call bnfuse.fuse(module) from Python",
+        )
+    if not isinstance(obj, nn.Module):
+        raise InputError(f"{path}: holds a {type(obj).__name__}, not an nn.Module")
+    return obj
+
+
+def load_exported(path: Path) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.load(path)
+    except Exception as exc:
+        raise InputError(
+            f"{path}: cannot load it as an ExportedProgram ({type(exc).__name__})"
+        ) from exc
+
+
+def load_script(path: Path) -> torch.jit.ScriptModule:
+    try:
+        module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        raise InputError(f"{path}: cannot load it as TorchScript ({type(exc).__name__})") from exc
+    return module
+
+
+def script_input_names(module: torch.jit.ScriptModule) -> list[str]:
+    return [v.debugName().split(".")[0] for v in list(module.graph.inputs())[1:]]
+
+
+def script_example_inputs(
+    module: torch.jit.ScriptModule, input_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[torch.Tensor, ...] | None:
+    """float32 zeros of the shapes given by name (``--input-shape``), or None.
+
+    A saved TorchScript module records no input shapes, so they come from the user.
+    """
+    names = script_input_names(module)
+    if not names or any(n not in input_shapes for n in names):
+        return None
+    return tuple(torch.zeros(input_shapes[n]) for n in names)
+
+
+def exported_dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
+    """Keep each symbolic dimension of the user inputs dynamic when exporting again."""
+    shapes = []
+    user = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        if node.op != "placeholder" or node.name not in user:
+            continue
+        val = node.meta.get("val")
+        dims = {
+            i: torch.export.Dim.AUTO
+            for i, d in enumerate(getattr(val, "shape", ()))
+            if isinstance(d, torch.SymInt)
+        }
+        shapes.append(dims or None)
+    return tuple(shapes)
+
+
+def _atomic(output: Path, write: Callable[[Path], None]) -> None:
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        tmp = tmpdir / output.name
+        write(tmp)
+        os.replace(tmp, output)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write it ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def check_output(source: Path, output: Path, *, force: bool) -> None:
+    if output.exists() and os.path.samefile(output, source):
+        raise OutputError(f"{output}: the output is the input; bnfuse never modifies its input")
+    if not output.parent.exists():
+        raise OutputError(f"{output.parent}: the output folder does not exist")
+    if output.exists() and not force:
+        raise OutputError(f"{output}: already exists", hint="pass --force to replace it")
+
+
+def export_onnx(
+    module: nn.Module, args: tuple[Any, ...], path: Path, dynamic: tuple[Any, ...] = ()
+) -> None:
+    """Write the (fused) module as ONNX: TorchScript-based exporter, opset 17."""
+    import warnings
+
+    names = [f"input_{i}" for i in range(len(args))]
+    axes = {name: list(dims) for name, dims in zip(names, dynamic, strict=False) if dims}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, opset_version=17,
+            input_names=names, dynamic_axes=axes or None,
+        )  # fmt: skip
+
+
+def export_onnx_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """Write an ExportedProgram as ONNX with torch's torch.export-based exporter."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+    if onnx_program is None:
+        raise BnfuseError("torch.onnx.export returned no program")
+    onnx_program.save(str(path))
+
+
+def fuse_torch_file(
+    input: Path,
+    output: Path | None,
+    fmt: Format,
+    *,
+    force: bool = False,
+    dry_run: bool = False,
+    trust_pickle: bool = False,
+    input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> FuseResult:
+    """Fuse a TorchScript, .pt2 or (trusted) pickle file into ``output``.
+
+    The output format follows its suffix: ``.onnx`` exports the fused model to
+    ONNX; otherwise the input's own format.
+    """
+    if output is not None and not dry_run:
+        check_output(input, output, force=force)
+    to_onnx = output is not None and output.suffix.lower() == ".onnx"
+    if fmt is Format.TORCHSCRIPT:
+        result, write = _fuse_script(input, to_onnx, input_shapes or {})
+    else:
+        result, write = _fuse_fx(input, fmt, to_onnx, trust_pickle)
+    result.input = input
+    result.dry_run = dry_run or output is None
+    if not result.dry_run:
+        assert output is not None
+        _atomic(output, write)
+        result.outputs = [output]
+    return result
+
+
+Writer = Callable[[Path], None]
+
+
+def _fuse_script(
+    input: Path, to_onnx: bool, input_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[FuseResult, Writer]:
+    from bnfuse.torch.script_fuse import fuse_script_module
+
+    script = load_script(input)
+    example = script_example_inputs(script, input_shapes)
+    fused, result = fuse_script_module(script, example)
+
+    def write(path: Path) -> None:
+        if not to_onnx:
+            torch.jit.save(fused, str(path))
+            return
+        if example is None:
+            names = ", ".join(script_input_names(script))
+            raise BnfuseError(
+                f"{input}: exporting TorchScript to ONNX needs the input shapes",
+                hint=f"pass --input-shape for each input ({names}), e.g. NAME:1x3x224x224",
+            )
+        export_onnx(fused, example, path)
+
+    return result, write
+
+
+def _fuse_fx(
+    input: Path, fmt: Format, to_onnx: bool, trust_pickle: bool
+) -> tuple[FuseResult, Writer]:
+    from bnfuse.torch.fx_fuse import fuse_graph_module, op_counts
+
+    args: tuple[Any, ...] | None = None
+    dynamic: tuple[Any, ...] = ()
+    if fmt is Format.EXPORTED:
+        ep = load_exported(input)
+        gm: fx.GraphModule = ep.module()
+        args = tuple(ep.example_inputs[0]) if ep.example_inputs else None
+        dynamic = exported_dynamic_shapes(ep)
+    else:
+        from bnfuse.torch.module import capture
+
+        gm = capture(load_pickle(input, trust_pickle), None)
+    before = op_counts(gm)
+    candidates = fuse_graph_module(gm)
+    result = FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(gm))
+
+    def write(path: Path) -> None:
+        if fmt is Format.PICKLE and not to_onnx:
+            torch.save(gm, str(path))
+            return
+        if args is None:
+            raise BnfuseError(
+                f"{input}: stores no example inputs, needed to export the fused model"
+            )
+        if to_onnx:
+            program = torch.export.export(gm, args, dynamic_shapes=dynamic or None)
+            export_onnx_program(program, path)
+        else:
+            torch.export.save(
+                torch.export.export(gm, args, dynamic_shapes=dynamic or None), str(path)
+            )
+
+    return result, write

@@ -1,0 +1,215 @@
+"""Fold BatchNorm in a TorchScript module.
+
+The module is frozen without optimisation (``torch._C._freeze_module``:
+parameters become graph constants; unlike ``torch.jit.freeze`` it does not
+fold BatchNorm itself), then each ``aten::batch_norm`` whose input comes from
+``aten::conv1d/2d/3d``, ``aten::_convolution``, ``aten::conv_transpose1d/2d/3d``
+or ``aten::linear`` with constant parameters is folded with bnfuse.fold and
+spliced out. Other uses of a shared weight keep the original constant.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.jit._script import RecursiveScriptModule
+
+from bnfuse import fold
+from bnfuse.fold import FoldError
+from bnfuse.result import Candidate, FuseResult, Skip
+from bnfuse.torch.fx_fuse import numpy_dtype, to_torch
+
+# op -> (kind, index of groups, index of transposed): weight is input 1, bias input 2
+_LAYERS: dict[str, tuple[str, int | None, int | None]] = {
+    "aten::conv1d": ("conv", 6, None),
+    "aten::conv2d": ("conv", 6, None),
+    "aten::conv3d": ("conv", 6, None),
+    "aten::_convolution": ("conv", 8, 6),
+    "aten::convolution": ("conv", 8, 6),
+    "aten::conv_transpose1d": ("convT", 6, None),
+    "aten::conv_transpose2d": ("convT", 6, None),
+    "aten::conv_transpose3d": ("convT", 6, None),
+    "aten::linear": ("linear", None, None),
+}
+
+
+@dataclass(frozen=True)
+class _Fail:
+    skip: Skip
+    reason: str
+
+
+def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """Inline submodules and turn parameters into constants, without BN folding."""
+    frozen = RecursiveScriptModule(torch._C._freeze_module(module._c))
+    RecursiveScriptModule._finalize_scriptmodule(frozen)
+    return frozen
+
+
+def _const(value: Any) -> Any:
+    node = value.node()
+    if node.kind() != "prim::Constant":
+        raise LookupError(value.debugName())
+    return value.toIValue()
+
+
+def _label(node: Any) -> str:
+    out = node.output() if node.outputsSize() == 1 else None
+    return f"{node.kind()} %{out.debugName()}" if out is not None else node.kind()
+
+
+def op_counts(graph: Any) -> Counter[str]:
+    return Counter(n.kind() for n in graph.nodes() if n.kind() != "prim::Constant")
+
+
+def fuse_script_module(
+    module: torch.jit.ScriptModule, example_inputs: tuple[torch.Tensor, ...] | None = None
+) -> tuple[torch.jit.ScriptModule, FuseResult]:
+    """A frozen, fused copy of ``module`` and the report."""
+    frozen = freeze(module)
+    graph = frozen.graph
+    if example_inputs is not None:
+        shape_analysis = getattr(torch._C, "_jit_pass_complete_shape_analysis")  # noqa: B009
+        shape_analysis(graph, example_inputs, False)
+    before = op_counts(graph)
+    candidates = []
+    for bn in list(graph.nodes()):
+        if bn.kind() != "aten::batch_norm":
+            continue
+        producer = bn.inputsAt(0).node()
+        base = Candidate(
+            bn=_label(bn), graph="forward", producer=_label(producer), producer_op=producer.kind()
+        )
+        checked = _check(bn, producer)
+        if isinstance(checked, _Fail):
+            candidates.append(
+                Candidate(
+                    base.bn,
+                    base.graph,
+                    base.producer,
+                    base.producer_op,
+                    checked.skip,
+                    checked.reason,
+                )
+            )
+            continue
+        _apply(graph, bn, producer, *checked)
+        candidates.append(base)
+    torch._C._jit_pass_dce(graph)
+    return frozen, FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(graph))
+
+
+def _check(bn: Any, producer: Any) -> tuple[fold.Affine, int, int, torch.Tensor] | _Fail:
+    try:
+        training = _const(bn.inputsAt(5))
+        gamma, beta, mean, var = (_const(bn.inputsAt(i)) for i in range(1, 5))
+        eps = float(_const(bn.inputsAt(7)))
+    except LookupError as exc:
+        return _Fail(
+            Skip.NOT_CONSTANT, f"BatchNorm argument %{exc.args[0]} is computed, not a constant"
+        )
+    if training:
+        return _Fail(
+            Skip.TRAINING_MODE, "the module is in train mode: it normalises with batch statistics"
+        )
+    if mean is None or var is None:
+        return _Fail(
+            Skip.TRAINING_MODE, "no running statistics: it normalises with batch statistics"
+        )
+    kind_info = _LAYERS.get(producer.kind())
+    if kind_info is None:
+        return _Fail(
+            Skip.NO_LAYER,
+            f"its input comes from {producer.kind()}, which has no weight to fold into",
+        )
+    kind, groups_at, transposed_at = kind_info
+    try:
+        weight = _const(producer.inputsAt(1))
+        bias = _const(producer.inputsAt(2))
+        groups = int(_const(producer.inputsAt(groups_at))) if groups_at is not None else 1
+        if transposed_at is not None and _const(producer.inputsAt(transposed_at)):
+            kind = "convT"
+    except LookupError as exc:
+        return _Fail(
+            Skip.NOT_CONSTANT,
+            f"{producer.kind()} argument %{exc.args[0]} is computed, not a constant",
+        )
+    out = producer.output()
+    if len(out.uses()) != 1:
+        return _Fail(
+            Skip.OTHER_CONSUMERS,
+            f"the output %{out.debugName()} is also read by {len(out.uses()) - 1} other node(s)",
+        )
+    if kind == "linear":
+        rank = out.type().dim() if isinstance(out.type(), torch._C.TensorType) else None
+        if rank is None:
+            return _Fail(
+                Skip.SHAPE_MISMATCH,
+                "the rank of aten::linear's output is unknown; BatchNorm normalises axis 1, which is "
+                "Linear's output feature axis only for 2-D inputs (pass --input-shape)",
+            )
+        if rank != 2:
+            return _Fail(
+                Skip.SHAPE_MISMATCH,
+                f"aten::linear's output is {rank}-D: BatchNorm normalises axis 1",
+            )
+    axis = 1 if kind == "convT" else 0
+    g = groups if kind == "convT" else 1
+    try:
+        affine = fold.bn_affine(_np(gamma), _np(beta), _f64(mean), _f64(var), eps)
+    except FoldError as exc:
+        return _Fail(Skip.BAD_PARAMETERS, str(exc))
+    channels = int(weight.shape[axis]) * g
+    if affine.channels != channels:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"the BatchNorm has {affine.channels} channels, the layer {channels}",
+        )
+    dtype = numpy_dtype(weight.dtype)
+    peaks = fold.max_abs_per_channel(_f64(weight), axis, g)
+    bad = fold.weight_fits(peaks, affine.scale, dtype)
+    if bad is not None:
+        return _Fail(
+            Skip.NOT_FINITE,
+            f"the folded weight of channel {bad} is beyond the range of {weight.dtype}",
+        )
+    b = fold.round_to(fold.fold_bias(_np(bias), affine), dtype)
+    if not np.all(np.isfinite(b.astype(np.float64))):
+        return _Fail(Skip.NOT_FINITE, f"the folded bias is beyond the range of {weight.dtype}")
+    return affine, axis, g, weight
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else _f64(t)
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    """float64 copy: exact for every float dtype."""
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _apply(
+    graph: Any,
+    bn: Any,
+    producer: Any,
+    affine: fold.Affine,
+    axis: int,
+    groups: int,
+    weight: torch.Tensor,
+) -> None:
+    dtype = numpy_dtype(weight.dtype)
+    bias = _const(producer.inputsAt(2))
+    new_w = to_torch(
+        fold.round_to(fold.fold_weight(_f64(weight), affine.scale, axis, groups), dtype), weight
+    )
+    new_b = to_torch(fold.round_to(fold.fold_bias(_np(bias), affine), dtype), weight)
+    for index, tensor in ((1, new_w), (2, new_b)):
+        value = graph.insertConstant(tensor)
+        value.node().moveBefore(producer)
+        producer.replaceInput(index, value)
+    bn.output().replaceAllUsesWith(producer.output())
+    bn.destroy()

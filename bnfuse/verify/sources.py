@@ -1,0 +1,147 @@
+"""A model file behind one interface: its inputs, its outputs, and runners for it.
+
+ONNX runs in onnxruntime; TorchScript (.pt) and ExportedProgram (.pt2) run
+in torch. Outputs of a torch model are named ``output_0``, ``output_1``...;
+when the two models of a comparison name their outputs differently (a .pt2
+against its .onnx export), outputs are paired by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bnfuse.errors import InputError
+from bnfuse.formats import Format, detect, require_torch
+from bnfuse.verify.inputs import InputSpec, onnx_input_specs
+from bnfuse.verify.runners import CPU, CUDA, OnnxRuntimeRunner, Runner
+
+
+@dataclass
+class Source:
+    path: Path
+    format: Format
+    specs: list[InputSpec]
+    outputs: list[str]
+    proto: onnx.ModelProto | None = None  # ONNX: the graph without weights
+    _torch_model: Any = field(default=None, repr=False)
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.format is Format.ONNX
+
+    def runner(
+        self, device: str, *, optimize: bool = False, model: Path | bytes | None = None
+    ) -> Runner:
+        if self.is_onnx:
+            return OnnxRuntimeRunner(
+                model if model is not None else self.path, device, optimize=optimize
+            )
+        return TorchRunner(self._torch_model, device, [s.name for s in self.specs], self.path.name)
+
+    def torch_runner(self, device: str, dtype: Any) -> Runner:
+        """The torch model with its parameters and floating inputs cast to ``dtype``."""
+        return TorchRunner(
+            self._torch_model, device, [s.name for s in self.specs], self.path.name, dtype
+        )
+
+
+def open_source(path: Path) -> Source:
+    fmt = detect(path)
+    if fmt is Format.ONNX:
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+        if not proto.graph.node and not proto.graph.output:
+            raise InputError(f"{path}: not an ONNX model (an empty graph)")
+        return Source(
+            path, fmt, onnx_input_specs(proto), [o.name for o in proto.graph.output], proto
+        )
+    require_torch(path, fmt)
+    return _open_torch(path, fmt)
+
+
+def _open_torch(path: Path, fmt: Format) -> Source:
+    import torch
+
+    from bnfuse.torch.files import load_exported, load_script, script_input_names
+
+    if fmt is Format.TORCHSCRIPT:
+        module = load_script(path).eval()
+        # A saved TorchScript module records no input shapes: float32 of shapes the user gives.
+        specs = [InputSpec(n, np.dtype(np.float32), None) for n in script_input_names(module)]
+        return Source(path, fmt, specs, [], _torch_model=module)
+    if fmt is Format.EXPORTED:
+        program = load_exported(path)
+        user = list(program.graph_signature.user_inputs)
+        specs = []
+        for node in program.graph.nodes:
+            if node.op == "placeholder" and node.name in user:
+                val = node.meta.get("val")
+                shape = tuple(
+                    int(d) if isinstance(d, int) else str(d) for d in getattr(val, "shape", ())
+                )
+                dtype = torch.empty((), dtype=val.dtype).numpy().dtype
+                specs.append(InputSpec(node.name, np.dtype(dtype), shape))
+        return Source(path, fmt, specs, [], _torch_model=program.module())
+    raise InputError(
+        f"{path}: a torch.save pickle; bnfuse verify reads .onnx, TorchScript and .pt2",
+        hint="save the model with torch.jit.save or torch.export.save",
+    )
+
+
+class TorchRunner:
+    """A torch model on one device; outputs flattened to output_0, output_1..."""
+
+    def __init__(
+        self, model: Any, device: str, input_names: list[str], name: str, dtype: Any = None
+    ) -> None:
+        import torch
+
+        if device == CUDA and not torch.cuda.is_available():
+            raise InputError("torch has no CUDA device here")
+        self.device = device
+        self.label = f"torch {device.upper()}" + (
+            f" ({str(dtype).replace('torch.', '')})" if dtype else ""
+        )
+        self._names = input_names
+        self._dtype = dtype
+        target = "cuda" if device == CUDA else "cpu"
+        self._model = model.to(target) if dtype is None else _cast(model, dtype).to(target)
+        self._target = target
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        args = []
+        for name in self._names:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self._target)
+            if self._dtype is not None and t.is_floating_point():
+                t = t.to(self._dtype)
+            args.append(t)
+        with torch.no_grad():
+            out = self._model(*args)
+        flat = _flatten(out)
+        return {f"output_{i}": t.detach().to("cpu").numpy() for i, t in enumerate(flat)}
+
+
+def _cast(model: Any, dtype: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+def _flatten(out: Any) -> list[Any]:
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _flatten(item)]
+    if isinstance(out, dict):
+        return [t for key in sorted(out) for t in _flatten(out[key])]
+    return [out]
+
+
+__all__ = ["CPU", "CUDA", "Source", "TorchRunner", "open_source"]
