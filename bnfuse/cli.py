@@ -257,6 +257,7 @@ def fuse_command(
 
         check_report_paths(reports)
         options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
+        options.trust_pickle = trust_pickle
         if not (dry_run or no_verify):
             from bnfuse.verify.compare import preflight
 

@@ -15,6 +15,7 @@ TorchScript and .pt2 archives load without unpickling arbitrary Python.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -124,29 +125,31 @@ def check_output(source: Path, output: Path, *, force: bool) -> None:
         raise OutputError(f"{output}: already exists", hint="pass --force to replace it")
 
 
-def export_onnx(
-    module: nn.Module, args: tuple[Any, ...], path: Path, dynamic: tuple[Any, ...] = ()
-) -> None:
+def export_onnx(module: nn.Module, args: tuple[Any, ...], path: Path, names: list[str]) -> None:
     """Write the (fused) module as ONNX: TorchScript-based exporter, opset 17."""
     import warnings
 
-    names = [f"input_{i}" for i in range(len(args))]
-    axes = {name: list(dims) for name, dims in zip(names, dynamic, strict=False) if dims}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=17,
-            input_names=names, dynamic_axes=axes or None,
-        )  # fmt: skip
+            module, args, str(path), dynamo=False, opset_version=17, input_names=names
+        )
 
 
 def export_onnx_program(program: torch.export.ExportedProgram, path: Path) -> None:
     """Write an ExportedProgram as ONNX with torch's torch.export-based exporter."""
+    import logging
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # it warns about torchvision ops it skips
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
     if onnx_program is None:
         raise BnfuseError("torch.onnx.export returned no program")
     onnx_program.save(str(path))
@@ -173,7 +176,7 @@ def fuse_torch_file(
     if fmt is Format.TORCHSCRIPT:
         result, write = _fuse_script(input, to_onnx, input_shapes or {})
     else:
-        result, write = _fuse_fx(input, fmt, to_onnx, trust_pickle)
+        result, write = _fuse_fx(input, fmt, to_onnx, trust_pickle, input_shapes or {})
     result.input = input
     result.dry_run = dry_run or output is None
     if not result.dry_run:
@@ -205,14 +208,24 @@ def _fuse_script(
                 f"{input}: exporting TorchScript to ONNX needs the input shapes",
                 hint=f"pass --input-shape for each input ({names}), e.g. NAME:1x3x224x224",
             )
-        export_onnx(fused, example, path)
+        export_onnx(fused, example, path, script_input_names(script))
 
     return result, write
 
 
 def _fuse_fx(
-    input: Path, fmt: Format, to_onnx: bool, trust_pickle: bool
+    input: Path,
+    fmt: Format,
+    to_onnx: bool,
+    trust_pickle: bool,
+    input_shapes: Mapping[str, tuple[int, ...]],
 ) -> tuple[FuseResult, Writer]:
+    """Fuse through torch.fx: a .pt2's module(), or a trusted pickled nn.Module.
+
+    The result is written as .pt2 (torch.export again, dynamic dimensions kept)
+    or .onnx. A pickle is never written: torch.fx modules do not pickle
+    reliably, and a .pt2 loads without running code.
+    """
     from bnfuse.torch.fx_fuse import fuse_graph_module, op_counts
 
     args: tuple[Any, ...] | None = None
@@ -225,18 +238,25 @@ def _fuse_fx(
     else:
         from bnfuse.torch.module import capture
 
-        gm = capture(load_pickle(input, trust_pickle), None)
+        module = load_pickle(input, trust_pickle)
+        names = list(inspect.signature(module.forward).parameters)
+        if names and all(n in input_shapes for n in names):
+            args = tuple(torch.zeros(input_shapes[n]) for n in names)
+        gm = capture(module, args)
     before = op_counts(gm)
     candidates = fuse_graph_module(gm)
     result = FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(gm))
 
     def write(path: Path) -> None:
-        if fmt is Format.PICKLE and not to_onnx:
-            torch.save(gm, str(path))
-            return
+        if fmt is Format.PICKLE and not to_onnx and path.suffix.lower() != ".pt2":
+            raise OutputError(
+                f"{path.name}: a pickled model is written as .pt2 or .onnx, never as a pickle",
+                hint="name the output .pt2 or .onnx and pass --input-shape",
+            )
         if args is None:
             raise BnfuseError(
-                f"{input}: stores no example inputs, needed to export the fused model"
+                f"{input}: no example inputs to export the fused model with",
+                hint="pass --input-shape for each input" if fmt is Format.PICKLE else None,
             )
         if to_onnx:
             program = torch.export.export(gm, args, dynamic_shapes=dynamic or None)

@@ -37,6 +37,9 @@ _LAYERS: dict[str, tuple[str, int | None, int | None]] = {
 }
 
 
+_SHAPE_READS = {"aten::dim", "aten::size", "aten::sizes", "prim::shape", "aten::len"}
+
+
 @dataclass(frozen=True)
 class _Fail:
     skip: Skip
@@ -72,9 +75,15 @@ def fuse_script_module(
     """A frozen, fused copy of ``module`` and the report."""
     frozen = freeze(module)
     graph = frozen.graph
-    if example_inputs is not None:
-        shape_analysis = getattr(torch._C, "_jit_pass_complete_shape_analysis")  # noqa: B009
-        shape_analysis(graph, example_inputs, False)
+    # Drop branches that eval mode makes dead (F.batch_norm's batch-size check reads the
+    # conv output under `if training:`); this evaluates no BatchNorm.
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
+    frozen_types = [v.type() for v in graph.inputs()]
+    if example_inputs is not None:  # ranks for the Linear -> BatchNorm1d check
+        for value, example in zip(list(graph.inputs())[1:], example_inputs, strict=False):
+            value.setType(torch._C.TensorType.create_from_tensor(example))
+        torch._C._jit_pass_propagate_shapes_on_graph(graph)
     before = op_counts(graph)
     candidates = []
     for bn in list(graph.nodes()):
@@ -100,12 +109,26 @@ def fuse_script_module(
         _apply(graph, bn, producer, *checked)
         candidates.append(base)
     torch._C._jit_pass_dce(graph)
+    if example_inputs is not None:  # forget the example's shapes: any shape stays accepted
+        for value, type_ in zip(graph.inputs(), frozen_types, strict=True):
+            value.setType(type_)
+        for node in graph.nodes():
+            for value in node.outputs():
+                if isinstance(value.type(), torch._C.TensorType):
+                    value.setType(torch._C.TensorType.get())
     return frozen, FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(graph))
 
 
 def _check(bn: Any, producer: Any) -> tuple[fold.Affine, int, int, torch.Tensor] | _Fail:
     try:
         training = _const(bn.inputsAt(5))
+    except LookupError:
+        return _Fail(
+            Skip.TRAINING_MODE,
+            "its training flag is not a constant (the module was saved in train mode): "
+            "it may normalise with batch statistics",
+        )
+    try:
         gamma, beta, mean, var = (_const(bn.inputsAt(i)) for i in range(1, 5))
         eps = float(_const(bn.inputsAt(7)))
     except LookupError as exc:
@@ -139,10 +162,14 @@ def _check(bn: Any, producer: Any) -> tuple[fold.Affine, int, int, torch.Tensor]
             f"{producer.kind()} argument %{exc.args[0]} is computed, not a constant",
         )
     out = producer.output()
-    if len(out.uses()) != 1:
+    # BatchNorm's own input check reads out.dim(): shape reads see the same shape after folding.
+    others = [u.user for u in out.uses() if u.user is not bn and u.user.kind() not in _SHAPE_READS]
+    if others:
+        kinds = ", ".join(sorted({n.kind() for n in others}))
         return _Fail(
             Skip.OTHER_CONSUMERS,
-            f"the output %{out.debugName()} is also read by {len(out.uses()) - 1} other node(s)",
+            f"the output %{out.debugName()} is also read by {len(others)} other node(s) "
+            f"({kinds}), which need the unfolded values",
         )
     if kind == "linear":
         rank = out.type().dim() if isinstance(out.type(), torch._C.TensorType) else None

@@ -43,6 +43,7 @@ class VerifyOptions:
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     inputs: Path | None = None
     per_layer: bool = False
+    trust_pickle: bool = False
 
 
 Step = Callable[[str, int, int], None]  # (what runs now, steps done, steps in all)
@@ -60,7 +61,7 @@ def resolve_feeds(source: Source, opts: VerifyOptions) -> tuple[list[dict[str, n
 
 def preflight(original: Path, opts: VerifyOptions) -> None:
     """Fail early, before anything is written, if the inputs or devices cannot be had."""
-    source = open_source(original)
+    source = open_source(original, opts.trust_pickle)
     resolve_feeds(source, VerifyOptions(**{**opts.__dict__, "samples": 1}))
     pick_devices(opts.device, available_devices(source))
 
@@ -74,7 +75,8 @@ def verify_models(
     """Compare ``candidate`` with ``original`` (ONNX, TorchScript or .pt2, in any pairing)."""
     opts = options or VerifyOptions()
     report_step = on_step or (lambda _msg, _done, _total: None)
-    a, b = open_source(original), open_source(candidate)
+    a = open_source(original, opts.trust_pickle)
+    b = open_source(candidate, opts.trust_pickle)
     if [s.name for s in a.specs] != [s.name for s in b.specs]:
         raise InputError(
             f"{candidate} does not have the inputs of {original} "

@@ -50,7 +50,7 @@ class Source:
         )
 
 
-def open_source(path: Path) -> Source:
+def open_source(path: Path, trust_pickle: bool = False) -> Source:
     fmt = detect(path)
     if fmt is Format.ONNX:
         try:
@@ -63,13 +63,15 @@ def open_source(path: Path) -> Source:
             path, fmt, onnx_input_specs(proto), [o.name for o in proto.graph.output], proto
         )
     require_torch(path, fmt)
-    return _open_torch(path, fmt)
+    return _open_torch(path, fmt, trust_pickle)
 
 
-def _open_torch(path: Path, fmt: Format) -> Source:
+def _open_torch(path: Path, fmt: Format, trust_pickle: bool) -> Source:
+    import inspect
+
     import torch
 
-    from bnfuse.torch.files import load_exported, load_script, script_input_names
+    from bnfuse.torch.files import load_exported, load_pickle, load_script, script_input_names
 
     if fmt is Format.TORCHSCRIPT:
         module = load_script(path).eval()
@@ -89,10 +91,10 @@ def _open_torch(path: Path, fmt: Format) -> Source:
                 dtype = torch.empty((), dtype=val.dtype).numpy().dtype
                 specs.append(InputSpec(node.name, np.dtype(dtype), shape))
         return Source(path, fmt, specs, [], _torch_model=program.module())
-    raise InputError(
-        f"{path}: a torch.save pickle; bnfuse verify reads .onnx, TorchScript and .pt2",
-        hint="save the model with torch.jit.save or torch.export.save",
-    )
+    pickled = load_pickle(path, trust_pickle).eval()  # refuses unless trusted
+    names = list(inspect.signature(pickled.forward).parameters)
+    specs = [InputSpec(n, np.dtype(np.float32), None) for n in names]
+    return Source(path, fmt, specs, [], _torch_model=pickled)
 
 
 class TorchRunner:

@@ -1,0 +1,223 @@
+"""PyTorch files from the command line: each format round-trips, fused and verified."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from bnfuse import Skip  # noqa: E402
+from bnfuse.api import fuse_file  # noqa: E402
+from sample_models.models import layer_bn  # noqa: E402
+from sample_models.torch_nets import NETS, build, trained  # noqa: E402
+from tests.test_cli import run_cli  # noqa: E402
+
+SPECS = {s.name: s for s in NETS}
+FILE_NETS = ["resnet", "mobilenet", "dcgan_generator", "bn1d_mlp", "conv1d_audio"]
+
+
+def shape_arg(shape: tuple[int, ...], name: str) -> list[str]:
+    return ["--input-shape", f"{name}:{'x'.join(map(str, shape))}"]
+
+
+def forward_arg(model: nn.Module) -> str:
+    """The name of forward's first parameter (what TorchScript calls the input)."""
+    import inspect
+
+    return next(iter(inspect.signature(model.forward).parameters))
+
+
+def script_bn_count(path: Path) -> int:
+    from bnfuse.torch.script_fuse import freeze
+
+    graph = freeze(torch.jit.load(str(path))).graph
+    return sum(n.kind() == "aten::batch_norm" for n in graph.nodes())
+
+
+def exported_bn_count(path: Path) -> int:
+    graph = torch.export.load(path).graph
+    return sum("batch_norm" in str(n.target) for n in graph.nodes if n.op == "call_function")
+
+
+def verified(report: Path) -> dict[str, object]:
+    data = json.loads(report.read_text())
+    assert data["passed"] is True
+    return data
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "scripted"])
+@pytest.mark.parametrize("net", FILE_NETS)
+def test_torchscript_round_trip(
+    net: str, traced: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = SPECS[net]
+    model = build(spec)
+    x = torch.randn(*spec.input_shape)
+    script = torch.jit.trace(model, x) if traced else torch.jit.script(model)
+    src, out, report = tmp_path / "m.pt", tmp_path / "fused.pt", tmp_path / "r.json"
+    torch.jit.save(script, str(src))
+    code, _, err = run_cli(
+        [
+            str(src),
+            "-o",
+            str(out),
+            *shape_arg(spec.input_shape, forward_arg(model)),
+            "--report",
+            str(report),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    data = verified(report)
+    assert data["fusion"]["skipped"] == 0 and data["fusion"]["folded"] > 0  # type: ignore[index]
+    assert script_bn_count(out) == 0
+    assert data["verification"]["noise_floor"][0]["device"] == "cpu: float32 vs float64"  # type: ignore[index]
+    with torch.no_grad():
+        want, got = model(x), torch.jit.load(str(out))(x)
+    assert float((want - got).abs().max() / (want.max() - want.min())) < 1e-5
+
+
+@pytest.mark.parametrize("net", FILE_NETS)
+def test_exported_program_round_trip(
+    net: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = SPECS[net]
+    model = build(spec)
+    x = torch.randn(*spec.input_shape)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    src, out, report = tmp_path / "m.pt2", tmp_path / "fused.pt2", tmp_path / "r.json"
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), src)
+    code, _, err = run_cli([str(src), "-o", str(out), "--report", str(report)], capsys)
+    assert code == 0, err
+    verified(report)
+    assert exported_bn_count(out) == 0
+    fused = torch.export.load(out).module()
+    bigger = torch.randn(5, *spec.input_shape[1:])  # the batch stayed dynamic
+    with torch.no_grad():
+        want, got = model(bigger), fused(bigger)
+    assert float((want - got).abs().max() / (want.max() - want.min())) < 1e-5
+
+
+def test_exported_program_to_onnx(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = SPECS["resnet"]
+    model = build(spec)
+    src, out, report = tmp_path / "m.pt2", tmp_path / "fused.onnx", tmp_path / "r.json"
+    torch.export.save(torch.export.export(model, (torch.randn(*spec.input_shape),)), src)
+    code, _, err = run_cli([str(src), "-o", str(out), "--report", str(report)], capsys)
+    assert code == 0, err
+    data = verified(report)
+    assert data["fusion"]["folded"] == 10  # type: ignore[index]
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
+
+
+def test_torchscript_to_onnx_needs_and_uses_input_shape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = SPECS["mobilenet"]
+    src, out = tmp_path / "m.pt", tmp_path / "fused.onnx"
+    model = build(spec)
+    torch.jit.save(torch.jit.script(model), str(src))
+    code, _, err = run_cli([str(src), "-o", str(out), "--no-verify"], capsys)
+    assert code == 2 and "--input-shape" in err and not out.exists()
+    code, _, err = run_cli(
+        [str(src), "-o", str(out), *shape_arg(spec.input_shape, forward_arg(model))], capsys
+    )
+    assert code == 0, err
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+
+
+def test_train_mode_bn_in_torchscript_is_skipped(tmp_path: Path) -> None:
+    model = trained(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).train()
+    src = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(model), str(src))
+    (cand,) = fuse_file(src, dry_run=True).candidates
+    assert cand.skip is Skip.TRAINING_MODE
+
+
+class TwoUses(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bn(self.conv(x)), self.conv(x * 2)
+
+
+def test_torchscript_shared_conv_keeps_other_use(tmp_path: Path) -> None:
+    model = trained(TwoUses())
+    src, out = tmp_path / "m.pt", tmp_path / "f.pt"
+    torch.jit.save(torch.jit.script(model), str(src))
+    result = fuse_file(src, out)
+    assert [c.fusable for c in result.candidates] == [True]
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        (a1, a2), (b1, b2) = model(x), torch.jit.load(str(out))(x)
+    assert torch.equal(a2, b2)
+    assert float((a1 - b1).abs().max()) < 1e-5
+
+
+def test_full_pickle_is_refused_unless_trusted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = build(SPECS["resnet"])
+    src = tmp_path / "full.pt"
+    torch.save(model, src)
+    code, _, err = run_cli([str(src), "-o", str(tmp_path / "f.pt"), "--no-verify"], capsys)
+    assert code == 2 and "runs code" in err and "--trust-pickle" in err
+    assert not (tmp_path / "f.pt").exists()
+    code, _, err = run_cli([str(src), "-o", str(tmp_path / "f.pt"), "--trust-pickle"], capsys)
+    assert code == 2 and "--input-shape" in err  # the verifier needs the input's shape
+    code, _, err = run_cli(
+        [str(src), "-o", str(tmp_path / "f.pt"), "--trust-pickle", "--no-verify"], capsys
+    )
+    assert code == 2 and "never as a pickle" in err
+    assert not (tmp_path / "f.pt").exists()
+    shape = ["--input-shape", "x:2x3x32x32"]
+    out = tmp_path / "f.pt2"
+    code, text, err = run_cli([str(src), "-o", str(out), "--trust-pickle", *shape], capsys)
+    assert code == 0, err
+    assert "10 folded" in text and "verify PASS" in text
+    assert exported_bn_count(out) == 0
+
+
+def test_state_dict_is_refused_with_a_hint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "weights.pt"
+    torch.save(build(SPECS["resnet"]).state_dict(), src)
+    code, _, err = run_cli([str(src), "-o", str(tmp_path / "f.pt")], capsys)
+    assert code == 2 and "state_dict" in err and "bnfuse.fuse(module)" in err
+
+
+def test_unknown_zip_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "thing.pt"
+    with zipfile.ZipFile(src, "w") as z:
+        z.writestr("thing/readme.txt", "hello")
+    code, _, err = run_cli([str(src), "-o", str(tmp_path / "f.pt")], capsys)
+    assert code == 2 and "neither TorchScript" in err
+
+
+def test_onnx_path_never_imports_torch(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(layer_bn("Conv"), src)
+    code = (
+        "import sys, bnfuse\n"
+        f"bnfuse.fuse({str(src)!r}, {str(tmp_path / 'f.onnx')!r})\n"
+        "from bnfuse.verify.compare import verify_models\n"
+        f"assert verify_models(__import__('pathlib').Path({str(src)!r}), "
+        f"__import__('pathlib').Path({str(tmp_path / 'f.onnx')!r}))\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
