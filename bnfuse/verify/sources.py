@@ -134,8 +134,11 @@ class TorchRunner:
 
 def _cast(model: Any, dtype: Any) -> Any:
     import copy
+    import warnings
 
-    return copy.deepcopy(model).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Module._apply reads .grad of non-leaf tensors
+        return copy.deepcopy(model).to(dtype)
 
 
 def _flatten(out: Any) -> list[Any]:

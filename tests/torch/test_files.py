@@ -221,3 +221,19 @@ def test_onnx_path_never_imports_torch(tmp_path: Path) -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+def test_torch_models_verify_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    spec = SPECS["resnet"]
+    src, out, report = tmp_path / "m.pt2", tmp_path / "f.pt2", tmp_path / "r.json"
+    torch.export.save(torch.export.export(build(spec), (torch.randn(*spec.input_shape),)), src)
+    code, _, err = run_cli(
+        [str(src), "-o", str(out), "--device", "all", "--report", str(report)], capsys
+    )
+    assert code == 0, err
+    v = verified(report)["verification"]
+    assert v["devices"] == ["cpu", "cuda"]  # type: ignore[index]
+    assert any(f["device"] == "cpu vs cuda" for f in v["noise_floor"])  # type: ignore[index]
