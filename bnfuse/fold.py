@@ -30,7 +30,9 @@ F64 = npt.NDArray[np.float64]
 __all__ = [
     "Affine",
     "FoldError",
+    "FoldOverflow",
     "bn_affine",
+    "check_fits",
     "fold_bias",
     "fold_weight",
     "max_abs_per_channel",
@@ -41,6 +43,10 @@ __all__ = [
 
 class FoldError(ValueError):
     """The parameters cannot be folded; the message says why, for a user."""
+
+
+class FoldOverflow(FoldError):
+    """The folded weight or bias would not be finite in the layer's dtype."""
 
 
 @dataclass(frozen=True)
@@ -194,3 +200,28 @@ def weight_fits(max_abs: F64, scale: F64, dtype: npt.DTypeLike) -> int | None:
     peak = round_to(max_abs * np.abs(scale), dtype)
     bad = np.flatnonzero(~np.isfinite(peak.astype(np.float64)))
     return int(bad[0]) if bad.size else None
+
+
+def check_fits(
+    weight: Array,
+    bias: Array | None,
+    affine: Affine,
+    axis: int,
+    groups: int,
+    dtype: npt.DTypeLike,
+    dtype_name: str,
+) -> None:
+    """Raise FoldOverflow when the fold would not be finite in ``dtype``.
+
+    Cheap: the weight is reduced to one peak per channel, never folded whole.
+    """
+    peaks = max_abs_per_channel(weight, axis, groups)
+    bad = weight_fits(peaks, affine.scale, dtype)
+    if bad is not None:
+        raise FoldOverflow(
+            f"the folded weight of channel {bad} reaches "
+            f"{peaks[bad] * abs(affine.scale[bad]):.4g}, beyond the range of {dtype_name}"
+        )
+    folded_bias = round_to(fold_bias(bias, affine), dtype).astype(np.float64)
+    if not np.all(np.isfinite(folded_bias)):
+        raise FoldOverflow(f"the folded bias is beyond the range of {dtype_name}")

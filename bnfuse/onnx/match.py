@@ -18,7 +18,7 @@ result finite in the layer's dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -100,16 +100,7 @@ def _match_one(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
     )
     result = _check(bn, producer, ir_version)
     if isinstance(result, _Fail):
-        return Match(
-            Candidate(
-                candidate.bn,
-                candidate.graph,
-                candidate.producer,
-                candidate.producer_op,
-                skip=result.skip,
-                reason=result.reason,
-            )
-        )
+        return Match(replace(candidate, skip=result.skip, reason=result.reason))
     return Match(candidate, result)
 
 
@@ -206,17 +197,12 @@ def _check_fits(bn: ir.Node, site: Site, affine: Affine) -> Plan | _Fail:
             "only floating-point layers are folded",
         )
     dtype = dtype_enum.numpy()
-    peaks = fold.max_abs_per_channel(site.weight, site.axis, site.groups)
-    bad = fold.weight_fits(peaks, affine.scale, dtype)
-    if bad is not None:
-        return _Fail(
-            Skip.NOT_FINITE,
-            f"the folded weight of channel {bad} reaches "
-            f"{peaks[bad] * abs(affine.scale[bad]):.4g}, beyond the range of {dtype_enum}",
+    try:
+        fold.check_fits(
+            site.weight, site.bias, affine, site.axis, site.groups, dtype, str(dtype_enum)
         )
-    bias = fold.round_to(fold.fold_bias(site.bias, affine), dtype)
-    if not np.all(np.isfinite(bias.astype(np.float64))):
-        return _Fail(Skip.NOT_FINITE, f"the folded bias is beyond the range of {dtype_enum}")
+    except FoldError as exc:
+        return _Fail(Skip.NOT_FINITE, str(exc))
     return Plan(bn=bn, site=site, affine=affine, dtype=dtype)
 
 

@@ -26,7 +26,7 @@ import copy
 import operator
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ from torch.nn import functional as F
 from bnfuse import fold
 from bnfuse.fold import FoldError
 from bnfuse.result import Candidate, Skip
+from bnfuse.torch.tensors import as_f64, as_f64_or_none, numpy_dtype, to_torch
 
 aten = torch.ops.aten
 
@@ -299,7 +300,13 @@ def _check(gm: fx.GraphModule, bn: _BatchNorm) -> tuple[_Layer, fold.Affine, np.
                 "not Linear's output feature axis",
             )
     try:
-        affine = fold.bn_affine(_np(bn.gamma), _np(bn.beta), _np(bn.mean), _np(bn.var), bn.eps)  # type: ignore[arg-type]
+        affine = fold.bn_affine(
+            as_f64_or_none(bn.gamma),
+            as_f64_or_none(bn.beta),
+            as_f64(bn.mean),
+            as_f64(bn.var),
+            bn.eps,
+        )
     except FoldError as exc:
         return _Fail(Skip.BAD_PARAMETERS, str(exc))
     if affine.channels != layer.channels:
@@ -311,42 +318,19 @@ def _check(gm: fx.GraphModule, bn: _BatchNorm) -> tuple[_Layer, fold.Affine, np.
         return _Fail(Skip.UNSUPPORTED, f"'{_name(producer)}' has {layer.weight.dtype} weights")
     dtype = numpy_dtype(layer.weight.dtype)
     groups = layer.groups if layer.kind == "convT" else 1
-    peaks = fold.max_abs_per_channel(_np(layer.weight), layer.axis, groups)  # type: ignore[arg-type]
-    bad = fold.weight_fits(peaks, affine.scale, dtype)
-    if bad is not None:
-        return _Fail(
-            Skip.NOT_FINITE,
-            f"the folded weight of channel {bad} reaches {peaks[bad] * abs(affine.scale[bad]):.4g}, "
-            f"beyond the range of {layer.weight.dtype}",
+    try:
+        fold.check_fits(
+            as_f64(layer.weight),
+            as_f64_or_none(layer.bias),
+            affine,
+            layer.axis,
+            groups,
+            dtype,
+            str(layer.weight.dtype),
         )
-    bias = fold.round_to(fold.fold_bias(_np(layer.bias), affine), dtype)
-    if not np.all(np.isfinite(bias.astype(np.float64))):
-        return _Fail(
-            Skip.NOT_FINITE, f"the folded bias is beyond the range of {layer.weight.dtype}"
-        )
+    except FoldError as exc:
+        return _Fail(Skip.NOT_FINITE, str(exc))
     return layer, affine, dtype
-
-
-def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
-    if dtype == torch.bfloat16:
-        import ml_dtypes
-
-        bf16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
-        return bf16
-    return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    """float64 copy: exact for every float dtype (bf16 and fp16 widen exactly)."""
-    return None if t is None else t.detach().to("cpu", torch.float64).numpy()
-
-
-def to_torch(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """A rounded array (fold.round_to) as a tensor of ``like``'s dtype and device."""
-    if like.dtype == torch.bfloat16:
-        bits = torch.from_numpy(np.ascontiguousarray(array).view(np.int16).copy())
-        return bits.view(torch.bfloat16).to(like.device)
-    return torch.from_numpy(np.ascontiguousarray(array).copy()).to(like.device)
 
 
 class _Rewriter:
@@ -365,9 +349,11 @@ class _Rewriter:
         self, bn: _BatchNorm, layer: _Layer, affine: fold.Affine, dtype: np.dtype[Any]
     ) -> None:
         groups = layer.groups if layer.kind == "convT" else 1
-        w64 = fold.fold_weight(_np(layer.weight), affine.scale, layer.axis, groups)  # type: ignore[arg-type]
+        w64 = fold.fold_weight(as_f64(layer.weight), affine.scale, layer.axis, groups)
         weight = to_torch(fold.round_to(w64, dtype), layer.weight)
-        bias = to_torch(fold.round_to(fold.fold_bias(_np(layer.bias), affine), dtype), layer.weight)
+        bias = to_torch(
+            fold.round_to(fold.fold_bias(as_f64_or_none(layer.bias), affine), dtype), layer.weight
+        )
         if layer.module is not None:
             self._set_module_params(layer, weight, bias)
         else:
@@ -451,16 +437,7 @@ def fuse_graph_module(gm: fx.GraphModule) -> list[Candidate]:
         )  # fmt: skip
         checked = bn if isinstance(bn, _Fail) else _check(gm, bn)
         if isinstance(checked, _Fail):
-            candidates.append(
-                Candidate(
-                    base.bn,
-                    base.graph,
-                    base.producer,
-                    base.producer_op,
-                    checked.skip,
-                    checked.reason,
-                )
-            )
+            candidates.append(replace(base, skip=checked.skip, reason=checked.reason))
             continue
         assert isinstance(bn, _BatchNorm)
         rewriter.apply(bn, *checked)

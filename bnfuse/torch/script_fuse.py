@@ -11,17 +11,16 @@ spliced out. Other uses of a shared weight keep the original constant.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch.jit._script import RecursiveScriptModule
 
 from bnfuse import fold
 from bnfuse.fold import FoldError
 from bnfuse.result import Candidate, FuseResult, Skip
-from bnfuse.torch.fx_fuse import numpy_dtype, to_torch
+from bnfuse.torch.tensors import as_f64, as_f64_or_none, numpy_dtype, to_torch
 
 # op -> (kind, index of groups, index of transposed): weight is input 1, bias input 2
 _LAYERS: dict[str, tuple[str, int | None, int | None]] = {
@@ -95,16 +94,7 @@ def fuse_script_module(
         )
         checked = _check(bn, producer)
         if isinstance(checked, _Fail):
-            candidates.append(
-                Candidate(
-                    base.bn,
-                    base.graph,
-                    base.producer,
-                    base.producer_op,
-                    checked.skip,
-                    checked.reason,
-                )
-            )
+            candidates.append(replace(base, skip=checked.skip, reason=checked.reason))
             continue
         _apply(graph, bn, producer, *checked)
         candidates.append(base)
@@ -187,7 +177,9 @@ def _check(bn: Any, producer: Any) -> tuple[fold.Affine, int, int, torch.Tensor]
     axis = 1 if kind == "convT" else 0
     g = groups if kind == "convT" else 1
     try:
-        affine = fold.bn_affine(_np(gamma), _np(beta), _f64(mean), _f64(var), eps)
+        affine = fold.bn_affine(
+            as_f64_or_none(gamma), as_f64_or_none(beta), as_f64(mean), as_f64(var), eps
+        )
     except FoldError as exc:
         return _Fail(Skip.BAD_PARAMETERS, str(exc))
     channels = int(weight.shape[axis]) * g
@@ -196,27 +188,19 @@ def _check(bn: Any, producer: Any) -> tuple[fold.Affine, int, int, torch.Tensor]
             Skip.SHAPE_MISMATCH,
             f"the BatchNorm has {affine.channels} channels, the layer {channels}",
         )
-    dtype = numpy_dtype(weight.dtype)
-    peaks = fold.max_abs_per_channel(_f64(weight), axis, g)
-    bad = fold.weight_fits(peaks, affine.scale, dtype)
-    if bad is not None:
-        return _Fail(
-            Skip.NOT_FINITE,
-            f"the folded weight of channel {bad} is beyond the range of {weight.dtype}",
+    try:
+        fold.check_fits(
+            as_f64(weight),
+            as_f64_or_none(bias),
+            affine,
+            axis,
+            g,
+            numpy_dtype(weight.dtype),
+            str(weight.dtype),
         )
-    b = fold.round_to(fold.fold_bias(_np(bias), affine), dtype)
-    if not np.all(np.isfinite(b.astype(np.float64))):
-        return _Fail(Skip.NOT_FINITE, f"the folded bias is beyond the range of {weight.dtype}")
+    except FoldError as exc:
+        return _Fail(Skip.NOT_FINITE, str(exc))
     return affine, axis, g, weight
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else _f64(t)
-
-
-def _f64(t: torch.Tensor) -> np.ndarray:
-    """float64 copy: exact for every float dtype."""
-    return t.detach().to("cpu", torch.float64).numpy()
 
 
 def _apply(
@@ -231,9 +215,9 @@ def _apply(
     dtype = numpy_dtype(weight.dtype)
     bias = _const(producer.inputsAt(2))
     new_w = to_torch(
-        fold.round_to(fold.fold_weight(_f64(weight), affine.scale, axis, groups), dtype), weight
+        fold.round_to(fold.fold_weight(as_f64(weight), affine.scale, axis, groups), dtype), weight
     )
-    new_b = to_torch(fold.round_to(fold.fold_bias(_np(bias), affine), dtype), weight)
+    new_b = to_torch(fold.round_to(fold.fold_bias(as_f64_or_none(bias), affine), dtype), weight)
     for index, tensor in ((1, new_w), (2, new_b)):
         value = graph.insertConstant(tensor)
         value.node().moveBefore(producer)
