@@ -150,11 +150,12 @@ def verify_models(
     floor: list[Comparison] = []
     for name in a_names:
         ref = gathered("original", CPU, name)
-        floor.append(
-            compare(name, floor_label, ref, gathered("floor", CPU, name).astype(ref.dtype))
-        )
+        scores = first[name].ndim == 2
+        floor_out = gathered("floor", CPU, name).astype(ref.dtype)
+        floor.append(compare(name, floor_label, ref, floor_out, class_scores=scores))
         if CUDA in devices:
-            floor.append(compare(name, "cpu vs cuda", ref, gathered("original", CUDA, name)))
+            cuda_out = gathered("original", CUDA, name)
+            floor.append(compare(name, "cpu vs cuda", ref, cuda_out, class_scores=scores))
     return VerifyResult(
         original=original,
         candidate=candidate,
