@@ -10,9 +10,10 @@ from bnfuse.errors import OutputError
 from bnfuse.formats import TORCH_FORMATS, detect, require_torch
 from bnfuse.onnx import io, match
 from bnfuse.onnx.rewrite import FoldBatchNorms, op_counts
-from bnfuse.result import FuseResult
+from bnfuse.result import Candidate, FuseResult
 
 if TYPE_CHECKING:
+    import onnx_ir as ir
     from torch import fx, nn
 
 
@@ -90,6 +91,31 @@ def fuse_file(
     return fuse_onnx(path, out, force=force, dry_run=dry_run)
 
 
+MAX_ROUNDS = 16
+
+
+def fold_all(model: ir.Model) -> list[Candidate]:
+    """Match and fold until nothing more folds; every candidate reported once.
+
+    Folding can make more folds possible (Conv -> BN -> Mul: once the BN is
+    gone the Mul follows the Conv directly), so matching repeats. In one round
+    each layer takes at most one fold, since plans are computed from the
+    weights as they were when matched.
+    """
+    folded: list[Candidate] = []
+    for _ in range(MAX_ROUNDS):
+        plans, seen = [], set()
+        for m in match.find(model):
+            if m.plan is not None and id(m.plan.site.layer) not in seen:
+                seen.add(id(m.plan.site.layer))
+                plans.append(m)
+        if not plans:
+            break
+        FoldBatchNorms(model).apply(m.plan for m in plans if m.plan is not None)
+        folded += [m.candidate for m in plans]
+    return folded + [m.candidate for m in match.find(model) if m.plan is None]
+
+
 def fuse_onnx(
     input: str | Path,
     output: str | Path | None = None,
@@ -111,18 +137,16 @@ def fuse_onnx(
     if out is not None and not dry_run:
         io.check_output_path(source, out, force=force)
     before = op_counts(source.model)
-    matches = match.find(source.model)
+    candidates = fold_all(source.model)
     result = FuseResult(
-        candidates=[m.candidate for m in matches],
+        candidates=candidates,
         ops_before=before,
-        ops_after=before,
+        ops_after=op_counts(source.model),
         input=source.path,
         dry_run=dry_run or out is None,
     )
     if result.dry_run:
         return result
     assert out is not None
-    FoldBatchNorms(source.model).apply(m.plan for m in matches if m.plan is not None)
-    result.ops_after = op_counts(source.model)
     result.outputs = io.save(source.model, out, external_data=io.needs_external_data(source))
     return result

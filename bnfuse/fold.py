@@ -225,3 +225,61 @@ def check_fits(
     folded_bias = round_to(fold_bias(bias, affine), dtype).astype(np.float64)
     if not np.all(np.isfinite(folded_bias)):
         raise FoldOverflow(f"the folded bias is beyond the range of {dtype_name}")
+
+
+# --- A channel affine map from constants (Mul/Add chains) ---------------------------
+
+
+def channel_affine(ops: list[tuple[str, Array]], channels: int) -> Affine:
+    """The per-channel map of a chain of ``("mul", c)`` / ``("add", c)`` steps, in order.
+
+    Each constant is a scalar or one value per channel. ``x*a + c`` composes as
+    scale a, shift c; ``(x + c)*a`` as scale a, shift c*a.
+    """
+    scale = np.ones(channels)
+    shift = np.zeros(channels)
+    for op, const in ops:
+        c = np.broadcast_to(np.asarray(const, dtype=np.float64).reshape(-1), (channels,))
+        if not np.all(np.isfinite(c)):
+            raise FoldError(f"the {op} constant contains NaN or Inf")
+        if op == "mul":
+            scale, shift = scale * c, shift * c
+        else:
+            shift = shift + c
+    return Affine(scale=scale, shift=shift, mean=np.zeros(channels), beta=shift)
+
+
+# --- Folding a per-channel affine map into the layer that FOLLOWS it -----------------
+#
+# conv(W, s*x + t) = conv(W * s[in], x) + sum_{c,k} W[o,c,k] * t[c]: exact only where
+# the conv reads no padding (padding would read 0, not the shifted t).
+
+
+def _per_input_channel(w64: F64, vector: F64, groups: int) -> F64:
+    """``vector`` (one value per input channel) laid out like a Conv weight [Cout, Cin/g, k...]."""
+    cout, cin_g = w64.shape[0], w64.shape[1]
+    per_group = vector.reshape(groups, 1, cin_g)  # [g, 1, Cin/g]
+    full = np.broadcast_to(per_group, (groups, cout // groups, cin_g)).reshape(cout, cin_g)
+    out: F64 = full.reshape(cout, cin_g, *([1] * (w64.ndim - 2)))
+    return out
+
+
+def fold_weight_into_following(w: Array, scale: F64, groups: int = 1) -> F64:
+    """Conv weight [Cout, Cin/g, k...] with input channel c multiplied by ``scale[c]``."""
+    w64 = np.asarray(w).astype(np.float64)
+    if w64.shape[1] * groups != scale.shape[0]:
+        raise FoldError(
+            f"the conv reads {w64.shape[1] * groups} input channels, the BatchNorm has {scale.shape[0]}"
+        )
+    folded: F64 = w64 * _per_input_channel(w64, scale, groups)
+    return folded
+
+
+def fold_bias_into_following(w: Array, bias: Array | None, shift: F64, groups: int = 1) -> F64:
+    """``b[o] + sum_{c,k} W[o,c,k] * shift[c]`` for a Conv weight [Cout, Cin/g, k...]."""
+    w64 = np.asarray(w).astype(np.float64)
+    spread = w64 * _per_input_channel(w64, shift, groups)
+    b: F64 = spread.reshape(w64.shape[0], -1).sum(axis=1)
+    if bias is not None:
+        b = b + np.asarray(bias).astype(np.float64)
+    return b

@@ -34,6 +34,8 @@ class Candidate:
     producer_op: str | None = None
     skip: Skip | None = None
     reason: str | None = None
+    op: str = "BatchNormalization"  # what folds: BatchNormalization, Mul or Add
+    into: str = "preceding"  # the layer it folds into: "preceding" or "following"
 
     @property
     def fusable(self) -> bool:
@@ -41,7 +43,8 @@ class Candidate:
 
     @property
     def pattern(self) -> str:
-        return f"{self.producer_op or '?'} -> BatchNormalization"
+        layer = self.producer_op or "?"
+        return f"{self.op} -> {layer}" if self.into == "following" else f"{layer} -> {self.op}"
 
 
 @dataclass

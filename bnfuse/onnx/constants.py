@@ -3,13 +3,18 @@
 A value is a constant when it is an initializer that a caller cannot override
 (IR version 4 and later let a graph input of the same name replace an
 initializer; onnxruntime honours that, so such values are not constants),
-the output of a Constant node, or Identity/Cast applied to a constant (the
-TorchScript exporter emits ``running_var = Identity(weight)`` when two
-parameters hold the same numbers).
+the output of a Constant node, or a constant sub-expression: a small set of
+shape and arithmetic ops whose inputs are constants. That covers what
+exporters emit, e.g. ``running_var = Identity(weight)`` from the TorchScript
+exporter, and the zero conv bias ``Expand(CastLike(0, x), Shape(W))`` from
+torch's newer exporter with ``optimize=False``. ``Shape`` of any value with a
+static shape is a constant, and ``CastLike`` needs only the dtype of its
+second input.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +24,8 @@ from bnfuse.fold import Array
 
 # IR version 4 is where initializers stopped having to be graph inputs.
 OVERRIDABLE_SINCE_IR = 4
+# Sub-expressions deeper than this are not evaluated (and so are not constants).
+MAX_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -29,7 +36,7 @@ class NotConstant:
     overridable: bool = False
 
 
-def constant_array(value: ir.Value, ir_version: int) -> Array | NotConstant:
+def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | NotConstant:
     """The value's array, or why it is not a constant."""
     name = value.name or "<unnamed>"
     if value.is_graph_input():
@@ -46,31 +53,160 @@ def constant_array(value: ir.Value, ir_version: int) -> Array | NotConstant:
     node = value.producer()
     if node is None:
         return NotConstant(f"'{name}' has no producer and no value")
-    if node.domain not in ("", "ai.onnx"):
-        return NotConstant(f"'{name}' is computed by {node.domain}.{node.op_type}")
-    if node.op_type == "Constant":
-        return _constant_node_array(node, name)
-    if node.op_type in ("Identity", "Cast") and node.inputs and node.inputs[0] is not None:
-        inner = constant_array(node.inputs[0], ir_version)
-        if isinstance(inner, NotConstant) or node.op_type == "Identity":
-            return inner
-        to = node.attributes.get_int("to")
-        if to is None:
-            return NotConstant(f"'{name}' comes from a Cast without 'to'")
-        return inner.astype(ir.DataType(to).numpy())
-    return NotConstant(f"'{name}' is computed by {node.op_type} '{node.name}', not a constant")
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _EVALUATORS:
+        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+        return NotConstant(f"'{name}' is computed by {op} '{node.name}', not a constant")
+    if depth >= MAX_DEPTH:
+        return NotConstant(f"'{name}' is a constant expression deeper than {MAX_DEPTH} nodes")
+    if value is not node.outputs[0]:
+        return NotConstant(f"'{name}' is a secondary output of {node.op_type} '{node.name}'")
+    try:
+        result = _EVALUATORS[node.op_type](node, ir_version, depth + 1)
+    except _NotConstantError as exc:
+        return exc.why
+    except (ValueError, TypeError, IndexError) as exc:  # malformed sub-expression
+        return NotConstant(f"'{name}' cannot be evaluated ({node.op_type}: {exc})")
+    return result
 
 
-def _constant_node_array(node: ir.Node, name: str) -> Array | NotConstant:
+class _NotConstantError(Exception):
+    def __init__(self, why: NotConstant) -> None:
+        super().__init__(why.reason)
+        self.why = why
+
+
+def _input(node: ir.Node, index: int, ir_version: int, depth: int) -> Array | None:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        return None
+    array = constant_array(value, ir_version, depth)
+    if isinstance(array, NotConstant):
+        raise _NotConstantError(array)
+    return array
+
+
+def _required(node: ir.Node, index: int, ir_version: int, depth: int) -> Array:
+    array = _input(node, index, ir_version, depth)
+    if array is None:
+        raise ValueError(f"input {index} is missing")
+    return array
+
+
+def _constant(node: ir.Node, _v: int, _d: int) -> Array:
     attrs = node.attributes
     if "value" in attrs:
         return attrs["value"].as_tensor().numpy()
-    if "value_float" in attrs:
-        return np.asarray(attrs["value_float"].as_float(), dtype=np.float32)
-    if "value_floats" in attrs:
-        return np.asarray(attrs["value_floats"].as_floats(), dtype=np.float32)
-    if "value_int" in attrs:
-        return np.asarray(attrs["value_int"].as_int(), dtype=np.int64)
-    if "value_ints" in attrs:
-        return np.asarray(attrs["value_ints"].as_ints(), dtype=np.int64)
-    return NotConstant(f"'{name}' comes from a Constant node bnfuse cannot read")
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.asarray(attrs[key].value, dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.asarray(list(attrs[key].value), dtype=dtype)
+    raise ValueError("a Constant bnfuse cannot read (sparse or string)")
+
+
+def _identity(node: ir.Node, v: int, d: int) -> Array:
+    return _required(node, 0, v, d)
+
+
+def _cast(node: ir.Node, v: int, d: int) -> Array:
+    to = node.attributes.get_int("to")
+    if to is None:
+        raise ValueError("no 'to' attribute")
+    return _required(node, 0, v, d).astype(ir.DataType(to).numpy())
+
+
+def _cast_like(node: ir.Node, v: int, d: int) -> Array:
+    target = node.inputs[1] if len(node.inputs) > 1 else None
+    if target is None or target.dtype is None:
+        raise _NotConstantError(NotConstant(f"CastLike '{node.name}' has no known target dtype"))
+    return _required(node, 0, v, d).astype(target.dtype.numpy())
+
+
+def _shape(node: ir.Node, v: int, d: int) -> Array:
+    source = node.inputs[0]
+    dims: list[int] | None = None
+    if source is not None and source.shape is not None and source.shape.is_static():
+        dims = [int(x) for x in source.shape.numpy()]
+    elif source is not None:
+        array = constant_array(source, v, d)
+        if not isinstance(array, NotConstant):
+            dims = list(array.shape)
+    if dims is None:
+        raise _NotConstantError(NotConstant(f"Shape '{node.name}' reads a value of unknown shape"))
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", len(dims))
+    return np.asarray(dims[start:end], dtype=np.int64)
+
+
+def _expand(node: ir.Node, v: int, d: int) -> Array:
+    data, shape = _required(node, 0, v, d), _required(node, 1, v, d)
+    return data * np.ones([int(s) for s in shape], dtype=data.dtype)
+
+
+def _reshape(node: ir.Node, v: int, d: int) -> Array:
+    data, shape = _required(node, 0, v, d), _required(node, 1, v, d)
+    dims = [int(s) if s != 0 else data.shape[i] for i, s in enumerate(shape)]
+    return data.reshape(dims)
+
+
+def _unsqueeze(node: ir.Node, v: int, d: int) -> Array:
+    data = _required(node, 0, v, d)
+    axes = _input(node, 1, v, d)
+    axes_list = (
+        list(node.attributes.get_ints("axes", [])) if axes is None else [int(a) for a in axes]
+    )
+    out = data
+    for axis in sorted(a % (data.ndim + len(axes_list)) for a in axes_list):
+        out = np.expand_dims(out, axis)
+    return out
+
+
+def _squeeze(node: ir.Node, v: int, d: int) -> Array:
+    data = _required(node, 0, v, d)
+    axes = _input(node, 1, v, d)
+    axes_list = (
+        list(node.attributes.get_ints("axes", [])) if axes is None else [int(a) for a in axes]
+    )
+    return np.squeeze(data, axis=tuple(axes_list)) if axes_list else np.squeeze(data)
+
+
+def _constant_of_shape(node: ir.Node, v: int, d: int) -> Array:
+    shape = [int(s) for s in _required(node, 0, v, d)]
+    fill = node.attributes["value"].as_tensor().numpy() if "value" in node.attributes else None
+    if fill is None:
+        return np.zeros(shape, dtype=np.float32)
+    return np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
+
+
+def _binary(fn: Callable[[Array, Array], Array]) -> Callable[[ir.Node, int, int], Array]:
+    def evaluate(node: ir.Node, v: int, d: int) -> Array:
+        a, b = _required(node, 0, v, d), _required(node, 1, v, d)
+        out = np.asarray(fn(a, b))
+        return out.astype(a.dtype) if out.dtype != a.dtype else out
+
+    return evaluate
+
+
+def _concat(node: ir.Node, v: int, d: int) -> Array:
+    parts = [_required(node, i, v, d) for i in range(len(node.inputs))]
+    return np.concatenate(parts, axis=node.attributes.get_int("axis", 0))
+
+
+_EVALUATORS: dict[str, Callable[[ir.Node, int, int], Array]] = {
+    "Constant": _constant,
+    "Identity": _identity,
+    "Cast": _cast,
+    "CastLike": _cast_like,
+    "Shape": _shape,
+    "Expand": _expand,
+    "Reshape": _reshape,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "ConstantOfShape": _constant_of_shape,
+    "Concat": _concat,
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Mul": _binary(np.multiply),
+    "Div": _binary(np.divide),
+}

@@ -1,8 +1,16 @@
-"""Find each BatchNormalization and decide whether it folds into its producer.
+"""Find what can fold into a linear layer, and decide whether it may.
 
-The matcher never mutates the model. For every BN (in the main graph and in
-every If/Loop/Scan subgraph) it returns a Match: a Candidate for the report
-and, when the pair is legal, a Plan the rewrite applies.
+The matcher never mutates the model. It returns a Match per candidate (in the
+main graph and in every If/Loop/Scan subgraph): a Candidate for the report
+and, when the fold is legal, a Plan the rewrite applies. Candidates:
+
+  BatchNormalization -> into the layer that produces its input (preferred), or
+                        else into the Conv that consumes its output, where that
+                        Conv reads no padding (padding would see the BN's shift)
+  Mul / Add by a constant after Conv / ConvTranspose / Gemm, where the constant
+                        broadcasts along the channel axis only ([C,1,1],
+                        [1,C,1,1], scalars; a [C] constant on NCHW broadcasts
+                        along the last axis and is refused)
 
 Handled producers (the "site" the fold lands in):
   Conv           W [Cout, Cin/g, k...], output channel axis 0, optional bias
@@ -54,12 +62,16 @@ class Site:
         return int(self.weight.shape[self.axis]) * self.groups
 
 
+AFTER, BEFORE = "after", "before"  # the folded node follows the layer / precedes it
+
+
 @dataclass(frozen=True)
 class Plan:
-    bn: ir.Node
+    bn: ir.Node  # the node folded away: a BatchNormalization, Mul or Add
     site: Site
     affine: Affine
     dtype: np.dtype[np.generic]
+    direction: str = AFTER
 
 
 @dataclass(frozen=True)
@@ -79,29 +91,47 @@ def is_batchnorm(node: ir.Node) -> bool:
 
 
 def find(model: ir.Model) -> list[Match]:
-    """Every BN in the model, in graph order (subgraphs after their parent)."""
+    """Every candidate in the model, in graph order (subgraphs after their parent)."""
     matches = []
     for graph in all_graphs(model.graph):
         graph_name = graph.name or "main"
         for node in graph:
             if is_batchnorm(node):
-                matches.append(_match_one(node, graph_name, model.ir_version))
+                matches.append(_match_bn(node, graph_name, model.ir_version))
+            elif node.op_type in ("Mul", "Add") and node.domain in ("", "ai.onnx"):
+                match = _match_scale_shift(node, graph_name, model.ir_version)
+                if match is not None:
+                    matches.append(match)
     return matches
 
 
-def _match_one(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
+def _name(node: ir.Node) -> str:
+    return node.name or (node.outputs[0].name or "<unnamed>")
+
+
+def _match_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
     x = bn.inputs[0]
     producer = x.producer() if x is not None else None
     candidate = Candidate(
-        bn=bn.name or (bn.outputs[0].name or "<unnamed>"),
+        bn=_name(bn),
         graph=graph_name,
         producer=producer.name if producer is not None else None,
         producer_op=producer.op_type if producer is not None else None,
     )
     result = _check(bn, producer, ir_version)
-    if isinstance(result, _Fail):
-        return Match(replace(candidate, skip=result.skip, reason=result.reason))
-    return Match(candidate, result)
+    if not isinstance(result, _Fail):
+        return Match(candidate, result)
+    follower = _following_conv(bn)
+    if follower is not None and result.skip not in (Skip.TRAINING_MODE, Skip.STATS_OUTPUTS):
+        forward = _check_before_conv(bn, follower, ir_version)
+        into = replace(
+            candidate, producer=follower.name, producer_op=follower.op_type, into="following"
+        )
+        if not isinstance(forward, _Fail):
+            return Match(into, forward)
+        reason = f"{result.reason}; nor can it fold into the following Conv: {forward.reason}"
+        return Match(replace(candidate, skip=result.skip, reason=reason))
+    return Match(replace(candidate, skip=result.skip, reason=result.reason))
 
 
 def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fail:
@@ -126,6 +156,19 @@ def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fa
         alone = _check_single_use(node, consumer)
         if alone is not None:
             return alone
+    affine = _bn_affine(bn, ir_version)
+    if isinstance(affine, _Fail):
+        return affine
+    if affine.channels != site.channels:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"the BatchNorm has {affine.channels} channels but {site.layer.op_type} "
+            f"'{site.layer.name}' has {site.channels} output channels",
+        )
+    return _check_fits(bn, site, affine)
+
+
+def _bn_affine(bn: ir.Node, ir_version: int) -> Affine | _Fail:
     params = []
     for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
         value = bn.inputs[index] if index < len(bn.inputs) else None
@@ -137,16 +180,165 @@ def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fa
         params.append(array)
     eps = bn.attributes.get_float("epsilon", 1e-5)
     try:
-        affine = fold.bn_affine(params[0], params[1], params[2], params[3], eps)
+        return fold.bn_affine(params[0], params[1], params[2], params[3], eps)
     except FoldError as exc:
         return _Fail(Skip.BAD_PARAMETERS, str(exc))
-    if affine.channels != site.channels:
+
+
+# --- BatchNorm -> following Conv ----------------------------------------------------
+
+
+def _following_conv(bn: ir.Node) -> ir.Node | None:
+    out = bn.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    user = uses[0].node
+    if user.op_type != "Conv" or user.domain not in ("", "ai.onnx") or uses[0].idx != 0:
+        return None
+    return user
+
+
+def _check_before_conv(bn: ir.Node, conv: ir.Node, ir_version: int) -> Plan | _Fail:
+    if conv.graph is not bn.graph:
+        return _Fail(Skip.UNSUPPORTED, "the Conv is in another graph")
+    weight = _required_const(conv, 1, "weight", ir_version)
+    if isinstance(weight, _Fail):
+        return weight
+    bias = _const_input(conv, 2, "bias", ir_version)
+    if isinstance(bias, _Fail):
+        return bias
+    padding = _padding_problem(conv, weight)
+    if padding is not None:
+        return _Fail(Skip.UNSUPPORTED, padding)
+    affine = _bn_affine(bn, ir_version)
+    if isinstance(affine, _Fail):
+        return affine
+    groups = conv.attributes.get_int("group", 1)
+    if weight.shape[1] * groups != affine.channels:
         return _Fail(
             Skip.SHAPE_MISMATCH,
-            f"the BatchNorm has {affine.channels} channels but {site.layer.op_type} "
-            f"'{site.layer.name}' has {site.channels} output channels",
+            f"Conv '{conv.name}' reads {weight.shape[1] * groups} channels, the BatchNorm has "
+            f"{affine.channels}",
         )
-    return _check_fits(bn, site, affine)
+    dtype_enum = _dtype_of(conv, weight)
+    if dtype_enum not in FLOAT_TYPES:
+        return _Fail(Skip.UNSUPPORTED, f"Conv '{conv.name}' has {dtype_enum} weights")
+    dtype = dtype_enum.numpy()
+    w = fold.round_to(fold.fold_weight_into_following(weight, affine.scale, groups), dtype)
+    b = fold.round_to(fold.fold_bias_into_following(weight, bias, affine.shift, groups), dtype)
+    if not (
+        np.all(np.isfinite(w.astype(np.float64))) and np.all(np.isfinite(b.astype(np.float64)))
+    ):
+        return _Fail(Skip.NOT_FINITE, f"the folded values are beyond the range of {dtype_enum}")
+    site = Site(conv, conv, weight, axis=1, groups=groups, bias=bias, bias_index=2)
+    return Plan(bn=bn, site=site, affine=affine, dtype=dtype, direction=BEFORE)
+
+
+def _padding_problem(conv: ir.Node, weight: Array) -> str | None:
+    """Why padding makes the fold inexact, or None when the conv reads no padding."""
+    auto_pad = conv.attributes.get_string("auto_pad", "NOTSET")
+    kernel = weight.shape[2:]
+    if auto_pad == "VALID":
+        return None
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        if all(k == 1 for k in kernel):
+            return None  # a 1x1 kernel never needs padding
+        return (
+            f"Conv '{conv.name}' pads its input ({auto_pad}); the padding would read 0 where "
+            "the BatchNorm's shift should be"
+        )
+    pads = list(conv.attributes.get_ints("pads", []) or [])
+    if any(p != 0 for p in pads):
+        return (
+            f"Conv '{conv.name}' pads its input (pads={pads}); the padding would read 0 where "
+            "the BatchNorm's shift should be"
+        )
+    return None
+
+
+# --- Conv / ConvTranspose / Gemm -> Mul or Add by a constant -----------------------
+
+_SCALE_SHIFT_LAYERS = ("Conv", "ConvTranspose", "Gemm")
+
+
+def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match | None:
+    """A Mul/Add right after a layer; None when it is no candidate (e.g. a residual Add)."""
+    for layer_index in (0, 1):
+        x = node.inputs[layer_index] if layer_index < len(node.inputs) else None
+        layer = x.producer() if x is not None else None
+        if (
+            layer is not None
+            and layer.op_type in _SCALE_SHIFT_LAYERS
+            and layer.domain in ("", "ai.onnx")
+        ):
+            break
+    else:
+        return None
+    other = node.inputs[1 - layer_index]
+    const = constant_array(other, ir_version) if other is not None else NotConstant("missing")
+    if node.op_type == "Add" and isinstance(const, NotConstant):
+        return None  # Add(layer, something computed): a residual connection, not a candidate
+    candidate = Candidate(
+        bn=_name(node),
+        graph=graph_name,
+        producer=layer.name,
+        producer_op=layer.op_type,
+        op=node.op_type,
+    )
+    result = _check_scale_shift(node, layer, const, ir_version)
+    if isinstance(result, _Fail):
+        return Match(replace(candidate, skip=result.skip, reason=result.reason))
+    return Match(candidate, result)
+
+
+def _check_scale_shift(
+    node: ir.Node, layer: ir.Node, const: Array | NotConstant, ir_version: int
+) -> Plan | _Fail:
+    if isinstance(const, NotConstant):
+        return _Fail(
+            Skip.NOT_CONSTANT,
+            f"the other factor of {node.op_type} '{node.name}' is computed at run time: {const.reason}",
+        )
+    site = _site(layer, ir_version)
+    if isinstance(site, _Fail):
+        return site
+    if layer.graph is not node.graph:
+        return _Fail(Skip.UNSUPPORTED, f"{layer.op_type} '{layer.name}' is in another graph")
+    alone = _check_single_use(layer, node)
+    if alone is not None:
+        return alone
+    rank = 2 if layer.op_type == "Gemm" else site.weight.ndim
+    vector = _channel_vector(const, rank, site.channels, node)
+    if isinstance(vector, _Fail):
+        return vector
+    try:
+        affine = fold.channel_affine([(node.op_type.lower(), vector)], site.channels)
+    except FoldError as exc:
+        return _Fail(Skip.BAD_PARAMETERS, str(exc))
+    return _check_fits(node, site, affine)
+
+
+def _channel_vector(const: Array, rank: int, channels: int, node: ir.Node) -> Array | _Fail:
+    """The constant as one value per output channel, if it broadcasts along channels only."""
+    shape = tuple(const.shape)
+    if len(shape) > rank:
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"the constant of {node.op_type} '{node.name}' has shape {list(shape)}, which would "
+            f"change the rank of the {rank}-D output",
+        )
+    aligned = (1,) * (rank - len(shape)) + shape  # numpy/ONNX broadcasting aligns on the right
+    others = [i for i, d in enumerate(aligned) if d != 1 and i != 1]
+    if others or aligned[1] not in (1, channels):
+        axes = ", ".join(str(i) for i in others) or "1"
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"the constant of {node.op_type} '{node.name}' has shape {list(shape)}; on the "
+            f"{rank}-D output it broadcasts along axis {axes}, not only along the channel axis 1 "
+            f"(use shape [{channels}, 1, ...] or [1, {channels}, 1, ...])",
+        )
+    return const.reshape(-1) if aligned[1] == channels else const.reshape(-1)[:1]
 
 
 def _check_inference_mode(bn: ir.Node) -> _Fail | None:

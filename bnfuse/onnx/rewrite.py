@@ -24,7 +24,7 @@ from bnfuse import fold
 from bnfuse.fold import Array
 from bnfuse.onnx.constants import OVERRIDABLE_SINCE_IR
 from bnfuse.onnx.io import all_graphs
-from bnfuse.onnx.match import Plan
+from bnfuse.onnx.match import BEFORE, Plan
 
 
 def op_counts(model: ir.Model) -> Counter[str]:
@@ -79,25 +79,43 @@ class FoldBatchNorms:
         return count
 
     def _apply_one(self, plan: Plan) -> None:
-        site, bn = plan.site, plan.bn
-        graph = bn.graph
+        site, folded = plan.site, plan.bn
+        graph = folded.graph
         assert graph is not None and isinstance(graph, ir.Graph)
-        weight = fold.fold_weight(site.weight, plan.affine.scale, site.axis, site.groups)
-        bias = fold.fold_bias(site.bias, plan.affine)
         layer = site.layer
-        self._set_const(graph, layer, 1, fold.round_to(weight, plan.dtype), "weight")
+        if plan.direction == BEFORE:
+            weight = fold.fold_weight_into_following(site.weight, plan.affine.scale, site.groups)
+            bias = fold.fold_bias_into_following(
+                site.weight, site.bias, plan.affine.shift, site.groups
+            )
+        else:
+            weight = fold.fold_weight(site.weight, plan.affine.scale, site.axis, site.groups)
+            bias = fold.fold_bias(site.bias, plan.affine)
+        # The bias first: its old value may be a sub-expression reading the weight
+        # (Shape(W) -> Expand), which must be gone before the weight can change in place.
         bias_array = fold.round_to(bias, plan.dtype)
         tail = site.tail
         if layer.op_type == "MatMul" and site.bias_index is None:
             tail = self._insert_bias_add(graph, layer, bias_array)
         else:
             index = 2 if site.bias_index is None else site.bias_index
-            self._set_const(graph, tail, index, bias_array, "bias")
+            old_bias = self._set_const(graph, tail, index, bias_array, "bias")
+            if old_bias is not None:
+                self._drop_if_dead(old_bias)
+        self._set_const(graph, layer, 1, fold.round_to(weight, plan.dtype), "weight")
         if layer.op_type == "Gemm" and layer.attributes.get_float("beta", 1.0) != 1.0:
             # C was folded already multiplied by beta.
             layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        self._maybe_dead.extend(v for v in bn.inputs[1:] if v is not None)
-        self._splice_out(graph, bn, tail.outputs[0])
+        data = folded.inputs[0]
+        if folded.op_type in ("Mul", "Add") and folded.inputs[0] is not tail.outputs[0]:
+            data = folded.inputs[1]  # the layer's output may be either operand
+        self._maybe_dead.extend(v for v in folded.inputs if v is not None and v is not data)
+        if plan.direction == BEFORE:
+            assert data is not None
+            layer.replace_input_with(0, data)
+            graph.remove(folded, safe=True)
+        else:
+            self._splice_out(graph, folded, tail.outputs[0])
 
     def _insert_bias_add(self, graph: ir.Graph, matmul: ir.Node, bias: Array) -> ir.Node:
         value = self._new_initializer(graph, bias, f"{matmul.name or 'MatMul'}.bias")
@@ -113,12 +131,13 @@ class FoldBatchNorms:
 
     def _set_const(
         self, graph: ir.Graph, node: ir.Node, index: int, array: Array, what: str
-    ) -> None:
+    ) -> ir.Value | None:
+        """Put ``array`` at ``node.inputs[index]``; returns the value it replaced, if any."""
         old = node.inputs[index] if index < len(node.inputs) else None
         if old is not None and self._owned_by(old, node):
             old.const_value = ir.tensor(array, name=old.name)
             old.shape = ir.Shape(array.shape)
-            return
+            return None
         base = old.name if old is not None and old.name else f"{node.name or node.op_type}.{what}"
         value = self._new_initializer(graph, array, f"{base}_bnfused")
         if index >= len(node.inputs):
@@ -126,6 +145,7 @@ class FoldBatchNorms:
         node.replace_input_with(index, value)
         if old is not None:
             self._maybe_dead.append(old)
+        return old
 
     def _owned_by(self, value: ir.Value, node: ir.Node) -> bool:
         """An initializer only ``node`` reads, which no caller can override."""
@@ -174,7 +194,8 @@ class FoldBatchNorms:
                     return  # a real input of the model: not ours to remove
                 graph.inputs.remove(value)
             assert value.name is not None
-            del graph.initializers[value.name]
+            if graph.initializers.get(value.name) is value:
+                del graph.initializers[value.name]
             return
         producer = value.producer()
         if producer is None or producer.graph is None:
