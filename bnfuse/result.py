@@ -66,6 +66,24 @@ class FuseResult:
     def skipped(self) -> list[Candidate]:
         return [c for c in self.candidates if not c.fusable]
 
+    def counts(self) -> dict[str, tuple[int, int, int]]:
+        """Per folded op ("BatchNormalization", "Mul", "Add"): found, folded, skipped."""
+        out: dict[str, tuple[int, int, int]] = {}
+        for c in self.candidates:
+            found, folded, skipped = out.get(c.op, (0, 0, 0))
+            out[c.op] = (found + 1, folded + c.fusable, skipped + (not c.fusable))
+        return out
+
+    def headline(self) -> str:
+        """ "3 BatchNormalization found, 2 folded, 1 skipped; 1 Mul: 1 folded"."""
+        verb = "would fold" if self.dry_run else "folded"
+        counts = self.counts()
+        bn = counts.pop("BatchNormalization", (0, 0, 0))
+        text = f"{bn[0]} BatchNormalization found, {bn[1]} {verb}, {bn[2]} skipped"
+        for op, (found, folded, skipped) in sorted(counts.items()):
+            text += f"; {found} {op} by a constant: {folded} {verb}, {skipped} skipped"
+        return text
+
     def skipped_by_reason(self) -> dict[Skip, list[Candidate]]:
         groups: dict[Skip, list[Candidate]] = {}
         for cand in self.skipped:

@@ -89,6 +89,7 @@ def layer_bn(
     beta: float | None = None,
     c_shape: tuple[int, ...] | None = (8,),
     add_bias: str | None = None,
+    spatial: tuple[int, ...] = (7, 6, 5),
     bn_attrs: dict[str, Any] | None = None,
     initializers_as_inputs: bool = False,
     seed: int = 0,
@@ -109,7 +110,7 @@ def layer_bn(
     nodes: list[onnx.NodeProto] = []
     if op in ("Conv", "ConvTranspose"):
         k = [3] * dims
-        x_shape = [2, cin, *[7, 6, 5][:dims]]
+        x_shape = [2, cin, *spatial[:dims]]
         w_shape = [cout, cin // groups, *k] if op == "Conv" else [cin, cout // groups, *k]
         inits.append(numpy_helper.from_array(rng.normal(0, 0.5, w_shape).astype(dt), "layer.W"))
         ins = ["x", "layer.W"]
@@ -475,4 +476,94 @@ def conv_chain(*, dynamic_batch: bool = False, seed: int = 0) -> onnx.ModelProto
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 10])],
         inits,
         13,
+    )
+
+
+# --- Beyond BN after a layer (issue 5 patterns) -------------------------------------
+
+
+def bn_then_conv(
+    *,
+    pads: list[int] | None = None,
+    groups: int = 1,
+    auto_pad: str | None = None,
+    kernel: int = 3,
+    dtype: Any = np.float32,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x -> BN -> Conv (BN first, e.g. input normalisation); pads/auto_pad as given."""
+    rng = np.random.default_rng(seed)
+    dt = np.dtype(dtype)
+    cin, cout = 4, 8
+    w = rng.normal(0, 0.5, (cout, cin // groups, kernel, kernel)).astype(dt)
+    attrs: dict[str, Any] = {"group": groups}
+    if pads is not None:
+        attrs["pads"] = pads
+    if auto_pad is not None:
+        attrs["auto_pad"] = auto_pad
+    nodes = [
+        bn_node("x", "n"),
+        helper.make_node("Conv", ["n", "W", "B"], ["h"], name="conv", **attrs),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    inits = [
+        *bn_params(cin, dt, rng),
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(rng.normal(0, 1, cout).astype(dt), "B"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", ONNX_TYPE[dt], [2, cin, 7, 7])],
+        [helper.make_tensor_value_info("y", ONNX_TYPE[dt], None)],
+        inits,
+        15,
+    )
+
+
+def layer_scale_shift(
+    op: str = "Conv",
+    *,
+    mul_shape: tuple[int, ...] | None = (8, 1, 1),
+    add_shape: tuple[int, ...] | None = (1, 8, 1, 1),
+    mul_first: bool = True,
+    mul_runtime: bool = False,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x -> Conv / ConvTranspose / Gemm -> Mul(const) -> Add(const) -> Relu.
+
+    ``None`` leaves the step out; ``mul_runtime`` multiplies by a graph input instead.
+    """
+    rng = np.random.default_rng(seed)
+    # 10x10 input, 3x3 kernel: an 8x8 output whose last axis has the channels' length, so a
+    # [C]-shaped constant is valid ONNX and silently broadcasts along the wrong axis.
+    base = layer_bn(op, seed=seed, c_shape=(8,), spatial=(10, 10))
+    nodes = [n for n in base.graph.node if n.op_type not in ("BatchNormalization", "Relu")]
+    inits = [t for t in base.graph.initializer if not t.name.startswith("bn.")]
+    inputs = list(base.graph.input[:1])
+    steps: list[tuple[str, tuple[int, ...] | None]] = [("Mul", mul_shape), ("Add", add_shape)]
+    if not mul_first:
+        steps.reverse()
+    prev = "h"
+    for i, (kind, shape) in enumerate(steps):
+        if shape is None:
+            continue
+        name = f"{kind.lower()}_const"
+        if kind == "Mul" and mul_runtime:
+            inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape)))
+        else:
+            low, high = (0.5, 2.0) if kind == "Mul" else (-1.0, 1.0)
+            value = rng.uniform(low, high, shape) * (
+                rng.choice([-1, 1], shape) if kind == "Mul" else 1
+            )
+            inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        out = f"s{i}"
+        nodes.append(helper.make_node(kind, [prev, name], [out], name=kind.lower()))
+        prev = out
+    nodes.append(helper.make_node("Relu", [prev], ["y"], name="relu"))
+    return make_model(
+        nodes,
+        inputs,
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+        15,
     )

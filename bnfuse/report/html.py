@@ -119,10 +119,7 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
     body = [f"<h1>bnfuse report {badge}</h1>", f'<div class="muted">{title}</div>']
     if fusion is not None:
         body.append("<h2>Fusion</h2>")
-        body.append(
-            f"<p><b>{len(fusion.candidates)}</b> BatchNormalization found, "
-            f"<b>{len(fusion.folded)}</b> folded, <b>{len(fusion.skipped)}</b> skipped.</p>"
-        )
+        body.append(f"<p>{escape(fusion.headline())}.</p>")
         for skip, cands in fusion.skipped_by_reason().items():
             items = "".join(
                 f"<li><code>{escape(c.bn)}</code>: {escape(c.reason or '')}</li>" for c in cands

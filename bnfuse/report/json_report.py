@@ -49,12 +49,17 @@ def fusion_dict(r: FuseResult) -> dict[str, Any]:
         "found": len(r.candidates),
         "folded": len(r.folded),
         "skipped": len(r.skipped),
+        "by_op": {
+            op: {"found": f, "folded": d, "skipped": k} for op, (f, d, k) in r.counts().items()
+        },
         "candidates": [
             {
                 "bn": c.bn,
                 "graph": c.graph,
                 "producer": c.producer,
                 "producer_op": c.producer_op,
+                "op": c.op,
+                "into": c.into,
                 "fused": c.fusable,
                 "skip_code": c.skip.name.lower() if c.skip else None,
                 "skip_label": c.skip.value if c.skip else None,

@@ -16,8 +16,7 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
         lines += ["## bnfuse", ""]
     if fusion is not None:
         lines += [
-            f"**{fusion.input}**: {len(fusion.candidates)} BatchNormalization found, "
-            f"{len(fusion.folded)} folded, {len(fusion.skipped)} skipped.",
+            f"**{fusion.input}**: {fusion.headline()}.",
             "",
         ]
         for skip, cands in fusion.skipped_by_reason().items():

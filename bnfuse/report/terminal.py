@@ -11,13 +11,7 @@ _MAX_LISTED = 10
 
 
 def print_fuse_summary(result: FuseResult, console: Console) -> None:
-    found, folded, skipped = len(result.candidates), len(result.folded), len(result.skipped)
-    verb = "would fold" if result.dry_run else "folded"
-    console.print(
-        f"[bold]{result.input}[/]: {found} BatchNormalization found, "
-        f"[green]{folded} {verb}[/], "
-        + (f"[yellow]{skipped} skipped[/]" if skipped else "0 skipped")
-    )
+    console.print(f"[bold]{result.input}[/]: {result.headline()}", highlight=False)
     groups = result.skipped_by_reason()
     for skip, cands in groups.items():
         console.print(f"[yellow]skipped {len(cands)}[/]: {skip.value}")
@@ -28,11 +22,16 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
     if result.dry_run:
         if result.folded:
             table = Table(title="Would fold", title_justify="left")
-            table.add_column("BatchNorm")
+            table.add_column("node")
             table.add_column("into")
             table.add_column("graph")
             for cand in result.folded:
-                table.add_row(cand.bn, f"{cand.producer_op} '{cand.producer}'", cand.graph)
+                where = "the following" if cand.into == "following" else ""
+                table.add_row(
+                    f"{cand.op} '{cand.bn}'",
+                    f"{where} {cand.producer_op} '{cand.producer}'".strip(),
+                    cand.graph,
+                )
             console.print(table)
         return
     ops = Table(title="Nodes by op type", title_justify="left")
