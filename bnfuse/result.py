@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from bnfuse.health import BNHealth
+
 
 class Skip(str, Enum):
     """Why a BatchNorm was left in place; the value is the summary's label."""
@@ -36,6 +38,8 @@ class Candidate:
     reason: str | None = None
     op: str = "BatchNormalization"  # what folds: BatchNormalization, Mul or Add
     into: str = "preceding"  # the layer it folds into: "preceding" or "following"
+    consumers: tuple[str, ...] = ()  # nodes that read the folded node's output
+    health: BNHealth | None = None  # BatchNorm parameter health (bnfuse inspect)
 
     @property
     def fusable(self) -> bool:

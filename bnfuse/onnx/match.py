@@ -33,6 +33,7 @@ import onnx_ir as ir
 
 from bnfuse import fold
 from bnfuse.fold import Affine, Array, FoldError
+from bnfuse.health import BNHealth, bn_health
 from bnfuse.onnx.constants import NotConstant, constant_array
 from bnfuse.onnx.io import all_graphs
 from bnfuse.result import Candidate, Skip
@@ -110,6 +111,12 @@ def _name(node: ir.Node) -> str:
 
 
 def _match_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
+    match = _decide_bn(bn, graph_name, ir_version)
+    health = _health(bn, match.plan, ir_version)
+    return replace(match, candidate=replace(match.candidate, health=health))
+
+
+def _decide_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
     x = bn.inputs[0]
     producer = x.producer() if x is not None else None
     candidate = Candidate(
@@ -117,6 +124,7 @@ def _match_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
         graph=graph_name,
         producer=producer.name if producer is not None else None,
         producer_op=producer.op_type if producer is not None else None,
+        consumers=_consumers(bn),
     )
     result = _check(bn, producer, ir_version)
     if not isinstance(result, _Fail):
@@ -168,7 +176,8 @@ def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fa
     return _check_fits(bn, site, affine)
 
 
-def _bn_affine(bn: ir.Node, ir_version: int) -> Affine | _Fail:
+def _bn_params(bn: ir.Node, ir_version: int) -> tuple[list[Array], float] | _Fail:
+    """(scale, bias, mean, var) as constants, and epsilon."""
     params = []
     for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
         value = bn.inputs[index] if index < len(bn.inputs) else None
@@ -178,11 +187,52 @@ def _bn_affine(bn: ir.Node, ir_version: int) -> Affine | _Fail:
         if isinstance(array, NotConstant):
             return _not_constant(f"BatchNorm {what}", array)
         params.append(array)
-    eps = bn.attributes.get_float("epsilon", 1e-5)
+    return params, bn.attributes.get_float("epsilon", 1e-5)
+
+
+def _bn_affine(bn: ir.Node, ir_version: int) -> Affine | _Fail:
+    params = _bn_params(bn, ir_version)
+    if isinstance(params, _Fail):
+        return params
+    (gamma, beta, mean, var), eps = params
     try:
-        return fold.bn_affine(params[0], params[1], params[2], params[3], eps)
+        return fold.bn_affine(gamma, beta, mean, var, eps)
     except FoldError as exc:
         return _Fail(Skip.BAD_PARAMETERS, str(exc))
+
+
+def _health(bn: ir.Node, plan: Plan | None, ir_version: int) -> BNHealth | None:
+    """Parameter health, with the folded weight's peak where the layer is known."""
+    params = _bn_params(bn, ir_version)
+    if isinstance(params, _Fail):
+        return None
+    (gamma, beta, mean, var), eps = params
+    peak, dtype = None, None
+    site: Site | _Fail | None = plan.site if plan is not None else None
+    if site is None:
+        producer = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+        site = _site(producer, ir_version) if producer is not None else None
+    try:
+        affine = fold.bn_affine(gamma, beta, mean, var, eps)
+        if isinstance(site, Site):
+            dtype = _dtype_of(site.layer, site.weight).numpy()
+            if plan is not None and plan.direction == BEFORE:
+                w = fold.fold_weight_into_following(site.weight, affine.scale, site.groups)
+                peak = float(np.abs(w).max())
+            else:
+                peaks = fold.max_abs_per_channel(site.weight, site.axis, site.groups)
+                peak = (
+                    float((peaks * np.abs(affine.scale)).max())
+                    if affine.channels == site.channels
+                    else None
+                )
+    except (FoldError, ValueError, TypeError):
+        peak = None
+    return bn_health(gamma, beta, mean, var, eps, folded_weight_peak=peak, dtype=dtype)
+
+
+def _consumers(node: ir.Node) -> tuple[str, ...]:
+    return tuple(u.node.name or u.node.op_type for u in node.outputs[0].uses())
 
 
 # --- BatchNorm -> following Conv ----------------------------------------------------
