@@ -38,6 +38,7 @@ app = typer.Typer(
         "  bnfuse model.onnx -o fused.onnx\n\n"
         "  bnfuse model.onnx --dry-run\n\n"
         "  bnfuse verify model.onnx fused.onnx --report junit.xml\n\n"
+        "  bnfuse inspect model.onnx\n\n"
         "Exit codes: 0 ok, 1 verification failed, 2 bad usage or unreadable input."
     ),
     add_completion=False,
@@ -309,7 +310,45 @@ def verify_command(
     _run(debug, "report", lambda: _finish(None, verification, reports, quiet))
 
 
-_COMMANDS = {"fuse", "verify"}
+@app.command("inspect")
+def inspect_command(
+    input: Annotated[Path, typer.Argument(help="The model: .onnx, TorchScript .pt or .pt2.")],
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON (schema bnfuse-inspect) instead of a table.")
+    ] = False,
+    input_shape: InputShape = None,
+    trust_pickle: Annotated[
+        bool, typer.Option("--trust-pickle", help="Load a full torch.save pickle (runs its code).")
+    ] = False,
+    debug: Debug = False,
+) -> None:
+    """Show every BatchNorm (and constant Mul/Add after a layer): what it reads and feeds,
+    whether it folds and why not, and the health of its parameters.
+
+    Example: bnfuse inspect model.onnx --json
+    """
+
+    def work() -> FuseResult:
+        from bnfuse.api import fuse_file
+        from bnfuse.verify.inputs import parse_input_shapes
+
+        shapes = parse_input_shapes(input_shape or [])
+        return fuse_file(input, None, dry_run=True, trust_pickle=trust_pickle, input_shapes=shapes)
+
+    result = _run(debug, str(input), work)
+    if json_out:
+        from bnfuse.report.json_report import render_inspect
+
+        typer.echo(render_inspect(result), nl=False)
+        return
+    from rich.console import Console
+
+    from bnfuse.report.terminal import print_inspect
+
+    print_inspect(result, Console(soft_wrap=True))
+
+
+_COMMANDS = {"fuse", "verify", "inspect"}
 
 
 @app.callback()

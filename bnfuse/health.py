@@ -56,7 +56,7 @@ class BNHealth:
             out.append(f"dead channel(s) (gamma ~ 0) {_list(self.dead)}")
         fraction = self.range_fraction
         if fraction is not None and fraction > RISKY_FRACTION:
-            verdict = "overflows" if fraction > 1 else "close to overflow"
+            verdict = "overflows" if fraction > 1 else "overflow risk"
             out.append(
                 f"fused weight reaches {self.fused_peak:.4g}, {fraction:.0%} of the {self.dtype} range: {verdict}"
             )

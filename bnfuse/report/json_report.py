@@ -10,7 +10,8 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from bnfuse.result import Comparison, FuseResult, VerifyResult
+from bnfuse.health import BNHealth
+from bnfuse.result import Candidate, Comparison, FuseResult, VerifyResult
 
 SCHEMA = "bnfuse-report"
 SCHEMA_VERSION = 1
@@ -41,6 +42,40 @@ def comparison_dict(c: Comparison) -> dict[str, Any]:
     return d
 
 
+def health_dict(h: BNHealth | None) -> dict[str, Any] | None:
+    if h is None:
+        return None
+    return {
+        "channels": h.channels,
+        "never_updated": h.never_updated,
+        "tiny_variance_channels": list(h.tiny_variance),
+        "dead_channels": list(h.dead),
+        "max_scale": _num(h.max_scale),
+        "fused_peak": h.fused_peak,
+        "dtype": h.dtype,
+        "dtype_max": h.dtype_max,
+        "range_fraction": h.range_fraction,
+        "flags": h.flags,
+    }
+
+
+def candidate_dict(c: Candidate) -> dict[str, Any]:
+    return {
+        "bn": c.bn,
+        "op": c.op,
+        "into": c.into,
+        "graph": c.graph,
+        "producer": c.producer,
+        "producer_op": c.producer_op,
+        "consumers": list(c.consumers),
+        "fused": c.fusable,
+        "skip_code": c.skip.name.lower() if c.skip else None,
+        "skip_label": c.skip.value if c.skip else None,
+        "reason": c.reason,
+        "health": health_dict(c.health),
+    }
+
+
 def fusion_dict(r: FuseResult) -> dict[str, Any]:
     return {
         "input": str(r.input) if r.input else None,
@@ -52,21 +87,7 @@ def fusion_dict(r: FuseResult) -> dict[str, Any]:
         "by_op": {
             op: {"found": f, "folded": d, "skipped": k} for op, (f, d, k) in r.counts().items()
         },
-        "candidates": [
-            {
-                "bn": c.bn,
-                "graph": c.graph,
-                "producer": c.producer,
-                "producer_op": c.producer_op,
-                "op": c.op,
-                "into": c.into,
-                "fused": c.fusable,
-                "skip_code": c.skip.name.lower() if c.skip else None,
-                "skip_label": c.skip.value if c.skip else None,
-                "reason": c.reason,
-            }
-            for c in r.candidates
-        ],
+        "candidates": [candidate_dict(c) for c in r.candidates],
         "ops_before": dict(sorted(r.ops_before.items())),
         "ops_after": dict(sorted(r.ops_after.items())),
     }
@@ -106,3 +127,24 @@ def report_dict(fusion: FuseResult | None, verification: VerifyResult | None) ->
 
 def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
     return json.dumps(report_dict(fusion, verification), indent=2, allow_nan=False) + "\n"
+
+
+INSPECT_SCHEMA = "bnfuse-inspect"
+
+
+def render_inspect(result: FuseResult) -> str:
+    """`bnfuse inspect --json`: every candidate with its verdict and health."""
+    from bnfuse import __version__
+
+    data = {
+        "schema": INSPECT_SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "bnfuse_version": __version__,
+        "input": str(result.input) if result.input else None,
+        "by_op": {
+            op: {"found": f, "fusable": d, "skipped": k}
+            for op, (f, d, k) in result.counts().items()
+        },
+        "candidates": [candidate_dict(c) for c in result.candidates],
+    }
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"

@@ -100,3 +100,35 @@ def print_verify_summary(result: VerifyResult, console: Console) -> None:
         )
     for note in result.notes:
         console.print(f"[dim]{note}[/]")
+
+
+def print_inspect(result: FuseResult, console: Console) -> None:
+    """Every candidate: where it sits, whether it folds (and why not), its health."""
+    console.print(f"[bold]{result.input}[/]: {result.headline()}", highlight=False)
+    for c in result.candidates:
+        console.print()
+        console.print(f"[bold]{c.op}[/] '{c.bn}' [dim]({c.graph})[/]", highlight=False)
+        feeds = ", ".join(c.consumers) or "(a graph output)"
+        if c.into == "following":
+            console.print(f"  feeds {c.producer_op} '{c.producer}'", highlight=False)
+        else:
+            console.print(
+                f"  reads {c.producer_op or 'a graph input'} '{c.producer or '-'}'; feeds {feeds}",
+                highlight=False,
+            )
+        if c.fusable:
+            console.print(f"  [green]folds[/] into the {c.into} {c.producer_op}", highlight=False)
+        else:
+            console.print(f"  [yellow]stays[/]: {c.reason}", highlight=False)
+        if c.health is None:
+            continue
+        h = c.health
+        summary = f"{h.channels} channels, max |gamma/sigma| {h.max_scale:.3g}"
+        if h.range_fraction is not None and h.dtype in ("float16", "bfloat16"):
+            summary += f", fused weight peak {h.fused_peak:.3g} ({h.range_fraction:.2g} of the {h.dtype} range)"
+        if not h.flags:
+            console.print(f"  health: [green]ok[/] ({summary})", highlight=False)
+            continue
+        console.print(f"  health ({summary}):", highlight=False)
+        for flag in h.flags:
+            console.print(f"    [red]![/] {flag}", highlight=False)

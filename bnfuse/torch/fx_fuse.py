@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from bnfuse import fold
 from bnfuse.fold import FoldError
+from bnfuse.health import BNHealth, bn_health
 from bnfuse.result import Candidate, Skip
 from bnfuse.torch.tensors import as_f64, as_f64_or_none, numpy_dtype, to_torch
 
@@ -434,8 +435,13 @@ def fuse_graph_module(gm: fx.GraphModule) -> list[Candidate]:
             bn=_name(node), graph="forward",
             producer=_name(producer) if producer is not None else None,
             producer_op=_op_label(gm, producer) if producer is not None else None,
+            consumers=tuple(u.name for u in (node if isinstance(bn, _Fail) else bn.out).users),
         )  # fmt: skip
         checked = bn if isinstance(bn, _Fail) else _check(gm, bn)
+        if isinstance(bn, _BatchNorm):
+            base = replace(
+                base, health=_health(bn, None if isinstance(checked, _Fail) else checked)
+            )
         if isinstance(checked, _Fail):
             candidates.append(replace(base, skip=checked.skip, reason=checked.reason))
             continue
@@ -446,6 +452,19 @@ def fuse_graph_module(gm: fx.GraphModule) -> list[Candidate]:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return candidates
+
+
+def _health(bn: _BatchNorm, checked: tuple[_Layer, fold.Affine, np.dtype[Any]] | None) -> BNHealth:
+    peak, dtype = None, None
+    if checked is not None:
+        layer, affine, dtype = checked
+        groups = layer.groups if layer.kind == "convT" else 1
+        peaks = fold.max_abs_per_channel(as_f64(layer.weight), layer.axis, groups)
+        peak = float((peaks * np.abs(affine.scale)).max())
+    return bn_health(
+        as_f64_or_none(bn.gamma), as_f64_or_none(bn.beta), as_f64(bn.mean), as_f64(bn.var), bn.eps,
+        folded_weight_peak=peak, dtype=dtype,
+    )  # fmt: skip
 
 
 def _op_label(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -14,11 +14,13 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch.jit._script import RecursiveScriptModule
 
 from bnfuse import fold
 from bnfuse.fold import FoldError
+from bnfuse.health import BNHealth, bn_health
 from bnfuse.result import Candidate, FuseResult, Skip
 from bnfuse.torch.tensors import as_f64, as_f64_or_none, numpy_dtype, to_torch
 
@@ -93,6 +95,11 @@ def fuse_script_module(
             bn=_label(bn), graph="forward", producer=_label(producer), producer_op=producer.kind()
         )
         checked = _check(bn, producer)
+        base = replace(
+            base,
+            consumers=tuple(u.user.kind() for u in bn.output().uses()),
+            health=_health(bn, None if isinstance(checked, _Fail) else checked),
+        )
         if isinstance(checked, _Fail):
             candidates.append(replace(base, skip=checked.skip, reason=checked.reason))
             continue
@@ -201,6 +208,26 @@ def _check(bn: Any, producer: Any) -> tuple[fold.Affine, int, int, torch.Tensor]
     except FoldError as exc:
         return _Fail(Skip.NOT_FINITE, str(exc))
     return affine, axis, g, weight
+
+
+def _health(bn: Any, checked: tuple[fold.Affine, int, int, torch.Tensor] | None) -> BNHealth | None:
+    try:
+        gamma, beta, mean, var = (_const(bn.inputsAt(i)) for i in range(1, 5))
+        eps = float(_const(bn.inputsAt(7)))
+    except LookupError:
+        return None
+    if mean is None or var is None:
+        return None
+    peak, dtype = None, None
+    if checked is not None:
+        affine, axis, groups, weight = checked
+        dtype = numpy_dtype(weight.dtype)
+        peaks = fold.max_abs_per_channel(as_f64(weight), axis, groups)
+        peak = float((peaks * np.abs(affine.scale)).max())
+    return bn_health(
+        as_f64_or_none(gamma), as_f64_or_none(beta), as_f64(mean), as_f64(var), eps,
+        folded_weight_peak=peak, dtype=dtype,
+    )  # fmt: skip
 
 
 def _apply(
