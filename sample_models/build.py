@@ -152,6 +152,47 @@ SAMPLES: list[tuple[str, str, Builder]] = [
         m.matmul_3d,
     ),
     (
+        "bn_then_conv",
+        "BN -> Conv with no padding: folds into the following Conv",
+        lambda: m.bn_then_conv(pads=[0, 0, 0, 0]),
+    ),
+    (
+        "bn_then_depthwise_conv_valid",
+        "BN -> depthwise Conv, auto_pad=VALID: folds forward",
+        lambda: m.bn_then_conv(groups=4, auto_pad="VALID"),
+    ),
+    (
+        "skip_bn_then_padded_conv",
+        "SKIP: BN -> Conv with pads=1 (padding would see the BN's shift)",
+        lambda: m.bn_then_conv(pads=[1, 1, 1, 1]),
+    ),
+    ("conv_mul_add", "Conv -> Mul([C,1,1]) -> Add([1,C,1,1]) constants", m.layer_scale_shift),
+    (
+        "convtranspose_add_mul",
+        "ConvTranspose -> Add -> Mul constants",
+        lambda: m.layer_scale_shift("ConvTranspose", mul_first=False),
+    ),
+    (
+        "gemm_mul_add",
+        "Gemm -> Mul([1,N]) -> Add([N]) constants",
+        lambda: m.layer_scale_shift("Gemm", mul_shape=(1, 8), add_shape=(8,)),
+    ),
+    (
+        "conv_mul_scalar",
+        "Conv -> Mul(scalar)",
+        lambda: m.layer_scale_shift(mul_shape=(), add_shape=None),
+    ),
+    (
+        "skip_conv_mul_c_on_nchw",
+        "SKIP: Conv -> Mul([C]) on NCHW: broadcasts along the last axis",
+        lambda: m.layer_scale_shift(mul_shape=(8,), add_shape=None),
+    ),
+    (
+        "skip_conv_mul_runtime",
+        "SKIP: Conv -> Mul by a graph input (not a constant)",
+        lambda: m.layer_scale_shift(mul_shape=(1, 8, 1, 1), add_shape=None, mul_runtime=True),
+    ),
+    (
         "layernorm_untouched",
         "Conv -> LayerNormalization: not a BatchNorm, left alone",
         lambda: m.per_sample_norm("LayerNormalization"),
@@ -200,10 +241,20 @@ def build_all(out: Path) -> list[tuple[str, str]]:
     )
     rows.append((f"{EXTERNAL[0]}/model.onnx", EXTERNAL[1]))
     try:
-        from sample_models.torch_nets import NETS, build, export_onnx
+        from sample_models.torch_nets import NETS, build, export_onnx, export_onnx_dynamo
     except ImportError:
         print("torch is not installed: the exported networks were not rebuilt", file=sys.stderr)
         return rows
+    dynamo = out / "torch_resnet_dynamo_unoptimized.onnx"
+    resnet = next(s for s in NETS if s.name == "resnet")
+    dynamo.write_bytes(export_onnx_dynamo(build(resnet), resnet.input_shape))
+    rows.append(
+        (
+            dynamo.name,
+            "ResNet-shaped, torch's torch.export-based exporter with optimize=False: "
+            "zero conv biases as Shape -> Expand -> CastLike sub-expressions",
+        )
+    )
     for spec in NETS:
         path = out / f"torch_{spec.name}_opset{TORCH_OPSET}.onnx"
         path.write_bytes(export_onnx(build(spec), spec.input_shape, TORCH_OPSET))
@@ -231,7 +282,7 @@ def check(out: Path, rows: list[tuple[str, str]]) -> None:
     import bnfuse
     from tests.helpers import output_range, run_reference
 
-    print(f"{'file':45} {'BN':>3} {'fold':>4} {'skip':>4} {'max abs err':>11} {'err/range':>9}")
+    print(f"{'file':45} {'cand':>4} {'fold':>4} {'skip':>4} {'max abs err':>11} {'err/range':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, _ in rows:
             src = out / name

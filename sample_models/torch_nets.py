@@ -268,3 +268,17 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], opset: int) -> b
             output_names=["output"],
         )
     return buf.getvalue()
+
+
+def export_onnx_dynamo(model: nn.Module, input_shape: tuple[int, ...]) -> bytes:
+    """torch.export-based export, optimize=False: BNs kept, biases as sub-expressions."""
+    import logging
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model, (torch.randn(*input_shape),), dynamo=True, optimize=False, verbose=False
+        )
+    assert program is not None
+    return bytes(program.model_proto.SerializeToString())
