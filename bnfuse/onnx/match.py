@@ -252,12 +252,10 @@ def _following_conv(bn: ir.Node) -> ir.Node | None:
 def _check_before_conv(bn: ir.Node, conv: ir.Node, ir_version: int) -> Plan | _Fail:
     if conv.graph is not bn.graph:
         return _Fail(Skip.UNSUPPORTED, "the Conv is in another graph")
-    weight = _required_const(conv, 1, "weight", ir_version)
-    if isinstance(weight, _Fail):
-        return weight
-    bias = _const_input(conv, 2, "bias", ir_version)
-    if isinstance(bias, _Fail):
-        return bias
+    params = _weight_and_bias(conv, ("weight", "bias"), ir_version)
+    if isinstance(params, _Fail):
+        return params
+    weight, bias = params
     padding = _padding_problem(conv, weight)
     if padding is not None:
         return _Fail(Skip.UNSUPPORTED, padding)
@@ -496,13 +494,24 @@ def _required_const(node: ir.Node, index: int, what: str, ir_version: int) -> Ar
     return array
 
 
-def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
-    weight = _required_const(node, 1, "weight", ir_version)
+def _weight_and_bias(
+    node: ir.Node, names: tuple[str, str], ir_version: int
+) -> tuple[Array, Array | None] | _Fail:
+    """The layer's constant weight (input 1) and optional constant bias (input 2)."""
+    weight = _required_const(node, 1, names[0], ir_version)
     if isinstance(weight, _Fail):
         return weight
-    bias = _const_input(node, 2, "bias", ir_version)
+    bias = _const_input(node, 2, names[1], ir_version)
     if isinstance(bias, _Fail):
         return bias
+    return weight, bias
+
+
+def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
+    params = _weight_and_bias(node, ("weight", "bias"), ir_version)
+    if isinstance(params, _Fail):
+        return params
+    weight, bias = params
     if weight.ndim < 3:
         return _Fail(
             Skip.SHAPE_MISMATCH,
@@ -521,12 +530,10 @@ def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
 
 
 def _gemm_site(node: ir.Node, ir_version: int) -> Site | _Fail:
-    weight = _required_const(node, 1, "B", ir_version)
-    if isinstance(weight, _Fail):
-        return weight
-    c = _const_input(node, 2, "C", ir_version)
-    if isinstance(c, _Fail):
-        return c
+    params = _weight_and_bias(node, ("B", "C"), ir_version)
+    if isinstance(params, _Fail):
+        return params
+    weight, c = params
     if weight.ndim != 2:
         return _Fail(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' B has shape {list(weight.shape)}")
     axis = 0 if node.attributes.get_int("transB", 0) else 1
