@@ -104,8 +104,9 @@ def fold_all(model: ir.Model) -> list[Candidate]:
     """
     folded: list[Candidate] = []
     for _ in range(MAX_ROUNDS):
+        matches = match.find(model)
         plans, seen = [], set()
-        for m in match.find(model):
+        for m in matches:
             if m.plan is not None and id(m.plan.site.layer) not in seen:
                 seen.add(id(m.plan.site.layer))
                 plans.append(m)
@@ -113,7 +114,9 @@ def fold_all(model: ir.Model) -> list[Candidate]:
             break
         FoldBatchNorms(model).apply(m.plan for m in plans if m.plan is not None)
         folded += [m.candidate for m in plans]
-    return folded + [m.candidate for m in match.find(model) if m.plan is None]
+    else:
+        matches = match.find(model)
+    return folded + [m.candidate for m in matches if m.plan is None]
 
 
 def fuse_onnx(

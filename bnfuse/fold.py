@@ -122,13 +122,20 @@ def _grouped(w: F64, axis: int, groups: int) -> F64:
 
 
 def max_abs_per_channel(w: Array, axis: int, groups: int = 1) -> F64:
-    """max |w| over everything that feeds each output channel, in float64."""
-    a = np.abs(np.asarray(w).astype(np.float64))
+    """max |w| over everything that feeds each output channel, in float64.
+
+    Reduced in the weight's own dtype (the max of |w| is one of its values, so
+    widening afterwards is exact) to avoid a float64 copy of the whole weight.
+    """
+    a = np.abs(np.asarray(w))
     if groups == 1 or axis == 0:
-        peaks: F64 = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1)
+        peaks: F64 = (
+            np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1).astype(np.float64)
+        )
         return peaks
-    g = _grouped(a, axis, groups)  # [g, Cin/g, Cout/g, k...]
-    per: F64 = np.moveaxis(g, 2, 1).reshape(groups, g.shape[2], -1).max(axis=2)
+    cin = a.shape[0]
+    g = a.reshape(groups, cin // groups, *a.shape[1:])  # [g, Cin/g, Cout/g, k...]
+    per: F64 = np.moveaxis(g, 2, 1).reshape(groups, g.shape[2], -1).max(axis=2).astype(np.float64)
     return per.reshape(-1)
 
 
@@ -210,8 +217,8 @@ def check_fits(
     groups: int,
     dtype: npt.DTypeLike,
     dtype_name: str,
-) -> None:
-    """Raise FoldOverflow when the fold would not be finite in ``dtype``.
+) -> float:
+    """The folded weight's peak |W'|; raises FoldOverflow when not finite in ``dtype``.
 
     Cheap: the weight is reduced to one peak per channel, never folded whole.
     """
@@ -225,6 +232,7 @@ def check_fits(
     folded_bias = round_to(fold_bias(bias, affine), dtype).astype(np.float64)
     if not np.all(np.isfinite(folded_bias)):
         raise FoldOverflow(f"the folded bias is beyond the range of {dtype_name}")
+    return float((peaks * np.abs(affine.scale)).max(initial=0.0))
 
 
 # --- A channel affine map from constants (Mul/Add chains) ---------------------------

@@ -73,6 +73,7 @@ class Plan:
     affine: Affine
     dtype: np.dtype[np.generic]
     direction: str = AFTER
+    peak: float | None = None  # max |folded weight|, for the health report
 
 
 @dataclass(frozen=True)
@@ -208,26 +209,20 @@ def _health(bn: ir.Node, plan: Plan | None, ir_version: int) -> BNHealth | None:
         return None
     (gamma, beta, mean, var), eps = params
     peak, dtype = None, None
-    site: Site | _Fail | None = plan.site if plan is not None else None
-    if site is None:
+    if plan is not None:
+        peak, dtype = plan.peak, plan.dtype
+    else:  # skipped: the peak it would have had, where the layer before it is known
         producer = bn.inputs[0].producer() if bn.inputs[0] is not None else None
         site = _site(producer, ir_version) if producer is not None else None
-    try:
-        affine = fold.bn_affine(gamma, beta, mean, var, eps)
         if isinstance(site, Site):
-            dtype = _dtype_of(site.layer, site.weight).numpy()
-            if plan is not None and plan.direction == BEFORE:
-                w = fold.fold_weight_into_following(site.weight, affine.scale, site.groups)
-                peak = float(np.abs(w).max())
-            else:
-                peaks = fold.max_abs_per_channel(site.weight, site.axis, site.groups)
-                peak = (
-                    float((peaks * np.abs(affine.scale)).max())
-                    if affine.channels == site.channels
-                    else None
-                )
-    except (FoldError, ValueError, TypeError):
-        peak = None
+            try:
+                affine = fold.bn_affine(gamma, beta, mean, var, eps)
+                if affine.channels == site.channels:
+                    dtype = _dtype_of(site.layer, site.weight).numpy()
+                    peaks = fold.max_abs_per_channel(site.weight, site.axis, site.groups)
+                    peak = float((peaks * np.abs(affine.scale)).max())
+            except (FoldError, ValueError, TypeError):
+                peak = None
     return bn_health(gamma, beta, mean, var, eps, folded_weight_peak=peak, dtype=dtype)
 
 
@@ -280,7 +275,8 @@ def _check_before_conv(bn: ir.Node, conv: ir.Node, ir_version: int) -> Plan | _F
     ):
         return _Fail(Skip.NOT_FINITE, f"the folded values are beyond the range of {dtype_enum}")
     site = Site(conv, conv, weight, axis=1, groups=groups, bias=bias, bias_index=2)
-    return Plan(bn=bn, site=site, affine=affine, dtype=dtype, direction=BEFORE)
+    peak = float(np.abs(w.astype(np.float64)).max(initial=0.0))
+    return Plan(bn=bn, site=site, affine=affine, dtype=dtype, direction=BEFORE, peak=peak)
 
 
 def _padding_problem(conv: ir.Node, weight: Array) -> str | None:
@@ -438,12 +434,12 @@ def _check_fits(bn: ir.Node, site: Site, affine: Affine) -> Plan | _Fail:
         )
     dtype = dtype_enum.numpy()
     try:
-        fold.check_fits(
+        peak = fold.check_fits(
             site.weight, site.bias, affine, site.axis, site.groups, dtype, str(dtype_enum)
         )
     except FoldError as exc:
         return _Fail(Skip.NOT_FINITE, str(exc))
-    return Plan(bn=bn, site=site, affine=affine, dtype=dtype)
+    return Plan(bn=bn, site=site, affine=affine, dtype=dtype, peak=peak)
 
 
 def _dtype_of(layer: ir.Node, weight: Array) -> ir.DataType:
