@@ -124,19 +124,20 @@ def _grouped(w: F64, axis: int, groups: int) -> F64:
 def max_abs_per_channel(w: Array, axis: int, groups: int = 1) -> F64:
     """max |w| over everything that feeds each output channel, in float64.
 
-    Reduced in the weight's own dtype (the max of |w| is one of its values, so
-    widening afterwards is exact) to avoid a float64 copy of the whole weight.
+    Reduced in the weight's own dtype, as max(max, -min) (both are values of w,
+    so widening afterwards is exact), without a float64 or an |w| copy of it.
     """
-    a = np.abs(np.asarray(w))
+    a = np.asarray(w)
     if groups == 1 or axis == 0:
-        peaks: F64 = (
-            np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1).max(axis=1).astype(np.float64)
-        )
-        return peaks
-    cin = a.shape[0]
-    g = a.reshape(groups, cin // groups, *a.shape[1:])  # [g, Cin/g, Cout/g, k...]
-    per: F64 = np.moveaxis(g, 2, 1).reshape(groups, g.shape[2], -1).max(axis=2).astype(np.float64)
-    return per.reshape(-1)
+        per_channel = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+    else:
+        cin = a.shape[0]
+        g = a.reshape(groups, cin // groups, *a.shape[1:])  # [g, Cin/g, Cout/g, k...]
+        per_channel = np.moveaxis(g, 2, 1).reshape(groups * g.shape[2], -1)
+    high = per_channel.max(axis=1).astype(np.float64)
+    low = per_channel.min(axis=1).astype(np.float64)
+    peaks: F64 = np.maximum(high, -low)
+    return peaks
 
 
 def fold_weight(w: Array, scale: F64, axis: int, groups: int = 1) -> F64:
@@ -146,22 +147,22 @@ def fold_weight(w: Array, scale: F64, axis: int, groups: int = 1) -> F64:
     and Gemm with transB=1 / Linear [N, K]; 1 for ConvTranspose [Cin, Cout/g, k...]
     (with ``groups``) and for Gemm transB=0 / MatMul [K, N].
     """
-    w64 = np.asarray(w).astype(np.float64)
+    w64 = np.array(w, dtype=np.float64)  # a fresh copy: scaled in place below
     if groups == 1 or axis == 0:
         if w64.shape[axis] != scale.shape[0]:
             raise FoldError(
                 f"weight has {w64.shape[axis]} output channels, BatchNorm has {scale.shape[0]}"
             )
-        return w64 * scale.reshape(_channel_view(w64.ndim, axis, scale.shape[0]))
+        w64 *= scale.reshape(_channel_view(w64.ndim, axis, scale.shape[0]))
+        return w64
     per_group = w64.shape[1]
     if per_group * groups != scale.shape[0]:
         raise FoldError(
             f"weight has {per_group * groups} output channels, BatchNorm has {scale.shape[0]}"
         )
     g = _grouped(w64, axis, groups)
-    s = scale.reshape(groups, 1, per_group, *([1] * (w64.ndim - 2)))
-    folded: F64 = (g * s).reshape(w64.shape)
-    return folded
+    g *= scale.reshape(groups, 1, per_group, *([1] * (w64.ndim - 2)))
+    return w64
 
 
 def fold_bias(bias: Array | None, affine: Affine) -> F64:
