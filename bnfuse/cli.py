@@ -20,6 +20,7 @@ import typer
 from bnfuse.errors import BnfuseError
 
 if TYPE_CHECKING:
+    from bnfuse.batch import BatchResult
     from bnfuse.result import FuseResult, VerifyResult
     from bnfuse.verify.compare import VerifyOptions
 
@@ -171,6 +172,21 @@ def _verify_with_progress(
         return verify_models(original, candidate, options, on_step=on_step)
 
 
+def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool) -> None:
+    from bnfuse.report.batch import print_batch_summary, write_batch_reports
+
+    write_batch_reports(reports, result)
+    if not quiet:
+        from rich.console import Console
+
+        console = Console(soft_wrap=True)
+        print_batch_summary(result, console)
+        for path in reports:
+            console.print(f"report: {path}", highlight=False)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
 def _finish(
     fusion: FuseResult | None, verification: VerifyResult | None, reports: list[Path], quiet: bool
 ) -> None:
@@ -195,17 +211,23 @@ def _finish(
 
 @app.command("fuse")
 def fuse_command(
-    input: Annotated[
-        Path,
+    inputs: Annotated[
+        list[str],
         typer.Argument(
             help="The model to fuse: .onnx (external data beside it), TorchScript .pt, "
-            "or torch.export .pt2."
+            "or torch.export .pt2. Several models, folders or globs: batch mode.",
+            metavar="INPUT...",
         ),
     ],
     output: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="Where to write the fused model."),
+        typer.Option(
+            "--output", "-o", help="Where to write the fused model (a folder in batch mode)."
+        ),
     ] = None,
+    jobs: Annotated[
+        int, typer.Option("--jobs", "-j", min=1, help="Worker processes in batch mode.")
+    ] = 1,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -229,7 +251,7 @@ def fuse_command(
     seed: Seed = 0,
     samples: Samples = 1,
     input_shape: InputShape = None,
-    inputs: InputsFile = None,
+    inputs_file: InputsFile = None,
     per_layer: PerLayer = False,
     atol: Atol = None,
     rtol: Rtol = None,
@@ -246,18 +268,52 @@ def fuse_command(
       bnfuse model.onnx -o fused.onnx --report report.json --report junit.xml
 
       bnfuse model.onnx -o fused.onnx --input-shape input:1x3x224x224 --samples 4
+
+      bnfuse models/ 'zoo/**/*.onnx' -o fused/ -j 4 --report batch.json
     """
     if output is None and not dry_run:
         typer.echo("bnfuse: error: missing -o/--output (or pass --dry-run)", err=True)
         raise typer.Exit(EXIT_USAGE)
     reports = report or []
+    single = (
+        len(inputs) == 1 and not Path(inputs[0]).is_dir() and not any(c in inputs[0] for c in "*?[")
+    )
+    if not single:
+        if output is None or dry_run:
+            typer.echo("bnfuse: error: batch mode needs -o OUTDIR (and no --dry-run)", err=True)
+            raise typer.Exit(EXIT_USAGE)
+
+        def batch() -> BatchResult:
+            from bnfuse.batch import run_batch
+            from bnfuse.report import check_report_paths
+
+            check_report_paths(reports)
+            options = (
+                None
+                if no_verify
+                else _verify_options(
+                    device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol
+                )
+            )
+            if options is not None:
+                options.trust_pickle = trust_pickle
+            return run_batch(
+                inputs, output, jobs=jobs, force=force, verify=options, trust_pickle=trust_pickle
+            )
+
+        result = _run(debug, "batch", batch)
+        _run(debug, "report", lambda: _finish_batch(result, reports, quiet))
+        return
+    input = Path(inputs[0])
 
     def work() -> tuple[FuseResult, VerifyResult | None]:
         from bnfuse.api import fuse_file
         from bnfuse.report import check_report_paths
 
         check_report_paths(reports)
-        options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
+        options = _verify_options(
+            device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol
+        )
         options.trust_pickle = trust_pickle
         if not (dry_run or no_verify):
             from bnfuse.verify.compare import preflight

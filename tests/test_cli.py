@@ -90,7 +90,7 @@ def test_bad_input_exits_2_with_one_line(
 
 def test_folder_as_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli([str(tmp_path), "-o", str(tmp_path / "o.onnx")], capsys)
-    assert code == 2 and "not a file" in err
+    assert code == 2 and "a folder with no .onnx, .pt or .pt2 file" in err
 
 
 def test_output_equal_to_input_is_refused(

@@ -1,0 +1,167 @@
+"""Reports for batch mode: one table, one file, every model in it."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bnfuse.batch import BatchResult, Outcome
+from bnfuse.report import html, json_report, junit
+from bnfuse.report.fmt import num
+
+STATUS = {0: "ok", 1: "FAIL (verification)", 2: "ERROR"}
+
+
+def _worst_error(o: Outcome) -> float | None:
+    if o.verification is None or not o.verification.outputs:
+        return None
+    return max(c.max_abs for c in o.verification.outputs)
+
+
+def print_batch_summary(result: BatchResult, console: Console) -> None:
+    table = Table(title=f"{len(result.outcomes)} models", title_justify="left")
+    table.add_column("model", overflow="fold")
+    for col in ("BN found", "folded", "skipped", "max abs err"):
+        table.add_column(col, justify="right")
+    table.add_column("result", overflow="fold")
+    for o in sorted(result.outcomes, key=lambda o: (-o.exit_code, str(o.input))):
+        f = o.fusion
+        counts = f.counts().get("BatchNormalization", (0, 0, 0)) if f is not None else None
+        status = STATUS[o.exit_code] if o.error is None else f"ERROR: {o.error}"
+        style = {0: "", 1: "red", 2: "red"}[o.exit_code]
+        table.add_row(
+            str(o.input),
+            *(str(x) for x in counts) if counts else ("-", "-", "-"),
+            num(_worst_error(o)),
+            status,
+            style=style,
+        )
+    console.print(table)
+    for o in result.outcomes:
+        if o.error is not None:
+            console.print(f"[red]error[/]: {o.input}: {o.error}", highlight=False)
+
+
+def _outcome_dict(o: Outcome) -> dict[str, Any]:
+    return {
+        "input": str(o.input),
+        "output": str(o.output),
+        "exit_code": o.exit_code,
+        "error": o.error,
+        "fusion": json_report.fusion_dict(o.fusion) if o.fusion is not None else None,
+        "verification": (
+            json_report.verification_dict(o.verification) if o.verification is not None else None
+        ),
+    }
+
+
+def render_json(result: BatchResult) -> str:
+    from bnfuse import __version__
+
+    data = {
+        "schema": "bnfuse-batch",
+        "schema_version": 1,
+        "bnfuse_version": __version__,
+        "exit_code": result.exit_code,
+        "models": [_outcome_dict(o) for o in result.outcomes],
+    }
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def render_markdown(result: BatchResult) -> str:
+    icon = ":white_check_mark:" if result.exit_code == 0 else ":x:"
+    lines = [
+        f"## bnfuse batch: {icon} {len(result.outcomes)} models",
+        "",
+        "| model | BN found | folded | skipped | max abs err | result |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for o in result.outcomes:
+        counts = o.fusion.counts().get("BatchNormalization", (0, 0, 0)) if o.fusion else None
+        cells = " | ".join(str(x) for x in counts) if counts else "- | - | -"
+        status = STATUS[o.exit_code] if o.error is None else f"ERROR: {o.error}"
+        lines.append(f"| `{o.input}` | {cells} | {num(_worst_error(o))} | {status} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_junit(result: BatchResult) -> str:
+    """One testsuite per model (its outputs as testcases); errors as <error> testcases."""
+    root = ET.Element("testsuites", {"name": "bnfuse batch"})
+    tests = failures = errors = 0
+    for o in result.outcomes:
+        if o.error is not None:
+            suite = ET.SubElement(
+                root,
+                "testsuite",
+                {"name": str(o.input), "tests": "1", "errors": "1", "failures": "0"},
+            )
+            case = ET.SubElement(
+                suite, "testcase", {"classname": "bnfuse.fuse", "name": str(o.input), "time": "0"}
+            )
+            ET.SubElement(case, "error", {"message": o.error, "type": "BnfuseError"})
+            tests, errors = tests + 1, errors + 1
+            continue
+        single = ET.fromstring(junit.render(o.fusion, o.verification))
+        for suite in single.findall("testsuite"):
+            suite.set("name", str(o.input))
+            root.append(suite)
+            tests += int(suite.get("tests", "0"))
+            failures += int(suite.get("failures", "0"))
+    root.set("tests", str(tests))
+    root.set("failures", str(failures))
+    root.set("errors", str(errors))
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def render_html(result: BatchResult) -> str:
+    """The models' single reports, one after another, under a summary table."""
+    rows = []
+    sections = []
+    for i, o in enumerate(result.outcomes):
+        status = STATUS[o.exit_code] if o.error is None else f"ERROR: {o.error}"
+        rows.append(
+            f'<tr class="{"bad" if o.exit_code else ""}"><td><a href="#m{i}">{escape(str(o.input))}</a></td>'
+            f"<td>{num(_worst_error(o))}</td><td class=l>{escape(status)}</td></tr>"
+        )
+        if o.error is None:
+            page = html.render(o.fusion, o.verification)
+            body = page.split("<body>", 1)[1].rsplit("</body>", 1)[0]
+            sections.append(f'<section id="m{i}">{body}</section>')
+    page = html.render(None, None)
+    head, _ = page.split("<body>", 1)
+    summary = (
+        f"<h1>bnfuse batch: {len(result.outcomes)} models</h1>"
+        "<table><tr><th>model</th><th>max abs err</th><th class=l>result</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+    return head + "<body>" + summary + "<hr>".join(sections) + "</body></html>\n"
+
+
+RENDERERS = {
+    ".json": render_json,
+    ".md": render_markdown,
+    ".xml": render_junit,
+    ".html": render_html,
+}
+
+
+def write_batch_reports(paths: list[Path], result: BatchResult) -> None:
+    import os
+
+    for path in paths:
+        text = RENDERERS[path.suffix.lower()](result)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary and any(p.suffix.lower() == ".md" for p in paths):
+        with open(summary, "a", encoding="utf-8") as fh:
+            fh.write(render_markdown(result))
