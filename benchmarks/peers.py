@@ -1,0 +1,298 @@
+"""bnfuse side by side with the peers, on the same files, as whole processes.
+
+    python benchmarks/peers.py                       # generated models, 4 sizes + fp16
+    python benchmarks/peers.py model.onnx other.onnx # your own models too
+    python benchmarks/peers.py --runs 5 --sizes 12 50 100 200 --out benchmarks/RESULTS.md
+
+Tools, each run as its own process on the same input (runs alternate between
+tools, so drift in the machine's load hits them all alike):
+
+  bnfuse        bnfuse IN -o OUT --no-verify -q
+  onnxoptimizer onnx.load -> onnxoptimizer.optimize(["fuse_bn_into_conv"]) -> onnx.save
+  onnxsim       onnxsim IN OUT (its own checks and BN fusion)
+  onnxslim      onnxslim IN OUT
+  ort-basic     onnxruntime offline optimizer, ORT_ENABLE_BASIC, optimized_model_filepath
+  onnxscript    onnxscript.rewriter with its fuse-batchnorm rules
+  cp            copying the file, the floor for any tool that reads and writes it
+
+Per model and tool: BatchNorms left, nodes added (by op type, counted against
+the input), the max abs error of the output against the unfused model in
+onnxruntime with optimisations off (for fp16 models: the unfused model widened
+to fp32, i.e. the exact function), the median wall time and the peak RSS of
+the process (GNU time's %M).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+PY = sys.executable
+ONNXOPT = (
+    "import sys, onnx, onnxoptimizer; m = onnx.load(sys.argv[1]); "
+    "m = onnxoptimizer.optimize(m, ['fuse_bn_into_conv']); onnx.save(m, sys.argv[2])"
+)
+ORT_BASIC = (
+    "import sys, onnxruntime as ort; o = ort.SessionOptions(); "
+    "o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC; "
+    "o.optimized_model_filepath = sys.argv[2]; "
+    "ort.InferenceSession(sys.argv[1], o, providers=['CPUExecutionProvider'])"
+)
+ONNXSCRIPT = (
+    "import sys, onnx, onnx_ir as ir; from onnxscript import rewriter; "
+    "from onnxscript.rewriter.rules.common import _fuse_batchnorm as f; "
+    "rules = [f.fuse_batchnorm_into_conv_rule, f.fuse_batchnorm_into_conv_transpose_rule, "
+    "f.fuse_batchnorm_into_gemm_rule]; m = ir.load(sys.argv[1]); "
+    "m = rewriter.rewrite(m, pattern_rewrite_rules=rules); ir.save(m, sys.argv[2])"
+)
+TOOLS: dict[str, list[str]] = {
+    "bnfuse": ["bnfuse", "{in}", "-o", "{out}", "--no-verify", "-q", "--force"],
+    "onnxoptimizer": [PY, "-c", ONNXOPT, "{in}", "{out}"],
+    "onnxsim": ["onnxsim", "{in}", "{out}"],
+    "onnxslim": ["onnxslim", "{in}", "{out}"],
+    "ort-basic": [PY, "-c", ORT_BASIC, "{in}", "{out}"],
+    "onnxscript": [PY, "-c", ONNXSCRIPT, "{in}", "{out}"],
+    "cp": ["cp", "{in}", "{out}"],
+}
+
+
+def chain(width: int, depth: int, dtype: type = np.float32, seed: int = 0) -> onnx.ModelProto:
+    """depth x (Conv 3x3 -> BN -> Relu), width channels: about 36*width^2*depth bytes (fp32)."""
+    rng = np.random.default_rng(seed)
+    elem = TensorProto.FLOAT16 if dtype is np.float16 else TensorProto.FLOAT
+    nodes, inits = [], []
+    prev, cin = "x", 3
+    for i in range(depth):
+        w = rng.normal(0, 1 / np.sqrt(9 * cin), (width, cin, 3, 3)).astype(dtype)
+        inits.append(numpy_helper.from_array(w, f"c{i}.W"))
+        stats = {
+            "s": rng.uniform(0.5, 1.5, width),
+            "b": rng.normal(0, 0.1, width),
+            "m": rng.normal(0, 0.1, width),
+            "v": rng.uniform(0.5, 1.5, width),
+        }
+        inits += [numpy_helper.from_array(a.astype(dtype), f"bn{i}.{k}") for k, a in stats.items()]
+        nodes += [
+            helper.make_node(
+                "Conv", [prev, f"c{i}.W"], [f"h{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]
+            ),
+            helper.make_node(
+                "BatchNormalization",
+                [f"h{i}"] + [f"bn{i}.{k}" for k in "sbmv"],
+                [f"n{i}"],
+                name=f"bn{i}",
+            ),
+            helper.make_node("Relu", [f"n{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        prev, cin = f"r{i}", width
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", elem, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info(prev, elem, None)], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return onnx.shape_inference.infer_shapes(model)  # onnxsim insists on output shapes
+
+
+def generated(sizes_mb: list[int], folder: Path) -> list[Path]:
+    paths = []
+    for mb in sizes_mb:
+        width = 256 if mb <= 30 else 512
+        depth = max(1, round(mb * 2**20 / (36 * width * width)))
+        path = folder / f"chain_{width}x{depth}_fp32.onnx"
+        onnx.save(chain(width, depth), path)
+        paths.append(path)
+    path = folder / "chain_512x3_fp16.onnx"
+    onnx.save(chain(512, 3, np.float16), path)
+    paths.append(path)
+    return paths
+
+
+@dataclass
+class Run:
+    seconds: list[float] = field(default_factory=list)
+    rss_kb: list[int] = field(default_factory=list)
+    error: str | None = None
+    bn_left: int | None = None
+    nodes_added: int | None = None
+    max_abs: float | None = None
+
+
+def timed(cmd: list[str]) -> tuple[float, int, int, str]:
+    """Wall seconds, peak RSS (KB), exit code, stderr.
+
+    Peak RSS comes from GNU time, which forks the tool from its own small
+    process: a child forked from this (large) Python process would report
+    this process's pages as its own.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss_file:
+        wrapped = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *cmd]
+        start = time.perf_counter()
+        proc = subprocess.run(
+            wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+        )
+        elapsed = time.perf_counter() - start
+        text = Path(rss_file.name).read_text().strip().splitlines()
+    rss = int(text[-1]) if text and text[-1].isdigit() else 0
+    return elapsed, rss, proc.returncode, proc.stderr.decode(errors="replace")
+
+
+def outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return [np.asarray(v) for v in session.run(None, feeds)]
+
+
+def as_fp32(src: Path, scratch: Path) -> Path:
+    """The unfused model with fp16 weights and types widened to fp32: the exact function.
+
+    Comparing an fp16 fusion with the unfused fp16 model would measure the
+    reference's own rounding (it rounds the conv output before the BN)."""
+    model = onnx.load(str(src))
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT16:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            vi.type.tensor_type.elem_type = TensorProto.FLOAT
+    path = scratch / f"fp32_{src.name}"
+    onnx.save(model, path)
+    return path
+
+
+def evaluate(src: Path, out: Path, run: Run, reference: Path) -> None:
+    a = onnx.load(str(src), load_external_data=False)
+    b = onnx.load(str(out), load_external_data=False)
+    before, after = (
+        Counter(n.op_type for n in a.graph.node),
+        Counter(n.op_type for n in b.graph.node),
+    )
+    run.bn_left = after["BatchNormalization"]
+    run.nodes_added = sum(max(0, after[op] - before[op]) for op in after)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in a.graph.input:
+        tt = vi.type.tensor_type
+        shape = [d.dim_value or 1 for d in tt.shape.dim]
+        feeds[vi.name] = rng.standard_normal(shape).astype(
+            helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        )
+    wide = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feeds.items()}
+    ref, got = outputs(reference, wide), outputs(out, feeds)
+    run.max_abs = max(
+        float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
+        for x, y in zip(ref, got, strict=True)
+    )
+
+
+def bench(
+    models: list[Path], tools: list[str], runs: int, scratch: Path
+) -> dict[tuple[str, str], Run]:
+    results: dict[tuple[str, str], Run] = {}
+    for model in models:
+        is_fp16 = any(
+            t.data_type == TensorProto.FLOAT16
+            for t in onnx.load(str(model), load_external_data=False).graph.initializer
+        )
+        reference = as_fp32(model, scratch) if is_fp16 else model
+        for i in range(runs):
+            for tool in tools:
+                run = results.setdefault((model.name, tool), Run())
+                if run.error:
+                    continue
+                out = scratch / f"{tool}_{model.name}"
+                for leftover in (out, out.with_name(out.name + ".data")):
+                    leftover.unlink(missing_ok=True)
+                cmd = [
+                    c.replace("{in}", str(model)).replace("{out}", str(out)) for c in TOOLS[tool]
+                ]
+                elapsed, rss, code, stderr = timed(cmd)
+                if code != 0 or not out.exists():
+                    run.error = (stderr.strip().splitlines() or [f"exit {code}"])[-1][:120]
+                    continue
+                run.seconds.append(elapsed)
+                run.rss_kb.append(rss)
+                if i == 0 and tool != "cp":
+                    try:
+                        evaluate(model, out, run, reference)
+                    except Exception as exc:  # a peer's output that does not load
+                        run.error = f"output does not run: {type(exc).__name__}"
+        print(f"done {model.name}", file=sys.stderr)
+    return results
+
+
+def table(models: list[Path], tools: list[str], results: dict[tuple[str, str], Run]) -> str:
+    lines = [
+        "| model | size | tool | BN left | nodes added | max abs err | median s | x cp | peak RSS MB | RSS / size |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for model in models:
+        size_mb = model.stat().st_size / 2**20
+        cp = results.get((model.name, "cp"))
+        cp_s = statistics.median(cp.seconds) if cp and cp.seconds else None
+        for tool in tools:
+            r = results[(model.name, tool)]
+            if r.error:
+                lines.append(
+                    f"| {model.name} | {size_mb:.0f} MB | {tool} | failed: {r.error} | | | | | | |"
+                )
+                continue
+            med = statistics.median(r.seconds)
+            rss = max(r.rss_kb) / 1024
+            err = "-" if r.max_abs is None else f"{r.max_abs:.3g}"
+            ratio = f"{med / cp_s:.1f}" if cp_s else "-"
+            lines.append(
+                f"| {model.name} | {size_mb:.0f} MB | {tool} | {'-' if r.bn_left is None else r.bn_left} "
+                f"| {'-' if r.nodes_added is None else r.nodes_added} | {err} | {med:.2f} | {ratio} "
+                f"| {rss:.0f} | {rss / size_mb:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("models", nargs="*", type=Path, help="extra models to run on")
+    parser.add_argument(
+        "--sizes", nargs="*", type=int, default=[12, 50, 100, 200], help="generated sizes, MB"
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tools", nargs="*", default=list(TOOLS))
+    parser.add_argument("--out", type=Path, help="write the Markdown table here too")
+    args = parser.parse_args()
+    tools = [t for t in args.tools if t == "cp" or shutil.which(TOOLS[t][0]) or TOOLS[t][0] == PY]
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        models = generated(args.sizes, scratch) + list(args.models)
+        results = bench(models, tools, args.runs, scratch)
+        text = table(models, tools, results)
+    header = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+        f"{args.runs} runs per tool and model, alternating; median wall time.\n"
+    )
+    print(header)
+    print(text)
+    if args.out:
+        args.out.write_text(header + "\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
