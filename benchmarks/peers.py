@@ -129,6 +129,7 @@ class Run:
     bn_left: int | None = None
     nodes_added: int | None = None
     max_abs: float | None = None
+    weights: str | None = None  # folded weights against the exact fold, rounded once
 
 
 def timed(cmd: list[str]) -> tuple[float, int, int, str]:
@@ -177,6 +178,44 @@ def as_fp32(src: Path, scratch: Path) -> Path:
     return path
 
 
+def weight_check(src: Path, out: Path) -> str:
+    """How the tool's Conv weights compare with the exact float64 fold rounded once.
+
+    The generated chains have Conv i followed by BN i; the output's Convs are
+    paired with the input's in order. A weight that is not an initializer is
+    computed at run time (no fold was made).
+    """
+    a, b = onnx.load(str(src)), onnx.load(str(out))
+    init_a = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    init_b = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    convs_a = [n for n in a.graph.node if n.op_type == "Conv"]
+    convs_b = [n for n in b.graph.node if n.op_type == "Conv"]
+    bns = [n for n in a.graph.node if n.op_type == "BatchNormalization"]
+    if len(convs_a) != len(convs_b) or len(bns) != len(convs_a):
+        return "n/a"
+    worst, wrong, total = 0.0, 0, 0
+    for conv_a, conv_b, bn in zip(convs_a, convs_b, bns, strict=True):
+        if conv_b.input[1] not in init_b:
+            return "computed at run time"
+        w = init_a[conv_a.input[1]]
+        gamma, _, _, var = (init_a[name].astype(np.float64) for name in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        exact = (
+            w.astype(np.float64)
+            * (gamma / np.sqrt(var + np.float64(np.float32(eps))))[:, None, None, None]
+        )
+        got = init_b[conv_b.input[1]]
+        want = exact.astype(w.dtype)  # numpy rounds float64 -> fp16/fp32 once, to nearest even
+        info = np.finfo(w.dtype)
+        binade = np.floor(np.log2(np.maximum(np.abs(exact), float(info.smallest_normal))))
+        ulp = 2.0 ** (binade - info.nmant)  # the ulp of the exact value's binade
+        diff = np.abs(got.astype(np.float64) - exact) / ulp
+        worst = max(worst, float(diff.max()))
+        wrong += int(np.count_nonzero(got != want))
+        total += got.size
+    return f"max {worst:.2f} ulp, {wrong / total:.1%} not correctly rounded"
+
+
 def evaluate(src: Path, out: Path, run: Run, reference: Path) -> None:
     a = onnx.load(str(src), load_external_data=False)
     b = onnx.load(str(out), load_external_data=False)
@@ -196,6 +235,7 @@ def evaluate(src: Path, out: Path, run: Run, reference: Path) -> None:
         )
     wide = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feeds.items()}
     ref, got = outputs(reference, wide), outputs(out, feeds)
+    run.weights = weight_check(src, out)
     run.max_abs = max(
         float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
         for x, y in zip(ref, got, strict=True)
@@ -240,8 +280,8 @@ def bench(
 
 def table(models: list[Path], tools: list[str], results: dict[tuple[str, str], Run]) -> str:
     lines = [
-        "| model | size | tool | BN left | nodes added | max abs err | median s | x cp | peak RSS MB | RSS / size |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| model | size | tool | BN left | nodes added | max abs err | folded weights | median s | x cp | peak RSS MB | RSS / size |",
+        "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for model in models:
         size_mb = model.stat().st_size / 2**20
@@ -260,7 +300,7 @@ def table(models: list[Path], tools: list[str], results: dict[tuple[str, str], R
             ratio = f"{med / cp_s:.1f}" if cp_s else "-"
             lines.append(
                 f"| {model.name} | {size_mb:.0f} MB | {tool} | {'-' if r.bn_left is None else r.bn_left} "
-                f"| {'-' if r.nodes_added is None else r.nodes_added} | {err} | {med:.2f} | {ratio} "
+                f"| {'-' if r.nodes_added is None else r.nodes_added} | {err} | {r.weights or '-'} | {med:.2f} | {ratio} "
                 f"| {rss:.0f} | {rss / size_mb:.1f} |"
             )
     return "\n".join(lines)
