@@ -139,6 +139,9 @@ def run_one(job: Job) -> Outcome:
         outcome.error = str(exc)
     except Exception as exc:  # one bad model must not stop the batch
         outcome.error = f"{type(exc).__name__}: {exc}"
+    if outcome.error is not None and outcome.fusion is not None:
+        for written in outcome.fusion.outputs:  # no output file on failure
+            written.unlink(missing_ok=True)
     return outcome
 
 

@@ -323,11 +323,14 @@ def fuse_command(
             input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle,
             input_shapes=options.input_shapes,
         )  # fmt: skip
-        if dry_run or no_verify:
+        if dry_run or no_verify or output is None:
             return result, None
-        if options is None or output is None:
-            return result, None
-        return result, _verify_with_progress(input, output, options, quiet)
+        try:
+            return result, _verify_with_progress(input, output, options, quiet)
+        except BnfuseError:
+            for written in result.outputs:  # no output file on failure
+                written.unlink(missing_ok=True)
+            raise
 
     fusion, verification = _run(debug, str(input), work)
     _run(debug, "report", lambda: _finish(fusion, verification, reports, quiet))

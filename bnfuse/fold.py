@@ -78,6 +78,8 @@ def bn_affine(
     mu = _as_f64_vector(mean, "running mean")
     v = _as_f64_vector(var, "running variance")
     channels = mu.shape[0]
+    if channels == 0:
+        raise FoldError("the BatchNorm has 0 channels; there is nothing to fold")
     g = np.ones(channels) if gamma is None else _as_f64_vector(gamma, "scale (gamma)")
     b = np.zeros(channels) if beta is None else _as_f64_vector(beta, "bias (beta)")
     if not (g.shape == b.shape == mu.shape == v.shape):

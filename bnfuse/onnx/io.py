@@ -74,9 +74,15 @@ def load(path: Path) -> LoadedModel:
         model = ir.load(path)
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
-    except Exception as exc:  # protobuf raises DecodeError and friends
+    except Exception as exc:  # protobuf raises DecodeError, onnx-ir SerdeError...
+        root: BaseException = exc
+        while root.__cause__ is not None:  # onnx-ir wraps the real reason
+            root = root.__cause__
+        detail = str(root).strip().splitlines()[0] if str(root).strip() else ""
         raise InputError(
-            f"{path}: not a readable ONNX model ({type(exc).__name__})",
+            f"{path}: not a readable ONNX model ({type(exc).__name__}"
+            + (f": {detail[:200]}" if detail else "")
+            + ")",
             hint="expected an ONNX protobuf file (.onnx)",
         ) from exc
     if model.ir_version <= 0 or not model.opset_imports:
@@ -84,13 +90,72 @@ def load(path: Path) -> LoadedModel:
             f"{path}: not an ONNX model (no IR version or opset import)",
             hint="expected an ONNX protobuf file (.onnx)",
         )
+    _check_opsets(model, path)
     data_files: set[Path] = set()
+    folder = path.resolve().parent
     for graph in all_graphs(model.graph):
+        _check_graph(graph, path)
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
-                data_files.add(Path(tensor.path).resolve())
+                data_files.add(_check_external(tensor, folder, path))
     return LoadedModel(model=model, path=path, data_files=data_files)
+
+
+def _check_opsets(model: ir.Model, path: Path) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
+    if version is not None and version > newest:
+        raise InputError(
+            f"{path}: uses opset {version} of the default ONNX domain; this onnx "
+            f"({onnx.__version__}) knows opsets up to {newest}",
+            hint="upgrade onnx and onnxruntime, or export with an older opset",
+        )
+
+
+def _check_graph(graph: ir.Graph, path: Path) -> None:
+    """Every node reads only values that exist before it (no cycle, nothing dangling)."""
+    known: set[ir.Value] = set(graph.inputs) | set(graph.initializers.values())
+    for node in graph:
+        for value in node.inputs:
+            if value is None or value in known:
+                continue
+            producer = value.producer()
+            if (
+                producer is None
+                and value.const_value is None
+                and value.graph is None
+                and not value.is_graph_input()
+            ):
+                raise InputError(
+                    f"{path}: node '{node.name}' reads '{value.name}', which no node, "
+                    "graph input or initializer provides"
+                )
+            if producer is not None and producer.graph is graph:
+                raise InputError(
+                    f"{path}: node '{node.name}' reads '{value.name}' before '{producer.name}' "
+                    "computes it (a cycle, or nodes out of topological order)"
+                )
+        known.update(node.outputs)
+
+
+def _check_external(tensor: ir.ExternalTensor, folder: Path, path: Path) -> Path:
+    """The resolved data file; refuse locations outside the model's folder, and missing files."""
+    location = Path(tensor.location)
+    data = (Path(tensor.base_dir) / location).resolve()
+    if location.is_absolute() or not data.is_relative_to(folder):
+        raise InputError(
+            f"{path}: tensor '{tensor.name}' names external data at '{tensor.location}', "
+            "outside the model's folder; bnfuse refuses to read it"
+        )
+    if not data.is_file():
+        raise InputError(
+            f"{path}: the external data file '{tensor.location}' of tensor '{tensor.name}' "
+            "is missing (it must lie beside the model)"
+        )
+    return data
 
 
 def check_output_path(source: LoadedModel, output: Path, *, force: bool) -> None:

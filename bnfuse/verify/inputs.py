@@ -18,6 +18,8 @@ import onnx
 from bnfuse.errors import InputError
 
 Feeds = dict[str, np.ndarray]
+# Generated inputs larger than this (elements per input) are refused, not allocated.
+MAX_ELEMENTS = 2**28
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,13 @@ def generate(
         feeds: Feeds = {}
         for spec in specs:
             shape = shapes[spec.name]
+            size = int(np.prod(shape, dtype=np.float64))
+            if size > MAX_ELEMENTS:
+                raise InputError(
+                    f"input '{spec.name}' would have {size:.3g} elements (shape "
+                    f"{'x'.join(map(str, shape))}), too many to generate",
+                    hint=f"pass --input-shape {spec.name}:... with a smaller shape",
+                )
             kind = spec.dtype.kind
             if kind == "f" or spec.dtype.name == "bfloat16":
                 feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)

@@ -1,0 +1,174 @@
+"""Write the bad-input corpus: each file is made here, from code (no hand-edited binaries).
+
+    python tests/bad_inputs/make.py OUTDIR
+
+Each case is (file name, what bnfuse must do): "error" (one line, exit 2,
+nothing written) or "skip" (the model is valid; the pair is skipped with a
+reason, exit 0). tests/test_bad_inputs.py runs every case through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from sample_models.models import layer_bn, with_initializer
+
+
+def _valid() -> onnx.ModelProto:
+    return layer_bn("Conv")
+
+
+def truncated(path: Path) -> None:
+    data = _valid().SerializeToString()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def random_bytes(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+
+def empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def json_named_onnx(path: Path) -> None:
+    path.write_text(json.dumps({"ir_version": 8, "graph": {"node": [{"op_type": "Conv"}]}}))
+
+
+def other_message(path: Path) -> None:
+    """A valid protobuf, but a TensorProto, not a ModelProto."""
+    path.write_bytes(numpy_helper.from_array(np.ones((4, 4), np.float32), "t").SerializeToString())
+
+
+def cycle(path: Path) -> None:
+    m = _valid()
+    relu = m.graph.node[-1]
+    conv = m.graph.node[0]
+    conv.input[0] = "y"  # the conv reads the relu's output: a cycle
+    del relu  # (the graph input x is now unused)
+    path.write_bytes(m.SerializeToString())
+
+
+def dangling_input(path: Path) -> None:
+    m = _valid()
+    m.graph.node[0].input[1] = "no_such_weight"
+    path.write_bytes(m.SerializeToString())
+
+
+def duplicate_outputs(path: Path) -> None:
+    m = _valid()
+    m.graph.node[0].output[0] = "z"  # Conv and BN both produce 'z'
+    m.graph.node[1].input[0] = "z"
+    path.write_bytes(m.SerializeToString())
+
+
+def nan_params(path: Path) -> None:
+    var = np.array([1, np.nan, 1, 1, 1, np.inf, 1, 1], np.float32)
+    onnx.save(with_initializer(_valid(), "bn.var", var), path)
+
+
+def negative_variance(path: Path) -> None:
+    var = np.array([1, 1, -2, 1, 1, 1, 1, 1], np.float32)
+    onnx.save(with_initializer(_valid(), "bn.var", var), path)
+
+
+def channel_mismatch(path: Path) -> None:
+    m = _valid()
+    rng = np.random.default_rng(1)
+    for name in ("bn.scale", "bn.bias", "bn.mean", "bn.var"):
+        m = with_initializer(m, name, rng.uniform(0.5, 1.5, 6).astype(np.float32))
+    path.write_bytes(m.SerializeToString())
+
+
+def missing_external_data(path: Path) -> None:
+    onnx.save(
+        _valid(), path, save_as_external_data=True, location=f"{path.name}.data", size_threshold=0
+    )
+    (path.parent / f"{path.name}.data").unlink()
+
+
+def external_data_outside(path: Path) -> None:
+    m = _valid()
+    onnx.save(m, path, save_as_external_data=True, location=f"{path.name}.data", size_threshold=0)
+    m = onnx.load(str(path), load_external_data=False)
+    for t in m.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../../etc/passwd"
+    onnx.save(m, path)
+    (path.parent / f"{path.name}.data").unlink()
+
+
+def unknown_opset(path: Path) -> None:
+    m = _valid()
+    m.opset_import[0].version = 999
+    path.write_bytes(m.SerializeToString())
+
+
+def absurd_dims(path: Path) -> None:
+    m = _valid()
+    dims = m.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_value = 10**12
+    del m.graph.value_info[:]
+    del m.graph.output[0].type.tensor_type.shape.dim[:]
+    path.write_bytes(m.SerializeToString())
+
+
+def zero_channel_conv(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.zeros((0, 4, 3, 3), np.float32), "W")]
+    inits += [numpy_helper.from_array(np.zeros(0, np.float32), n) for n in ("s", "b", "m", "v")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["h"], name="conv"),
+        helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["y"], name="bn"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 0, 3, 3])], inits,
+    )  # fmt: skip
+    del rng
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8), path
+    )
+
+
+CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "truncated.onnx": (truncated, "error"),
+    "random_bytes.onnx": (random_bytes, "error"),
+    "empty.onnx": (empty, "error"),
+    "json.onnx": (json_named_onnx, "error"),
+    "tensor_not_model.onnx": (other_message, "error"),
+    "cycle.onnx": (cycle, "error"),
+    "dangling_input.onnx": (dangling_input, "error"),
+    "duplicate_outputs.onnx": (duplicate_outputs, "error"),
+    "nan_params.onnx": (nan_params, "skip"),
+    "negative_variance.onnx": (negative_variance, "skip"),
+    "channel_mismatch.onnx": (channel_mismatch, "error"),
+    "missing_external_data.onnx": (missing_external_data, "error"),
+    "external_data_outside.onnx": (external_data_outside, "error"),
+    "unknown_opset.onnx": (unknown_opset, "error"),
+    "absurd_dims.onnx": (absurd_dims, "error"),
+    "zero_channel_conv.onnx": (zero_channel_conv, "skip"),
+}
+
+
+def make(folder: Path) -> dict[str, str]:
+    """Write every case into ``folder``; returns file name -> expected outcome."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (build, _) in CASES.items():
+        build(folder / name)
+    return {name: expected for name, (_, expected) in CASES.items()}
+
+
+if __name__ == "__main__":
+    for name, expected in make(Path(sys.argv[1])).items():
+        print(f"{expected:6} {name}")
