@@ -10,7 +10,9 @@ A pickle can run arbitrary code when loaded, so a full pickled module
 (``torch.save(model)``) is refused unless ``trust_pickle`` is set; a bare
 state_dict (loaded with ``weights_only=True``, which runs no code) is refused
 with a hint to use the Python API, since it holds no architecture to fuse.
-TorchScript and .pt2 archives load without unpickling arbitrary Python.
+A .pt2 archive is read only when its weights and constants are raw tensors
+(torch.export.load would unpickle entries stored as pickles: those need
+``trust_pickle`` too). TorchScript archives restore TorchScript types only.
 """
 
 from __future__ import annotations
@@ -53,7 +55,46 @@ def load_pickle(path: Path, trust_pickle: bool) -> nn.Module:
     return obj
 
 
-def load_exported(path: Path) -> torch.export.ExportedProgram:
+def pt2_pickle_use(path: Path) -> str | None:
+    """Why loading this .pt2 would unpickle (run code from the file), or None.
+
+    torch.export.load unpickles weights or constants stored with ``use_pickle``,
+    opaque and custom objects, and legacy archives; plain tensors it reads as
+    raw bytes. This reads the archive's JSON configs to tell which.
+    """
+    import json
+    import zipfile
+
+    from torch.export.pt2_archive import constants as pt2
+
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+        configs = [n for n in names if n.endswith("_config.json") and "/data/" in n]
+        if not configs:
+            return "a legacy .pt2 layout whose weights are pickles"
+        for name in configs:
+            for fqn, meta in json.loads(archive.read(name)).get("config", {}).items():
+                if meta.get("use_pickle"):
+                    return f"'{fqn}' is stored as a pickle"
+                stem = str(meta.get("path_name", ""))
+                if stem.startswith(
+                    (pt2.OPAQUE_OBJ_FILENAME_PREFIX, pt2.CUSTOM_OBJ_FILENAME_PREFIX)
+                ):
+                    return f"'{fqn}' is a pickled Python object"
+    return None
+
+
+def load_exported(path: Path, trust_pickle: bool = False) -> torch.export.ExportedProgram:
+    try:
+        why = pt2_pickle_use(path)
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .pt2 archive ({type(exc).__name__})") from exc
+    if why is not None and not trust_pickle:
+        raise InputError(
+            f"{path}: loading this ExportedProgram would unpickle, which runs code stored in "
+            f"the file ({why})",
+            hint="pass --trust-pickle if you trust it",
+        )
     try:
         return torch.export.load(path)
     except Exception as exc:
@@ -231,7 +272,7 @@ def _fuse_fx(
     args: tuple[Any, ...] | None = None
     dynamic: tuple[Any, ...] = ()
     if fmt is Format.EXPORTED:
-        ep = load_exported(input)
+        ep = load_exported(input, trust_pickle)
         gm: fx.GraphModule = ep.module()
         args = tuple(ep.example_inputs[0]) if ep.example_inputs else None
         dynamic = exported_dynamic_shapes(ep)

@@ -79,7 +79,7 @@ def _open_torch(path: Path, fmt: Format, trust_pickle: bool) -> Source:
         specs = [InputSpec(n, np.dtype(np.float32), None) for n in script_input_names(module)]
         return Source(path, fmt, specs, [], _torch_model=module)
     if fmt is Format.EXPORTED:
-        program = load_exported(path)
+        program = load_exported(path, trust_pickle)
         user = list(program.graph_signature.user_inputs)
         specs = []
         for node in program.graph.nodes:

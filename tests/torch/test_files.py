@@ -237,3 +237,27 @@ def test_torch_models_verify_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixtu
     v = verified(report)["verification"]
     assert v["devices"] == ["cpu", "cuda"]  # type: ignore[index]
     assert any(f["device"] == "cpu vs cuda" for f in v["noise_floor"])  # type: ignore[index]
+
+
+def test_pt2_with_pickled_entries_is_refused_unless_trusted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch.export.load would unpickle an entry marked use_pickle: refuse it by default."""
+    spec = SPECS["bn1d_mlp"]
+    clean = tmp_path / "clean.pt2"
+    torch.export.save(torch.export.export(build(spec), (torch.randn(*spec.input_shape),)), clean)
+    tampered = tmp_path / "pickled.pt2"
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(tampered, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith("weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"]))
+                config["config"][first]["use_pickle"] = True
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    code, _, err = run_cli([str(tampered), "-o", str(tmp_path / "f.pt2")], capsys)
+    assert code == 2 and "would unpickle" in err and "is stored as a pickle" in err
+    assert "--trust-pickle" in err and not (tmp_path / "f.pt2").exists()
+    code, _, err = run_cli(["inspect", str(clean)], capsys)
+    assert code == 0, err  # a plain archive loads without asking
