@@ -102,3 +102,75 @@ def test_corruption_strategy_produces_varied_inputs() -> None:
     collect()
     assert False in seen  # corrupted bytes were produced
     assert onnx.load_from_string(VALID).graph.node  # and the starting point is a real model
+
+
+@st.composite
+def structural_mutations(draw: st.DrawFn) -> onnx.ModelProto:
+    """A valid model with one field changed: names, attributes, dtypes, shapes, nodes."""
+    model = layer_bn(draw(st.sampled_from(["Conv", "Gemm", "MatMul", "ConvTranspose"])))
+    graph = model.graph
+    kind = draw(
+        st.sampled_from(
+            [
+                "drop_node",
+                "rename_input",
+                "attr",
+                "drop_init",
+                "init_dtype",
+                "init_shape",
+                "opset",
+                "swap",
+            ]
+        )
+    )
+    if kind == "drop_node":
+        del graph.node[draw(st.integers(0, len(graph.node) - 1))]
+    elif kind == "rename_input":
+        node = graph.node[draw(st.integers(0, len(graph.node) - 1))]
+        if node.input:
+            node.input[draw(st.integers(0, len(node.input) - 1))] = draw(
+                st.sampled_from(["", "x", "y", "zz", "layer.W"])
+            )
+    elif kind == "attr":
+        node = graph.node[draw(st.integers(0, len(graph.node) - 1))]
+        name = draw(
+            st.sampled_from(["group", "epsilon", "training_mode", "transB", "spatial", "axis"])
+        )
+        value = draw(st.sampled_from([0, 1, 2, 3, -1, 1e-30, 7]))
+        node.attribute.append(onnx.helper.make_attribute(name, value))
+    elif kind == "drop_init":
+        del graph.initializer[draw(st.integers(0, len(graph.initializer) - 1))]
+    elif kind == "init_dtype":
+        graph.initializer[draw(st.integers(0, len(graph.initializer) - 1))].data_type = draw(
+            st.sampled_from(
+                [onnx.TensorProto.INT64, onnx.TensorProto.FLOAT16, onnx.TensorProto.STRING]
+            )
+        )
+    elif kind == "init_shape":
+        t = graph.initializer[draw(st.integers(0, len(graph.initializer) - 1))]
+        if t.dims:
+            t.dims[0] = draw(st.integers(0, 9))
+    elif kind == "opset":
+        model.opset_import[0].version = draw(st.integers(1, 40))
+    else:
+        nodes = list(graph.node)
+        i, j = draw(st.integers(0, len(nodes) - 1)), draw(st.integers(0, len(nodes) - 1))
+        nodes[i], nodes[j] = nodes[j], nodes[i]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return model
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(structural_mutations(), st.booleans())
+def test_mutated_model_never_crashes(model: onnx.ModelProto, verify: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "m.onnx", Path(tmp) / "out.onnx"
+        data = model.SerializeToString()
+        src.write_bytes(data)
+        with pytest.raises(SystemExit) as exc:
+            main([str(src), "-o", str(out), "-q", *([] if verify else ["--no-verify"])])
+        assert exc.value.code in (0, 1, 2)
+        assert src.read_bytes() == data
+        if exc.value.code == 2:
+            assert not out.exists()

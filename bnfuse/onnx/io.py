@@ -14,6 +14,7 @@ leaves a partial file, and the input is never written to.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from bnfuse.errors import InputError, OutputError
+from bnfuse.errors import InputError, ModelError, OutputError
 
 # Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
 PROTOBUF_LIMIT = 2**31
@@ -70,21 +71,20 @@ def load(path: Path) -> LoadedModel:
         raise InputError(f"{path}: no such file")
     if not path.is_file():
         raise InputError(f"{path}: not a file")
+    serde_log = logging.getLogger("onnx_ir")
+    level = serde_log.level
+    serde_log.setLevel(logging.ERROR)  # its warnings about invalid graphs: we say it in one line
     try:
         model = ir.load(path)
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
     except Exception as exc:  # protobuf raises DecodeError, onnx-ir SerdeError...
-        root: BaseException = exc
-        while root.__cause__ is not None:  # onnx-ir wraps the real reason
-            root = root.__cause__
-        detail = str(root).strip().splitlines()[0] if str(root).strip() else ""
         raise InputError(
-            f"{path}: not a readable ONNX model ({type(exc).__name__}"
-            + (f": {detail[:200]}" if detail else "")
-            + ")",
+            f"{path}: not a readable ONNX model ({_root_cause(exc)})",
             hint="expected an ONNX protobuf file (.onnx)",
         ) from exc
+    finally:
+        serde_log.setLevel(level)
     if model.ir_version <= 0 or not model.opset_imports:
         raise InputError(
             f"{path}: not an ONNX model (no IR version or opset import)",
@@ -99,6 +99,8 @@ def load(path: Path) -> LoadedModel:
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
                 data_files.add(_check_external(tensor, folder, path))
+            elif tensor is not None:
+                _check_tensor(tensor, path)
     return LoadedModel(model=model, path=path, data_files=data_files)
 
 
@@ -139,6 +141,17 @@ def _check_graph(graph: ir.Graph, path: Path) -> None:
                     "computes it (a cycle, or nodes out of topological order)"
                 )
         known.update(node.outputs)
+
+
+def _check_tensor(tensor: ir.TensorProtocol, path: Path) -> None:
+    """An inline initializer's data must fill its declared shape (a view: no copy)."""
+    try:
+        tensor.numpy()
+    except (ValueError, TypeError) as exc:
+        raise InputError(
+            f"{path}: initializer '{tensor.name}' does not hold the data its type and shape "
+            f"{list(tensor.shape.numpy()) if tensor.shape is not None else '?'} declare ({exc})"
+        ) from exc
 
 
 def _check_external(tensor: ir.ExternalTensor, folder: Path, path: Path) -> Path:
@@ -210,5 +223,18 @@ def save(model: ir.Model, output: Path, *, external_data: bool) -> list[Path]:
         return written
     except OSError as exc:
         raise OutputError(f"{output}: cannot write it ({exc.strerror or exc})") from exc
+    except Exception as exc:  # onnx-ir cannot serialise what it read (e.g. text not UTF-8)
+        raise ModelError(
+            f"{output}: cannot write the model: {_root_cause(exc)}",
+            hint="the input holds fields ONNX cannot store; check it with onnx.checker",
+        ) from exc
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _root_cause(exc: BaseException) -> str:
+    root = exc
+    while root.__cause__ is not None:  # onnx-ir wraps the real reason
+        root = root.__cause__
+    text = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    return f"{type(root).__name__}: {text[:200]}" if text else type(root).__name__

@@ -32,6 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfuse import fold
+from bnfuse.errors import ModelError
 from bnfuse.fold import Affine, Array, FoldError
 from bnfuse.health import BNHealth, bn_health
 from bnfuse.onnx.constants import NotConstant, constant_array
@@ -98,12 +99,15 @@ def find(model: ir.Model) -> list[Match]:
     for graph in all_graphs(model.graph):
         graph_name = graph.name or "main"
         for node in graph:
-            if is_batchnorm(node):
-                matches.append(_match_bn(node, graph_name, model.ir_version))
-            elif node.op_type in ("Mul", "Add") and node.domain in ("", "ai.onnx"):
-                match = _match_scale_shift(node, graph_name, model.ir_version)
-                if match is not None:
-                    matches.append(match)
+            try:
+                if is_batchnorm(node):
+                    matches.append(_match_bn(node, graph_name, model.ir_version))
+                elif node.op_type in ("Mul", "Add") and node.domain in ("", "ai.onnx"):
+                    match = _match_scale_shift(node, graph_name, model.ir_version)
+                    if match is not None:
+                        matches.append(match)
+            except TypeError as exc:  # onnx-ir: an attribute of the wrong type
+                raise ModelError(f"node '{node.name}' ({node.op_type}) is invalid: {exc}") from exc
     return matches
 
 
@@ -223,7 +227,10 @@ def _health(bn: ir.Node, plan: Plan | None, ir_version: int) -> BNHealth | None:
                     peak = float((peaks * np.abs(affine.scale)).max())
             except (FoldError, ValueError, TypeError):
                 peak = None
-    return bn_health(gamma, beta, mean, var, eps, folded_weight_peak=peak, dtype=dtype)
+    try:
+        return bn_health(gamma, beta, mean, var, eps, folded_weight_peak=peak, dtype=dtype)
+    except ValueError:  # parameters of different lengths: the skip reason says so
+        return None
 
 
 def _consumers(node: ir.Node) -> tuple[str, ...]:
@@ -513,6 +520,13 @@ def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
             Skip.SHAPE_MISMATCH,
             f"{node.op_type} '{node.name}' weight has shape {list(weight.shape)}",
         )
+    groups_t = node.attributes.get_int("group", 1) if node.op_type == "ConvTranspose" else 1
+    cout = weight.shape[0] if node.op_type == "Conv" else weight.shape[1] * groups_t
+    if bias is not None and bias.shape != (cout,):
+        return _Fail(
+            Skip.SHAPE_MISMATCH,
+            f"{node.op_type} '{node.name}' bias has shape {list(bias.shape)}, expected [{cout}]",
+        )
     if node.op_type == "Conv":
         return Site(node, node, weight, axis=0, groups=1, bias=bias, bias_index=2)
     groups = node.attributes.get_int("group", 1)
@@ -535,7 +549,7 @@ def _gemm_site(node: ir.Node, ir_version: int) -> Site | _Fail:
     axis = 0 if node.attributes.get_int("transB", 0) else 1
     bias = None
     if c is not None:
-        if c.ndim > 2:
+        if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, weight.shape[axis])):
             return _Fail(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' C has shape {list(c.shape)}")
         bias = c.astype(np.float64) * node.attributes.get_float("beta", 1.0)
     return Site(node, node, weight, axis=axis, groups=1, bias=bias, bias_index=2)
@@ -589,6 +603,10 @@ def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | _Fail:
                 f"Add '{add.name}' bias has shape {list(bias.shape)}, which would change "
                 "the output's rank",
             )
+        weight_value = matmul.inputs[1]
+        n = weight_value.shape[-1] if weight_value is not None and weight_value.shape else None
+        if bias.ndim >= 1 and n is not None and bias.shape[-1] not in (1, n):
+            return _Fail(Skip.SHAPE_MISMATCH, f"Add '{add.name}' bias has shape {list(bias.shape)}")
         return _matmul_site(matmul, add, bias, bias_index, ir_version)
     return _Fail(
         Skip.NO_LAYER,

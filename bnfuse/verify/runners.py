@@ -67,11 +67,12 @@ class OnnxRuntimeRunner:
             if optimize
             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         )
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # bnfuse reports failures itself, in one line
         self.device = device
         self.label = f"onnxruntime {device.upper()}" + (" (optimised)" if optimize else "")
         source: Any = str(model) if isinstance(model, Path) else model
         name = model.name if isinstance(model, Path) else "model"
+        self._name = name
         try:
             self._session = ort.InferenceSession(source, options, providers=[_PROVIDER[device]])
         except Exception as exc:
@@ -82,5 +83,9 @@ class OnnxRuntimeRunner:
         self.output_names = [o.name for o in self._session.get_outputs()]
 
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]:
-        values = self._session.run(None, feeds)
+        try:
+            values = self._session.run(None, feeds)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"{self._name}: onnxruntime failed to run it: {first}") from exc
         return {n: np.asarray(v) for n, v in zip(self.output_names, values, strict=True)}
