@@ -35,8 +35,17 @@ def detect(path: Path) -> Format:
     except zipfile.BadZipFile:
         with open(path, "rb") as fh:
             head = fh.read(2)
-        if head[:1] == b"\x80" and path.suffix.lower() in (".pt", ".pth", ".pkl", ".bin"):
+        torch_suffix = path.suffix.lower() in (".pt", ".pt2", ".pth", ".pkl", ".bin")
+        if head[:1] == b"\x80" and torch_suffix:
             return Format.PICKLE  # a legacy (non-zip) torch.save pickle
+        if head == b"PK":
+            raise InputError(f"{path}: a damaged zip archive (truncated or corrupt)") from None
+        if torch_suffix:
+            raise InputError(
+                f"{path}: not a PyTorch archive (TorchScript, .pt2 or torch.save) and the "
+                "name says it is not ONNX",
+                hint="bnfuse reads .onnx, TorchScript .pt and torch.export .pt2",
+            ) from None
         return Format.ONNX
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc

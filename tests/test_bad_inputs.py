@@ -29,7 +29,7 @@ def test_bad_input(
     corpus = tmp_path / "in"
     expected = make(corpus)[name]
     before = digest(corpus)
-    out = tmp_path / "out" / "fused.onnx"
+    out = tmp_path / "out" / ("fused" + Path(name).suffix)
     out.parent.mkdir()
     args = [str(corpus / name), "-o", str(out), *([] if verify else ["--no-verify"])]
     code, text, err = run_cli(args, capsys)

@@ -141,6 +141,28 @@ def zero_channel_conv(path: Path) -> None:
     )
 
 
+def truncated_archive(path: Path) -> None:
+    """A .pt2-looking zip cut in half."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("m/archive_format", "pt2")
+        archive.writestr("m/data/weights/weight_0", bytes(4096))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def unknown_zip(path: Path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("thing/readme.txt", "not a model")
+
+
+def text_named_pt(path: Path) -> None:
+    path.write_text("def forward(x): return x\n")
+
+
 CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated.onnx": (truncated, "error"),
     "random_bytes.onnx": (random_bytes, "error"),
@@ -158,6 +180,9 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "unknown_opset.onnx": (unknown_opset, "error"),
     "absurd_dims.onnx": (absurd_dims, "error"),
     "zero_channel_conv.onnx": (zero_channel_conv, "skip"),
+    "truncated_archive.pt2": (truncated_archive, "error"),
+    "unknown_zip.pt": (unknown_zip, "error"),
+    "text_named.pt": (text_named_pt, "error"),
 }
 
 
