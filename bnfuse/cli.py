@@ -134,6 +134,7 @@ def _verify_options(
     per_layer: bool,
     atol: float | None,
     rtol: float | None,
+    trust_pickle: bool = False,
 ) -> VerifyOptions:
     from bnfuse.verify.compare import VerifyOptions
     from bnfuse.verify.inputs import parse_input_shapes
@@ -147,6 +148,7 @@ def _verify_options(
         input_shapes=parse_input_shapes(input_shape or []),
         inputs=inputs,
         per_layer=per_layer,
+        trust_pickle=trust_pickle,
     )
 
 
@@ -292,11 +294,17 @@ def fuse_command(
                 None
                 if no_verify
                 else _verify_options(
-                    device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol
+                    device,
+                    seed,
+                    samples,
+                    input_shape,
+                    inputs_file,
+                    per_layer,
+                    atol,
+                    rtol,
+                    trust_pickle,
                 )
             )
-            if options is not None:
-                options.trust_pickle = trust_pickle
             return run_batch(
                 inputs, output, jobs=jobs, force=force, verify=options, trust_pickle=trust_pickle
             )
@@ -312,9 +320,8 @@ def fuse_command(
 
         check_report_paths(reports)
         options = _verify_options(
-            device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol
+            device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle
         )
-        options.trust_pickle = trust_pickle
         if not (dry_run or no_verify):
             from bnfuse.verify.compare import preflight
 
