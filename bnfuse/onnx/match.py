@@ -35,6 +35,7 @@ from bnfuse import fold
 from bnfuse.errors import ModelError
 from bnfuse.fold import Affine, Array, FoldError
 from bnfuse.health import BNHealth, bn_health
+from bnfuse.onnx import mapped
 from bnfuse.onnx.constants import NotConstant, constant_array
 from bnfuse.onnx.io import all_graphs
 from bnfuse.result import Candidate, Skip
@@ -224,6 +225,7 @@ def _health(bn: ir.Node, plan: Plan | None, ir_version: int) -> BNHealth | None:
                 if affine.channels == site.channels:
                     dtype = _dtype_of(site.layer, site.weight).numpy()
                     peaks = fold.max_abs_per_channel(site.weight, site.axis, site.groups)
+                    mapped.release(site.weight)
                     peak = float((peaks * np.abs(affine.scale)).max())
             except (FoldError, ValueError, TypeError):
                 peak = None
@@ -277,6 +279,7 @@ def _check_before_conv(bn: ir.Node, conv: ir.Node, ir_version: int) -> Plan | _F
     dtype = dtype_enum.numpy()
     w = fold.round_to(fold.fold_weight_into_following(weight, affine.scale, groups), dtype)
     b = fold.round_to(fold.fold_bias_into_following(weight, bias, affine.shift, groups), dtype)
+    mapped.release(weight)
     if not (
         np.all(np.isfinite(w.astype(np.float64))) and np.all(np.isfinite(b.astype(np.float64)))
     ):
@@ -446,6 +449,8 @@ def _check_fits(bn: ir.Node, site: Site, affine: Affine) -> Plan | _Fail:
         )
     except FoldError as exc:
         return _Fail(Skip.NOT_FINITE, str(exc))
+    finally:
+        mapped.release(site.weight)  # read once for its peak; folded when written
     return Plan(bn=bn, site=site, affine=affine, dtype=dtype, peak=peak)
 
 

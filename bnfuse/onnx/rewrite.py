@@ -1,7 +1,8 @@
 """Apply the matcher's plans to the graph.
 
-For each plan: compute the folded weight and bias (bnfuse.fold, float64,
-rounded once), put them in place, and splice the BatchNorm out so that the
+For each plan: compute the folded bias and set up the folded weight
+(bnfuse.fold, float64, rounded once; the weight is computed when the file is
+written, one layer at a time, see _folded_weight), put them in place, and splice the BatchNorm out so that the
 layer (or its bias Add) now produces the BN's output under the BN's output
 name; graph outputs and downstream names do not change.
 
@@ -15,13 +16,15 @@ model is touched.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import onnx_ir as ir
 
 from bnfuse import fold
 from bnfuse.fold import Array
+from bnfuse.onnx import mapped
 from bnfuse.onnx.constants import OVERRIDABLE_SINCE_IR
 from bnfuse.onnx.io import all_graphs
 from bnfuse.onnx.match import BEFORE, Plan
@@ -36,6 +39,39 @@ def op_counts(model: ir.Model) -> Counter[str]:
             )
             counts[key] += 1
     return counts
+
+
+MakeTensor = Callable[[str], ir.TensorProtocol]  # given the tensor's name
+
+
+def _eager(array: Array) -> MakeTensor:
+    return lambda name: ir.tensor(array, name=name)
+
+
+def _folded_weight(plan: Plan, name: str) -> ir.TensorProtocol:
+    """The folded weight, computed when it is read (written, mostly) and not kept.
+
+    A model's weights are folded one at a time as the file is written, so
+    memory holds one folded layer, not all of them. The matcher has already
+    checked that the result fits the dtype (fold.check_fits).
+    """
+    site = plan.site
+
+    def compute() -> ir.TensorProtocol:
+        if plan.direction == BEFORE:
+            w = fold.fold_weight_into_following(site.weight, plan.affine.scale, site.groups)
+        else:
+            w = fold.fold_weight(site.weight, plan.affine.scale, site.axis, site.groups)
+        folded = fold.round_to(w, plan.dtype)
+        mapped.release(site.weight)
+        return ir.tensor(folded, name=name)
+
+    return ir.LazyTensor(
+        compute,
+        dtype=ir.DataType.from_numpy(plan.dtype),
+        shape=ir.Shape(site.weight.shape),
+        name=name,
+    )
 
 
 class _Names:
@@ -84,12 +120,10 @@ class FoldBatchNorms:
         assert graph is not None and isinstance(graph, ir.Graph)
         layer = site.layer
         if plan.direction == BEFORE:
-            weight = fold.fold_weight_into_following(site.weight, plan.affine.scale, site.groups)
             bias = fold.fold_bias_into_following(
                 site.weight, site.bias, plan.affine.shift, site.groups
             )
         else:
-            weight = fold.fold_weight(site.weight, plan.affine.scale, site.axis, site.groups)
             bias = fold.fold_bias(site.bias, plan.affine)
         # The bias first: its old value may be a sub-expression reading the weight
         # (Shape(W) -> Expand), which must be gone before the weight can change in place.
@@ -99,10 +133,10 @@ class FoldBatchNorms:
             tail = self._insert_bias_add(graph, layer, bias_array)
         else:
             index = 2 if site.bias_index is None else site.bias_index
-            old_bias = self._set_const(graph, tail, index, bias_array, "bias")
+            old_bias = self._set_const(graph, tail, index, _eager(bias_array), "bias")
             if old_bias is not None:
                 self._drop_if_dead(old_bias)
-        self._set_const(graph, layer, 1, fold.round_to(weight, plan.dtype), "weight")
+        self._set_const(graph, layer, 1, functools.partial(_folded_weight, plan), "weight")
         if layer.op_type == "Gemm" and layer.attributes.get_float("beta", 1.0) != 1.0:
             # C was folded already multiplied by beta.
             layer.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
@@ -118,7 +152,7 @@ class FoldBatchNorms:
             self._splice_out(graph, folded, tail.outputs[0])
 
     def _insert_bias_add(self, graph: ir.Graph, matmul: ir.Node, bias: Array) -> ir.Node:
-        value = self._new_initializer(graph, bias, f"{matmul.name or 'MatMul'}.bias")
+        value = self._new_initializer(graph, _eager(bias), f"{matmul.name or 'MatMul'}.bias")
         add = ir.Node(
             "",
             "Add",
@@ -130,16 +164,17 @@ class FoldBatchNorms:
         return add
 
     def _set_const(
-        self, graph: ir.Graph, node: ir.Node, index: int, array: Array, what: str
+        self, graph: ir.Graph, node: ir.Node, index: int, make: MakeTensor, what: str
     ) -> ir.Value | None:
-        """Put ``array`` at ``node.inputs[index]``; returns the value it replaced, if any."""
+        """Put ``make(name)`` at ``node.inputs[index]``; returns the value it replaced, if any."""
         old = node.inputs[index] if index < len(node.inputs) else None
-        if old is not None and self._owned_by(old, node):
-            old.const_value = ir.tensor(array, name=old.name)
-            old.shape = ir.Shape(array.shape)
+        if old is not None and old.name and self._owned_by(old, node):
+            tensor = make(old.name)
+            old.const_value = tensor
+            old.shape = ir.Shape(tensor.shape.numpy())
             return None
         base = old.name if old is not None and old.name else f"{node.name or node.op_type}.{what}"
-        value = self._new_initializer(graph, array, f"{base}_bnfused")
+        value = self._new_initializer(graph, make, f"{base}_bnfused")
         if index >= len(node.inputs):
             node.resize_inputs(index + 1)
         node.replace_input_with(index, value)
@@ -155,12 +190,12 @@ class FoldBatchNorms:
             return False
         return not value.is_graph_output() and len(value.uses()) == 1
 
-    def _new_initializer(self, graph: ir.Graph, array: Array, base: str) -> ir.Value:
+    def _new_initializer(self, graph: ir.Graph, make: MakeTensor, base: str) -> ir.Value:
         name = self._names.fresh(base)
-        tensor = ir.tensor(array, name=name)
+        tensor = make(name)
         value = ir.Value(
             name=name,
-            shape=ir.Shape(array.shape),
+            shape=ir.Shape(tensor.shape.numpy()),
             type=ir.TensorType(tensor.dtype),
             const_value=tensor,
         )

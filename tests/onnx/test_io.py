@@ -155,19 +155,31 @@ def test_output_whose_data_file_is_the_inputs_is_refused(tmp_path: Path) -> None
     assert not (tmp_path / "f.onnx").exists()
 
 
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external_data"])
 def test_failed_write_leaves_nothing_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool
 ) -> None:
     src = tmp_path / "m.onnx"
-    onnx.save(layer_bn("Conv"), src)
+    model = layer_bn("Conv", cin=16, cout=16)  # weights large enough to be written as byte ranges
+    if external:
+        onnx.save(model, src, save_as_external_data=True, location="m.data", size_threshold=0)
+    else:
+        onnx.save(model, src)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    real_write = io.mapped.write_all
+    calls = []
 
-    def broken_save(*args: object, **kwargs: object) -> None:
-        raise OSError(28, "No space left on device")
+    def disk_fills(fd: int, data: bytes | memoryview) -> None:  # the second write fails
+        calls.append(len(data))
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_write(fd, data)
 
-    monkeypatch.setattr(io.ir, "save", broken_save)
+    monkeypatch.setattr(io.mapped, "write_all", disk_fills)
     with pytest.raises(bnfuse.BnfuseError, match="No space left on device"):
         bnfuse.fuse(src, tmp_path / "f.onnx")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_fp16_values_survive_the_round_trip(tmp_path: Path) -> None:

@@ -1,0 +1,104 @@
+"""The little of the protobuf wire format that bnfuse walks by hand.
+
+Why by hand at all: protobuf parses a ModelProto whole, copying every weight
+into the message, and serialises it whole again. On a 190 MB model that is
+most of the time and twice the memory of the model (benchmarks/RESULTS.md).
+bnfuse instead walks only the outer two levels (ModelProto -> graph ->
+initializer -> raw_data) to find where each large weight's bytes lie, lets
+protobuf parse everything else, and writes the weights back by copying byte
+ranges. Nothing below the initializer level is ever interpreted here.
+
+Format: a message is a sequence of fields, each a varint tag
+``(number << 3) | wire_type`` followed by a varint (type 0), 8 bytes (1), a
+varint length and that many bytes (2), or 4 bytes (5). Fields may come in any
+order and a parser must accept that; we keep protobuf's own order (by field
+number) when writing, so the bytes are those SerializeToString would give.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+VARINT, I64, LEN, I32 = 0, 1, 2, 5
+
+Buffer = bytes | bytearray | memoryview
+
+
+class WireError(ValueError):
+    """The bytes are not a well-formed protobuf message."""
+
+
+@dataclass(frozen=True)
+class Field:
+    number: int
+    wire_type: int
+    start: int  # where the tag begins
+    value_start: int  # where the value (for LEN: the payload) begins
+    end: int  # one past the value
+    value: int = 0  # the varint, for wire type 0
+
+
+def read_varint(buf: Buffer, pos: int, end: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it."""
+    result, shift = 0, 0
+    while True:
+        if pos >= end or shift > 63:
+            raise WireError("truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def len_prefix(number: int, length: int) -> bytes:
+    """The tag and length that precede a LEN field's ``length`` bytes of payload."""
+    return encode_varint(number << 3 | LEN) + encode_varint(length)
+
+
+def fields(buf: Buffer, start: int, end: int) -> Iterator[Field]:
+    """The fields of the message in ``buf[start:end]``, in the order they are stored."""
+    pos = start
+    while pos < end:
+        tag, value_start = read_varint(buf, pos, end)
+        number, wire_type = tag >> 3, tag & 7
+        if number == 0:
+            raise WireError("field number 0")
+        value = 0
+        if wire_type == VARINT:
+            value, field_end = read_varint(buf, value_start, end)
+        elif wire_type == I64:
+            field_end = value_start + 8
+        elif wire_type == I32:
+            field_end = value_start + 4
+        elif wire_type == LEN:
+            length, value_start = read_varint(buf, value_start, end)
+            field_end = value_start + length
+        else:  # groups (3, 4) are deprecated and never used by ONNX
+            raise WireError(f"unsupported wire type {wire_type}")
+        if field_end > end:
+            raise WireError("a field runs past the end of its message")
+        yield Field(number, wire_type, pos, value_start, field_end, value)
+        pos = field_end
+
+
+def split_at(message: bytes, number: int) -> int:
+    """Where a field numbered ``number`` goes in ``message`` to keep fields in number order."""
+    for field in fields(message, 0, len(message)):
+        if field.number > number:
+            return field.start
+    return len(message)
