@@ -172,10 +172,10 @@ def _load_light(path: Path) -> _Light | None:
     if fmt not in (None, "protobuf") or not mapped.LITTLE_ENDIAN:
         return None
     file = MappedFile(path)
-    buf = file.buffer
+    buf = wire.FileBytes(file.fileno, file.size)
     try:
         graph_field: wire.Field | None = None
-        model_parts: list[memoryview | None] = []
+        model_parts: list[bytes | None] = []
         for f in wire.fields(buf, 0, len(buf)):
             if f.number == 7:  # ModelProto.graph
                 if f.wire_type != wire.LEN or graph_field is not None:
@@ -186,7 +186,7 @@ def _load_light(path: Path) -> _Light | None:
                 model_parts.append(buf[f.start : f.end])
         if graph_field is None:
             return None
-        graph_parts: list[memoryview | bytes] = []
+        graph_parts: list[bytes] = []
         for f in wire.fields(buf, graph_field.value_start, graph_field.end):
             light = _light_tensor(buf, f) if f.number == 5 and f.wire_type == wire.LEN else None
             if light is None:
@@ -206,12 +206,12 @@ def _load_light(path: Path) -> _Light | None:
     return _Light(model=model, file=file)
 
 
-def _light_tensor(buf: memoryview, field: wire.Field) -> bytes | None:
+def _light_tensor(buf: wire.FileBytes, field: wire.Field) -> bytes | None:
     """The TensorProto in ``field`` with its raw_data swapped for a reference, or None to keep it."""
     import onnx
 
     raw: wire.Field | None = None
-    header: list[memoryview] = []
+    header: list[bytes] = []
     for f in wire.fields(buf, field.value_start, field.end):
         if f.number == 9 and f.wire_type == wire.LEN and raw is None:  # TensorProto.raw_data
             raw = f

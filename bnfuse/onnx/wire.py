@@ -17,12 +17,48 @@ number) when writing, so the bytes are those SerializeToString would give.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import overload
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
-Buffer = bytes | bytearray | memoryview
+
+class FileBytes:
+    """A file's bytes by index and slice, read in small windows with pread.
+
+    For walking a model's outer levels without touching its weights: a
+    memory-mapped file would do, but reading one byte of a mapping maps the
+    whole page-cache folio around it (up to megabytes on recent kernels), and
+    those pages count as this process's memory.
+    """
+
+    WINDOW = 1 << 14
+
+    def __init__(self, fd: int, size: int) -> None:
+        self._fd, self._size = fd, size
+        self._start, self._data = 0, b""
+
+    def __len__(self) -> int:
+        return self._size
+
+    @overload
+    def __getitem__(self, key: int) -> int: ...
+    @overload
+    def __getitem__(self, key: slice) -> bytes: ...
+    def __getitem__(self, key: int | slice) -> int | bytes:
+        if isinstance(key, slice):
+            start, stop, _ = key.indices(self._size)
+            return os.pread(self._fd, max(0, stop - start), start)
+        if not 0 <= key - self._start < len(self._data):
+            self._start, self._data = key, os.pread(self._fd, self.WINDOW, key)
+            if not self._data:
+                raise IndexError(key)
+        return self._data[key - self._start]
+
+
+Buffer = bytes | bytearray | memoryview | FileBytes
 
 
 class WireError(ValueError):

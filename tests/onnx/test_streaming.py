@@ -1,0 +1,169 @@
+"""Weights read as mapped byte ranges and written as byte ranges (bnfuse.onnx.io, .wire, .mapped).
+
+The reference for every byte written is the plain pipeline: onnx-ir parsing
+the whole file, the same fold, and onnx-ir serialising the whole model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import numpy_helper
+
+import bnfuse
+from bnfuse.api import fold_all
+from bnfuse.errors import InputError
+from bnfuse.onnx import io, mapped, wire
+from sample_models.models import layer_bn
+
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
+SAMPLE_FILES = sorted(p.name for p in SAMPLES.glob("*.onnx"))
+
+
+def reference_fuse(src: Path, out: Path) -> None:
+    """Parse everything, fold, serialise everything: what bnfuse did before streaming."""
+    model = ir.load(src)
+    fold_all(model)
+    ir.save(model, out)
+
+
+@pytest.mark.parametrize("name", SAMPLE_FILES)
+def test_fused_file_is_byte_identical_to_whole_model_serialisation(
+    name: str, tmp_path: Path
+) -> None:
+    src = SAMPLES / name
+    bnfuse.fuse(src, tmp_path / "streamed.onnx")
+    reference_fuse(src, tmp_path / "reference.onnx")
+    assert (tmp_path / "streamed.onnx").read_bytes() == (tmp_path / "reference.onnx").read_bytes()
+
+
+def test_large_weights_are_views_of_the_file_not_copies(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(layer_bn("Conv", cin=16, cout=32), src)
+    model = io.load(src).model
+    weight = model.graph.initializers["layer.W"].const_value
+    assert weight is not None
+    array = weight.numpy()
+    found = mapped.locate(array)
+    assert found is not None and found[0].path == src
+    stored = onnx.load(str(src)).graph.initializer
+    raw = next(t for t in stored if t.name == "layer.W").raw_data
+    assert src.read_bytes()[found[1] : found[1] + len(raw)] == raw
+    assert not array.flags.writeable
+    small = model.graph.initializers["bn.mean"].const_value  # 32 floats: parsed as usual
+    assert small is not None and mapped.locate(small.numpy()) is None
+
+
+def test_unchanged_model_round_trips_to_the_same_bytes(tmp_path: Path) -> None:
+    src = SAMPLES / "torch_resnet_opset17.onnx"
+    io.save(io.load(src).model, tmp_path / "a.onnx", external_data=False)
+    expected = ir.serde.serialize_model(ir.load(src)).SerializeToString()
+    assert (tmp_path / "a.onnx").read_bytes() == expected
+
+
+def test_external_data_in_and_out(tmp_path: Path) -> None:
+    model = layer_bn("Conv", cin=64, cout=64)  # W: 147 kB, aligned in the data file
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src, save_as_external_data=True, location="m.data", size_threshold=0)
+    out = tmp_path / "f.onnx"
+    result = bnfuse.fuse(src, out)
+    assert [p.name for p in result.outputs] == ["f.onnx", "f.onnx.data"]
+    reference_fuse(src, tmp_path / "ref.onnx")
+    fused = onnx.load(str(out))
+    expected = {
+        t.name: numpy_helper.to_array(t)
+        for t in onnx.load(str(tmp_path / "ref.onnx")).graph.initializer
+    }
+    got = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}
+    assert got.keys() == expected.keys()
+    for key in got:
+        assert np.array_equal(got[key], expected[key]), key
+    header = onnx.load(str(out), load_external_data=False)
+    offsets = {
+        t.name: int(next(e.value for e in t.external_data if e.key == "offset"))
+        for t in header.graph.initializer
+        if t.external_data
+    }
+    assert offsets["layer.W"] % io.ALIGNMENT == 0
+
+
+def test_external_tensor_shorter_than_its_shape_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(
+        layer_bn("Conv", cin=16, cout=16),
+        src,
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
+    data = tmp_path / "m.data"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(InputError, match=r"run past the end of m\.data"):
+        io.load(src)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"\x0a", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\x3a\x05ab"],
+    ids=["truncated_length", "overlong_varint", "graph_runs_past_end"],
+)
+def test_malformed_outer_levels_fall_back_to_protobufs_own_error(
+    blob: bytes, tmp_path: Path
+) -> None:
+    with pytest.raises(wire.WireError):
+        list(wire.fields(blob, 0, len(blob)))
+    src = tmp_path / "bad.onnx"
+    src.write_bytes(blob)
+    with pytest.raises(InputError, match=r"not a readable ONNX model|not an ONNX model"):
+        io.load(src)
+
+
+def test_varints_round_trip() -> None:
+    for value in [0, 1, 127, 128, 300, 2**31, 2**63 - 1]:
+        encoded = wire.encode_varint(value)
+        assert wire.read_varint(encoded, 0, len(encoded)) == (value, len(encoded))
+    # Against protobuf's own encoding of a length-delimited field.
+    tensor = onnx.TensorProto(name="x" * 200)
+    assert tensor.SerializeToString() == wire.len_prefix(8, 200) + b"x" * 200
+
+
+MEMORY_PROBE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    import bnfuse.api, bnfuse.onnx.io, bnfuse.onnx.match, bnfuse.onnx.rewrite
+    def rss_mb(key="VmRSS"):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    base = rss_mb()
+    bnfuse.api.fuse_onnx(Path(sys.argv[1]), Path(sys.argv[2]))
+    print(base, rss_mb("VmHWM"))
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_memory_grows_by_a_layer_not_by_the_model(tmp_path: Path) -> None:
+    """64 MB of conv weights: fusing must not hold the model (or its fold) in memory."""
+    from benchmarks.peers import chain
+
+    src = tmp_path / "chain.onnx"
+    onnx.save(chain(256, 28), src)  # 28 layers of 256x256x3x3 float32: 2.4 MB each
+    size_mb = src.stat().st_size / 2**20
+    assert size_mb > 60
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(src), str(tmp_path / "out.onnx")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    base, peak = map(float, probe.stdout.split())
+    assert peak - base < 0.25 * size_mb, (base, peak, size_mb)
