@@ -35,6 +35,7 @@ __all__ = [
     "check_fits",
     "fold_bias",
     "fold_weight",
+    "fold_weight_rounded",
     "max_abs_per_channel",
     "round_to",
     "weight_fits",
@@ -165,6 +166,34 @@ def fold_weight(w: Array, scale: F64, axis: int, groups: int = 1) -> F64:
     g = _grouped(w64, axis, groups)
     g *= scale.reshape(groups, 1, per_group, *([1] * (w64.ndim - 2)))
     return w64
+
+
+BLOCK_ELEMENTS = 1 << 18  # float64 temporaries of 2 MB: they stay in cache
+
+
+def fold_weight_rounded(
+    w: Array, scale: F64, axis: int, groups: int, dtype: npt.DTypeLike
+) -> Array:
+    """``round_to(fold_weight(w, scale, axis, groups), dtype)``, the same bits, by blocks.
+
+    The weight is folded a block of rows (first axis) at a time, so the
+    float64 copy never exceeds BLOCK_ELEMENTS, whatever the layer's size.
+    """
+    a = np.asarray(w)
+    rows = a.shape[0] if a.ndim else 0
+    if groups != 1 or axis not in (0, 1) or rows == 0 or a.size <= BLOCK_ELEMENTS:
+        return round_to(fold_weight(a, scale, axis, groups), dtype)
+    if a.shape[axis] != scale.shape[0]:
+        raise FoldError(
+            f"weight has {a.shape[axis]} output channels, BatchNorm has {scale.shape[0]}"
+        )
+    out = np.empty(a.shape, np.dtype(dtype))
+    step = max(1, BLOCK_ELEMENTS // (a.size // rows))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block_scale = scale[start:stop] if axis == 0 else scale
+        out[start:stop] = round_to(fold_weight(a[start:stop], block_scale, axis), dtype)
+    return out
 
 
 def fold_bias(bias: Array | None, affine: Affine) -> F64:

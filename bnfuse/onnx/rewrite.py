@@ -60,9 +60,12 @@ def _folded_weight(plan: Plan, name: str) -> ir.TensorProtocol:
     def compute() -> ir.TensorProtocol:
         if plan.direction == BEFORE:
             w = fold.fold_weight_into_following(site.weight, plan.affine.scale, site.groups)
+            folded = fold.round_to(w, plan.dtype)
         else:
-            w = fold.fold_weight(site.weight, plan.affine.scale, site.axis, site.groups)
-        folded = fold.round_to(w, plan.dtype)
+            scale = plan.affine.scale
+            folded = fold.fold_weight_rounded(
+                site.weight, scale, site.axis, site.groups, plan.dtype
+            )
         mapped.release(site.weight)
         return ir.tensor(folded, name=name)
 
