@@ -137,6 +137,12 @@ def max_abs_per_channel(w: Array, axis: int, groups: int = 1) -> F64:
         cin = a.shape[0]
         g = a.reshape(groups, cin // groups, *a.shape[1:])  # [g, Cin/g, Cout/g, k...]
         per_channel = np.moveaxis(g, 2, 1).reshape(groups * g.shape[2], -1)
+    if a.dtype.name in ("float16", "bfloat16"):
+        # numpy reduces 16-bit floats element by element, ~10x slower than integers.
+        # Without its sign bit, a float's bits order like its magnitude (NaN above
+        # Inf, so a NaN still comes out as the peak): one integer pass instead.
+        bits = per_channel.view(np.uint16) & np.uint16(0x7FFF)
+        return bits.max(axis=1).view(a.dtype).astype(np.float64)  # type: ignore[no-any-return]
     high = per_channel.max(axis=1).astype(np.float64)
     low = per_channel.min(axis=1).astype(np.float64)
     peaks: F64 = np.maximum(high, -low)

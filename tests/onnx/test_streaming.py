@@ -11,7 +11,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -19,7 +18,6 @@ import pytest
 from onnx import numpy_helper
 
 import bnfuse
-from bnfuse import fold
 from bnfuse.api import fold_all
 from bnfuse.errors import InputError
 from bnfuse.onnx import io, mapped, wire
@@ -169,25 +167,3 @@ def test_memory_grows_by_a_layer_not_by_the_model(tmp_path: Path) -> None:
     )
     base, peak = map(float, probe.stdout.split())
     assert peak - base < 0.25 * size_mb, (base, peak, size_mb)
-
-
-@pytest.mark.parametrize(
-    "dtype", [np.float32, np.float16, ml_dtypes.bfloat16], ids=["fp32", "fp16", "bf16"]
-)
-@pytest.mark.parametrize(
-    ("shape", "axis"),
-    [((37, 5, 3, 3), 0), ((37, 5, 3, 3), 1), ((300, 7), 0), ((7, 300), 1)],
-    ids=["conv", "convtranspose", "gemm_transb", "matmul"],
-)
-def test_blockwise_fold_has_the_same_bits(
-    dtype: type, shape: tuple[int, ...], axis: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Folding by blocks of rows (to bound memory) changes no bit of the result."""
-    monkeypatch.setattr(fold, "BLOCK_ELEMENTS", 100)  # many blocks, the last one short
-    rng = np.random.default_rng(3)
-    w = rng.normal(0, 1, shape).astype(dtype)
-    scale = rng.uniform(-3, 3, shape[axis])
-    whole = fold.round_to(fold.fold_weight(w, scale, axis), dtype)
-    blocks = fold.fold_weight_rounded(w, scale, axis, 1, dtype)
-    assert blocks.dtype == whole.dtype
-    assert np.array_equal(blocks.view(np.uint8), whole.view(np.uint8))
