@@ -151,3 +151,25 @@ def test_help_does_not_import_heavy_modules() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_onnx_fuse_imports_only_what_it_uses(tmp_path: Path) -> None:
+    """The start is most of a fuse's time: no torch, onnxruntime, sympy or pydantic behind it.
+
+    sympy is behind onnx-ir (deferred in bnfuse.onnx), pydantic behind typer
+    0.29 (typer is capped below it in pyproject.toml).
+    """
+    src = tmp_path / "m.onnx"
+    onnx.save(layer_bn("Conv"), src)
+    code = (
+        "import sys; from bnfuse.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "heavy = ('torch', 'onnxruntime', 'sympy', 'pydantic')\n"
+        "print(sorted(m for m in heavy if type(sys.modules.get(m)).__name__ == 'module'))"
+    )
+    argv = [str(src), "-o", str(tmp_path / "f.onnx"), "--no-verify", "-q"]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+    assert (tmp_path / "f.onnx").exists()
