@@ -16,15 +16,18 @@ tools, so drift in the machine's load hits them all alike):
   cp            copying the file, the floor for any tool that reads and writes it
 
 Per model and tool: BatchNorms left, nodes added (by op type, counted against
-the input), the max abs error of the output against the unfused model in
-onnxruntime with optimisations off (for fp16 models: the unfused model widened
-to fp32, i.e. the exact function), the median wall time and the peak RSS of
-the process (GNU time's %M).
+the input), the max abs and RMS error of the outputs on 8 random inputs
+against the unfused model evaluated in float64 (onnx's reference evaluator:
+the exact function), how the folded weights compare with the exact fold, the
+median wall time and the peak RSS of the process (GNU time's %M). The ``cp``
+row's errors are those of the unfused model itself run in onnxruntime: the
+floor that computing in float32 (or float16) sets for every tool.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import platform
 import shutil
@@ -129,6 +132,7 @@ class Run:
     bn_left: int | None = None
     nodes_added: int | None = None
     max_abs: float | None = None
+    rms: float | None = None
     weights: str | None = None  # folded weights against the exact fold, rounded once
 
 
@@ -161,21 +165,46 @@ def outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return [np.asarray(v) for v in session.run(None, feeds)]
 
 
-def as_fp32(src: Path, scratch: Path) -> Path:
-    """The unfused model with fp16 weights and types widened to fp32: the exact function.
+SAMPLES = 8  # inputs per model; errors are taken over all of their outputs
 
-    Comparing an fp16 fusion with the unfused fp16 model would measure the
-    reference's own rounding (it rounds the conv output before the BN)."""
+
+def sample_feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    feeds = []
+    for _ in range(SAMPLES):
+        feed = {}
+        for vi in model.graph.input:
+            tt = vi.type.tensor_type
+            shape = [d.dim_value or 1 for d in tt.shape.dim]
+            dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            feed[vi.name] = rng.standard_normal(shape).astype(dtype)
+        feeds.append(feed)
+    return feeds
+
+
+def exact_outputs(src: Path, feeds: list[dict[str, np.ndarray]]) -> list[list[np.ndarray]]:
+    """The unfused model evaluated in float64 (onnx's reference evaluator): the exact function.
+
+    Every tool's output, and the unfused model's own float32 (or float16) run
+    in onnxruntime, is measured against this, so the error of the fold shows
+    next to the error floor of computing in the model's dtype at all.
+    """
+    from onnx.reference import ReferenceEvaluator
+
     model = onnx.load(str(src))
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
     for t in model.graph.initializer:
-        if t.data_type == TensorProto.FLOAT16:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+        if t.data_type in floats:
+            wide = numpy_helper.to_array(t).astype(np.float64)
+            t.CopyFrom(numpy_helper.from_array(wide, t.name))
     for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        if vi.type.tensor_type.elem_type == TensorProto.FLOAT16:
-            vi.type.tensor_type.elem_type = TensorProto.FLOAT
-    path = scratch / f"fp32_{src.name}"
-    onnx.save(model, path)
-    return path
+        if vi.type.tensor_type.elem_type in floats:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    evaluator = ReferenceEvaluator(model)
+    return [
+        [np.asarray(y) for y in evaluator.run(None, {k: v.astype(np.float64) for k, v in f.items()})]
+        for f in feeds
+    ]
 
 
 def weight_check(src: Path, out: Path) -> str:
@@ -216,7 +245,13 @@ def weight_check(src: Path, out: Path) -> str:
     return f"max {worst:.2f} ulp, {wrong / total:.1%} not correctly rounded"
 
 
-def evaluate(src: Path, out: Path, run: Run, reference: Path) -> None:
+def evaluate(
+    src: Path,
+    out: Path,
+    run: Run,
+    feeds: list[dict[str, np.ndarray]],
+    exact: list[list[np.ndarray]],
+) -> None:
     a = onnx.load(str(src), load_external_data=False)
     b = onnx.load(str(out), load_external_data=False)
     before, after = (
@@ -225,21 +260,16 @@ def evaluate(src: Path, out: Path, run: Run, reference: Path) -> None:
     )
     run.bn_left = after["BatchNormalization"]
     run.nodes_added = sum(max(0, after[op] - before[op]) for op in after)
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for vi in a.graph.input:
-        tt = vi.type.tensor_type
-        shape = [d.dim_value or 1 for d in tt.shape.dim]
-        feeds[vi.name] = rng.standard_normal(shape).astype(
-            helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        )
-    wide = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in feeds.items()}
-    ref, got = outputs(reference, wide), outputs(out, feeds)
-    run.weights = weight_check(src, out)
-    run.max_abs = max(
-        float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
-        for x, y in zip(ref, got, strict=True)
-    )
+    diffs = [
+        (y.astype(np.float64) - x).ravel()
+        for feed, want in zip(feeds, exact, strict=True)
+        for x, y in zip(want, outputs(out, feed), strict=True)
+    ]
+    errors = np.abs(np.concatenate(diffs))
+    run.max_abs = float(errors.max())
+    run.rms = float(np.sqrt(np.mean(errors**2)))
+    if out.read_bytes() != src.read_bytes():
+        run.weights = weight_check(src, out)
 
 
 def bench(
@@ -247,11 +277,8 @@ def bench(
 ) -> dict[tuple[str, str], Run]:
     results: dict[tuple[str, str], Run] = {}
     for model in models:
-        is_fp16 = any(
-            t.data_type == TensorProto.FLOAT16
-            for t in onnx.load(str(model), load_external_data=False).graph.initializer
-        )
-        reference = as_fp32(model, scratch) if is_fp16 else model
+        feeds = sample_feeds(onnx.load(str(model), load_external_data=False))
+        exact = exact_outputs(model, feeds)
         for i in range(runs):
             for tool in tools:
                 run = results.setdefault((model.name, tool), Run())
@@ -269,9 +296,9 @@ def bench(
                     continue
                 run.seconds.append(elapsed)
                 run.rss_kb.append(rss)
-                if i == 0 and tool != "cp":
+                if i == 0:
                     try:
-                        evaluate(model, out, run, reference)
+                        evaluate(model, out, run, feeds, exact)
                     except Exception as exc:  # a peer's output that does not load
                         run.error = f"output does not run: {type(exc).__name__}"
         print(f"done {model.name}", file=sys.stderr)
@@ -280,8 +307,8 @@ def bench(
 
 def table(models: list[Path], tools: list[str], results: dict[tuple[str, str], Run]) -> str:
     lines = [
-        "| model | size | tool | BN left | nodes added | max abs err | folded weights | median s | x cp | peak RSS MB | RSS / size |",
-        "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
+        "| model | size | tool | BN left | nodes added | max abs err | RMS err | folded weights | median s | x cp | peak RSS MB | RSS / size |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
     for model in models:
         size_mb = model.stat().st_size / 2**20
@@ -291,16 +318,17 @@ def table(models: list[Path], tools: list[str], results: dict[tuple[str, str], R
             r = results[(model.name, tool)]
             if r.error:
                 lines.append(
-                    f"| {model.name} | {size_mb:.0f} MB | {tool} | failed: {r.error} | | | | | | |"
+                    f"| {model.name} | {size_mb:.0f} MB | {tool} | failed: {r.error} | | | | | | | |"
                 )
                 continue
             med = statistics.median(r.seconds)
             rss = max(r.rss_kb) / 1024
             err = "-" if r.max_abs is None else f"{r.max_abs:.3g}"
+            rms = "-" if r.rms is None else f"{r.rms:.3g}"
             ratio = f"{med / cp_s:.1f}" if cp_s else "-"
             lines.append(
                 f"| {model.name} | {size_mb:.0f} MB | {tool} | {'-' if r.bn_left is None else r.bn_left} "
-                f"| {'-' if r.nodes_added is None else r.nodes_added} | {err} | {r.weights or '-'} | {med:.2f} | {ratio} "
+                f"| {'-' if r.nodes_added is None else r.nodes_added} | {err} | {rms} | {r.weights or '-'} | {med:.2f} | {ratio} "
                 f"| {rss:.0f} | {rss / size_mb:.1f} |"
             )
     return "\n".join(lines)
@@ -319,6 +347,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the Markdown table here too")
     args = parser.parse_args()
     tools = [t for t in args.tools if t == "cp" or shutil.which(TOOLS[t][0]) or TOOLS[t][0] == PY]
+    # pip compiles an installed package's modules to bytecode; an editable checkout
+    # under PYTHONDONTWRITEBYTECODE=1 would compile bnfuse's afresh on every run.
+    import bnfuse
+
+    compileall.compile_dir(Path(bnfuse.__file__).parent, quiet=1)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         models = generated(args.sizes, scratch) + list(args.models)
