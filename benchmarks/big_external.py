@@ -114,7 +114,9 @@ def check(src: Path, fused: Path, depth: int) -> None:
     for i in sorted({0, depth // 2, depth - 1}):
         s, b, m, v = (before[f"bn{i}.{k}"].astype(np.float64) for k in "sbmv")
         scale = s / np.sqrt(v + 1e-5)
-        exact = (before[f"c{i}.W"].astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
+        exact = (before[f"c{i}.W"].astype(np.float64) * scale[:, None, None, None]).astype(
+            np.float32
+        )
         assert np.array_equal(np.asarray(after[f"c{i}.W"]), exact), f"layer {i}"
         bias = (b - scale * m).astype(np.float32)
         fused_bias = after[f"conv{i}.bias_bnfused"]  # the conv had no bias: a new one

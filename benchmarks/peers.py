@@ -62,11 +62,20 @@ ONNXSCRIPT = (
     "f.fuse_batchnorm_into_gemm_rule]; m = ir.load(sys.argv[1]); "
     "m = rewriter.rewrite(m, pattern_rewrite_rules=rules); ir.save(m, sys.argv[2])"
 )
+# Console scripts from this interpreter's environment: a bare name could find
+# another installation first (a pyenv shim adds a bash script and ~0.1 s).
+BIN = Path(sys.executable).parent
+
+
+def script(name: str) -> str:
+    return str(BIN / name) if (BIN / name).exists() else name
+
+
 TOOLS: dict[str, list[str]] = {
-    "bnfuse": ["bnfuse", "{in}", "-o", "{out}", "--no-verify", "-q", "--force"],
+    "bnfuse": [script("bnfuse"), "{in}", "-o", "{out}", "--no-verify", "-q", "--force"],
     "onnxoptimizer": [PY, "-c", ONNXOPT, "{in}", "{out}"],
-    "onnxsim": ["onnxsim", "{in}", "{out}"],
-    "onnxslim": ["onnxslim", "{in}", "{out}"],
+    "onnxsim": [script("onnxsim"), "{in}", "{out}"],
+    "onnxslim": [script("onnxslim"), "{in}", "{out}"],
     "ort-basic": [PY, "-c", ORT_BASIC, "{in}", "{out}"],
     "onnxscript": [PY, "-c", ONNXSCRIPT, "{in}", "{out}"],
     "cp": ["cp", "{in}", "{out}"],
@@ -202,7 +211,10 @@ def exact_outputs(src: Path, feeds: list[dict[str, np.ndarray]]) -> list[list[np
             vi.type.tensor_type.elem_type = TensorProto.DOUBLE
     evaluator = ReferenceEvaluator(model)
     return [
-        [np.asarray(y) for y in evaluator.run(None, {k: v.astype(np.float64) for k, v in f.items()})]
+        [
+            np.asarray(y)
+            for y in evaluator.run(None, {k: v.astype(np.float64) for k, v in f.items()})
+        ]
         for f in feeds
     ]
 

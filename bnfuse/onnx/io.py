@@ -159,21 +159,33 @@ class _Light:
 
 
 def _load_light(path: Path) -> _Light | None:
-    """The model with each large inline weight standing as a reference into the file.
+    """The model with each large inline weight a view of the memory-mapped file."""
+    proto = light_proto(path)
+    if proto is None:
+        return None
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.resolve().parent)
+    return _Light(model=model, file=MappedFile(path))
 
-    Only the top-level graph's initializers are taken out; everything else,
-    subgraphs included, is parsed by protobuf as usual. None where the file is
-    not protobuf, or its outer levels are malformed: ``ir.load`` then reads it,
-    and reports what is wrong in its own words.
+
+def light_proto(path: Path) -> Any:
+    """The ModelProto with each large inline weight standing as a reference into the file.
+
+    The weights' bytes are never read: enough for whoever needs the graph
+    and not the values (the verifier's input and output lists). Only the
+    top-level graph's initializers are taken out; everything else, subgraphs
+    included, is parsed by protobuf as usual. None where the file is not
+    protobuf, or its outer levels are malformed: ``onnx.load`` then reads
+    it, and reports what is wrong in its own words.
     """
     import onnx
 
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
     if fmt not in (None, "protobuf") or not mapped.LITTLE_ENDIAN:
         return None
-    file = MappedFile(path)
-    buf = wire.FileBytes(file.fileno, file.size)
+    fd = os.open(path, os.O_RDONLY)
     try:
+        buf = wire.FileBytes(fd, os.fstat(fd).st_size)
         graph_field: wire.Field | None = None
         model_parts: list[bytes | None] = []
         for f in wire.fields(buf, 0, len(buf)):
@@ -195,15 +207,14 @@ def _load_light(path: Path) -> _Light | None:
                 graph_parts += [wire.len_prefix(5, len(light)), light]
     except wire.WireError:
         return None
+    finally:
+        os.close(fd)
     graph_bytes = b"".join(graph_parts)
     model_bytes = b"".join(
         part if part is not None else wire.len_prefix(7, len(graph_bytes)) + graph_bytes
         for part in model_parts
     )
-    del graph_parts, model_parts, buf
-    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(model_bytes))
-    ir.external_data.set_base_dir(model.graph, path.resolve().parent)
-    return _Light(model=model, file=file)
+    return onnx.ModelProto.FromString(model_bytes)
 
 
 def _light_tensor(buf: wire.FileBytes, field: wire.Field) -> bytes | None:

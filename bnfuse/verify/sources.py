@@ -53,8 +53,10 @@ class Source:
 def open_source(path: Path, trust_pickle: bool = False) -> Source:
     fmt = detect(path)
     if fmt is Format.ONNX:
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
+        from bnfuse.onnx.io import light_proto
+
+        try:  # the graph only: large weights are neither read nor parsed
+            proto = light_proto(path) or onnx.load(str(path), load_external_data=False)
         except Exception as exc:
             raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
         if not proto.graph.node and not proto.graph.output:
