@@ -36,35 +36,17 @@ import onnx_ir as ir
 
 from bnfuse.errors import InputError, ModelError, OutputError
 from bnfuse.onnx import mapped, wire
+from bnfuse.onnx.light import INLINE, MAPPABLE, THRESHOLD, light_proto
 from bnfuse.onnx.mapped import MappedFile
 
 # Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
 PROTOBUF_LIMIT = 2**31
 _GRAPH_MARGIN = 64 * 2**20
-# Tensors smaller than this stay inline when writing external data (as onnx does),
-# and stay inside the protobuf message when reading and writing an .onnx file.
-EXTERNAL_THRESHOLD = 1024
+# Tensors smaller than this stay inside the protobuf message, when reading and when
+# writing, inline or with external data (as onnx does).
+EXTERNAL_THRESHOLD = THRESHOLD
 # Large external tensors start at a multiple of this, so onnxruntime can map them.
 ALIGNMENT = 4096
-# Types whose raw bytes are a numpy array of the same size (no 4-bit packing, no strings).
-_MAPPABLE = {
-    ir.DataType.FLOAT,
-    ir.DataType.DOUBLE,
-    ir.DataType.FLOAT16,
-    ir.DataType.BFLOAT16,
-    ir.DataType.INT8,
-    ir.DataType.UINT8,
-    ir.DataType.INT16,
-    ir.DataType.UINT16,
-    ir.DataType.INT32,
-    ir.DataType.UINT32,
-    ir.DataType.INT64,
-    ir.DataType.UINT64,
-}
-# Stands for "the .onnx file itself" in the light model handed to onnx-ir; a NUL
-# makes it a name no real data file can have.
-_INLINE = "\0bnfuse:inline"
-_PROTOBUF_SUFFIXES = {".onnx", ".pb", ".ort", ""}
 
 
 @dataclass
@@ -136,12 +118,12 @@ def load(path: Path) -> LoadedModel:
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor):
-                if str(tensor.location) == _INLINE:
+                if str(tensor.location) == INLINE:
                     file = path.resolve()
                 else:
                     file = _check_external(tensor, folder, path)
                     data_files.add(file)
-                if tensor.dtype in _MAPPABLE and mapped.LITTLE_ENDIAN:
+                if tensor.dtype in MAPPABLE and mapped.LITTLE_ENDIAN:
                     if file not in maps:
                         maps[file] = _open_mapped(file, path)
                     value.const_value = _mapped_tensor(tensor, maps[file], path)
@@ -166,87 +148,6 @@ def _load_light(path: Path) -> _Light | None:
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.resolve().parent)
     return _Light(model=model, file=MappedFile(path))
-
-
-def light_proto(path: Path) -> Any:
-    """The ModelProto with each large inline weight standing as a reference into the file.
-
-    The weights' bytes are never read: enough for whoever needs the graph
-    and not the values (the verifier's input and output lists). Only the
-    top-level graph's initializers are taken out; everything else, subgraphs
-    included, is parsed by protobuf as usual. None where the file is not
-    protobuf, or its outer levels are malformed: ``onnx.load`` then reads
-    it, and reports what is wrong in its own words.
-    """
-    import onnx
-
-    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
-    if fmt not in (None, "protobuf") or not mapped.LITTLE_ENDIAN:
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        buf = wire.FileBytes(fd, os.fstat(fd).st_size)
-        graph_field: wire.Field | None = None
-        model_parts: list[bytes | None] = []
-        for f in wire.fields(buf, 0, len(buf)):
-            if f.number == 7:  # ModelProto.graph
-                if f.wire_type != wire.LEN or graph_field is not None:
-                    return None
-                graph_field = f
-                model_parts.append(None)
-            else:
-                model_parts.append(buf[f.start : f.end])
-        if graph_field is None:
-            return None
-        graph_parts: list[bytes] = []
-        for f in wire.fields(buf, graph_field.value_start, graph_field.end):
-            light = _light_tensor(buf, f) if f.number == 5 and f.wire_type == wire.LEN else None
-            if light is None:
-                graph_parts.append(buf[f.start : f.end])
-            else:  # GraphProto.initializer, its raw_data replaced by a reference
-                graph_parts += [wire.len_prefix(5, len(light)), light]
-    except wire.WireError:
-        return None
-    finally:
-        os.close(fd)
-    graph_bytes = b"".join(graph_parts)
-    model_bytes = b"".join(
-        part if part is not None else wire.len_prefix(7, len(graph_bytes)) + graph_bytes
-        for part in model_parts
-    )
-    return onnx.ModelProto.FromString(model_bytes)
-
-
-def _light_tensor(buf: wire.FileBytes, field: wire.Field) -> bytes | None:
-    """The TensorProto in ``field`` with its raw_data swapped for a reference, or None to keep it."""
-    import onnx
-
-    raw: wire.Field | None = None
-    header: list[bytes] = []
-    for f in wire.fields(buf, field.value_start, field.end):
-        if f.number == 9 and f.wire_type == wire.LEN and raw is None:  # TensorProto.raw_data
-            raw = f
-        elif f.number in (9, 13, 14):  # raw_data twice, external_data, data_location
-            return None
-        else:
-            header.append(buf[f.start : f.end])
-    length = raw.end - raw.value_start if raw is not None else 0
-    if raw is None or length < EXTERNAL_THRESHOLD:
-        return None
-    tensor = onnx.TensorProto.FromString(b"".join(header))
-    try:
-        dtype = ir.DataType(tensor.data_type)
-    except ValueError:
-        return None
-    count = int(np.prod(list(tensor.dims), dtype=np.int64))
-    if dtype not in _MAPPABLE or count * dtype.itemsize != length:
-        return None  # kept inline; the load's checks say what is wrong with it
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", _INLINE), ("offset", raw.value_start), ("length", length)):
-        entry = tensor.external_data.add()
-        entry.key, entry.value = key, str(value)
-    blob: bytes = tensor.SerializeToString()
-    return blob
 
 
 def _open_mapped(file: Path, path: Path) -> MappedFile:
@@ -421,7 +322,7 @@ def _streamed(graphs: Iterable[ir.Graph], *, all_types: bool) -> list[_Streamed]
             if (
                 tensor is not None
                 and not isinstance(tensor, ir.StringTensor)
-                and (all_types or tensor.dtype in _MAPPABLE)
+                and (all_types or tensor.dtype in MAPPABLE)
                 and tensor.nbytes >= EXTERNAL_THRESHOLD
             ):
                 out.append(_Streamed(value, tensor))
@@ -456,11 +357,11 @@ def _write_inline(model: ir.Model, path: Path) -> None:
     streamed = _streamed([model.graph], all_types=False)
     for index, item in enumerate(streamed):
         item.offset = index
-    proto = _serialize_without(model, streamed, _INLINE)
+    proto = _serialize_without(model, streamed, INLINE)
     pieces: list[bytes | _Streamed] = []
     for tensor in proto.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL and any(
-            e.key == "location" and e.value == _INLINE for e in tensor.external_data
+            e.key == "location" and e.value == INLINE for e in tensor.external_data
         ):
             item = streamed[int(next(e.value for e in tensor.external_data if e.key == "offset"))]
             tensor.ClearField("external_data")
@@ -520,7 +421,7 @@ def _write_file(
 def _write_tensor(fd: int, tensor: ir.TensorProtocol) -> None:
     """Append the tensor's raw bytes: copied in the kernel if it is unchanged from a file."""
     n = tensor.nbytes
-    if isinstance(tensor, (ir.Tensor, ir.LazyTensor)) and tensor.dtype in _MAPPABLE:
+    if isinstance(tensor, (ir.Tensor, ir.LazyTensor)) and tensor.dtype in MAPPABLE:
         array = tensor.numpy()  # ir.Tensor: its array, no copy; LazyTensor: computed now
         found = mapped.locate(array) if isinstance(tensor, ir.Tensor) else None
         if found is not None and array.nbytes == n:

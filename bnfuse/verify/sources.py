@@ -53,7 +53,7 @@ class Source:
 def open_source(path: Path, trust_pickle: bool = False) -> Source:
     fmt = detect(path)
     if fmt is Format.ONNX:
-        from bnfuse.onnx.io import light_proto
+        from bnfuse.onnx.light import light_proto
 
         try:  # the graph only: large weights are neither read nor parsed
             proto = light_proto(path) or onnx.load(str(path), load_external_data=False)

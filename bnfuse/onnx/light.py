@@ -1,0 +1,119 @@
+"""An ONNX file's graph without its weights' bytes.
+
+``light_proto`` walks the file's outer protobuf levels (bnfuse.onnx.wire) with
+small reads and hands protobuf everything but the large initializers' raw
+data, each of which becomes an external-data reference back into the file
+itself (location INLINE, offset and length in bytes). Parsing is then as
+fast on a 2 GB model as on a 2 MB one, and nothing is copied: bnfuse.onnx.io
+maps those byte ranges as the weights, and the verifier needs no weights at
+all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from bnfuse.onnx import wire
+
+# Initializers with less raw data than this stay inside the message (as onnx's
+# external-data threshold).
+THRESHOLD = 1024
+# Stands for "the .onnx file itself" in a light model; a NUL makes it a name no
+# real data file can have.
+INLINE = "\0bnfuse:inline"
+# Types whose raw bytes are a numpy array of the same size (no 4-bit packing, no
+# strings), with their element size.
+MAPPABLE: dict[int, int] = {
+    TensorProto.FLOAT: 4,
+    TensorProto.DOUBLE: 8,
+    TensorProto.FLOAT16: 2,
+    TensorProto.BFLOAT16: 2,
+    TensorProto.INT8: 1,
+    TensorProto.UINT8: 1,
+    TensorProto.INT16: 2,
+    TensorProto.UINT16: 2,
+    TensorProto.INT32: 4,
+    TensorProto.UINT32: 4,
+    TensorProto.INT64: 8,
+    TensorProto.UINT64: 8,
+}
+
+
+def light_proto(path: Path) -> Any:
+    """The ModelProto with each large inline weight standing as a reference into the file.
+
+    The weights' bytes are never read: enough for whoever needs the graph
+    and not the values (the verifier's input and output lists). Only the
+    top-level graph's initializers are taken out; everything else, subgraphs
+    included, is parsed by protobuf as usual. None where the file is not
+    protobuf, or its outer levels are malformed: ``onnx.load`` then reads
+    it, and reports what is wrong in its own words.
+    """
+    fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+    if fmt not in (None, "protobuf") or sys.byteorder != "little":
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf = wire.FileBytes(fd, os.fstat(fd).st_size)
+        graph_field: wire.Field | None = None
+        model_parts: list[bytes | None] = []
+        for f in wire.fields(buf, 0, len(buf)):
+            if f.number == 7:  # ModelProto.graph
+                if f.wire_type != wire.LEN or graph_field is not None:
+                    return None
+                graph_field = f
+                model_parts.append(None)
+            else:
+                model_parts.append(buf[f.start : f.end])
+        if graph_field is None:
+            return None
+        graph_parts: list[bytes] = []
+        for f in wire.fields(buf, graph_field.value_start, graph_field.end):
+            light = _light_tensor(buf, f) if f.number == 5 and f.wire_type == wire.LEN else None
+            if light is None:
+                graph_parts.append(buf[f.start : f.end])
+            else:  # GraphProto.initializer, its raw_data replaced by a reference
+                graph_parts += [wire.len_prefix(5, len(light)), light]
+    except wire.WireError:
+        return None
+    finally:
+        os.close(fd)
+    graph_bytes = b"".join(graph_parts)
+    model_bytes = b"".join(
+        part if part is not None else wire.len_prefix(7, len(graph_bytes)) + graph_bytes
+        for part in model_parts
+    )
+    return onnx.ModelProto.FromString(model_bytes)
+
+
+def _light_tensor(buf: wire.FileBytes, field: wire.Field) -> bytes | None:
+    """The TensorProto in ``field`` with its raw_data swapped for a reference, or None to keep it."""
+    raw: wire.Field | None = None
+    header: list[bytes] = []
+    for f in wire.fields(buf, field.value_start, field.end):
+        if f.number == 9 and f.wire_type == wire.LEN and raw is None:  # TensorProto.raw_data
+            raw = f
+        elif f.number in (9, 13, 14):  # raw_data twice, external_data, data_location
+            return None
+        else:
+            header.append(buf[f.start : f.end])
+    length = raw.end - raw.value_start if raw is not None else 0
+    if raw is None or length < THRESHOLD:
+        return None
+    tensor = onnx.TensorProto.FromString(b"".join(header))
+    count = int(np.prod(list(tensor.dims), dtype=np.int64))
+    if tensor.data_type not in MAPPABLE or count * MAPPABLE[tensor.data_type] != length:
+        return None  # kept inline; the load's checks say what is wrong with it
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", INLINE), ("offset", raw.value_start), ("length", length)):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, str(value)
+    blob: bytes = tensor.SerializeToString()
+    return blob
