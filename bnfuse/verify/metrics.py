@@ -104,7 +104,7 @@ def compare(
             a, b, a.ndim == 2 if class_scores is None else class_scores
         ),
         value_range=float(np.ptp(fa)) if fa.size else 0.0,
-        errors=tuple(float(e) for e in sample),
+        errors=tuple(sample.tolist()),
     )
 
 

@@ -21,6 +21,10 @@ from bnfuse.verify.inputs import InputSpec, onnx_input_specs
 from bnfuse.verify.runners import CPU, CUDA, OnnxRuntimeRunner, Runner
 
 
+# Below this, protobuf parses the whole file faster than bnfuse walks it.
+_LIGHT_FROM = 16 * 2**20
+
+
 @dataclass
 class Source:
     path: Path
@@ -56,7 +60,8 @@ def open_source(path: Path, trust_pickle: bool = False) -> Source:
         from bnfuse.onnx.light import light_proto
 
         try:  # the graph only: large weights are neither read nor parsed
-            proto = light_proto(path) or onnx.load(str(path), load_external_data=False)
+            light = light_proto(path) if path.stat().st_size > _LIGHT_FROM else None
+            proto = light or onnx.load(str(path), load_external_data=False)
         except Exception as exc:
             raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
         if not proto.graph.node and not proto.graph.output:

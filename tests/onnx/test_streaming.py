@@ -167,3 +167,25 @@ def test_memory_grows_by_a_layer_not_by_the_model(tmp_path: Path) -> None:
     )
     base, peak = map(float, probe.stdout.split())
     assert peak - base < 0.25 * size_mb, (base, peak, size_mb)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_over_2gb_of_external_data_fuses_in_bounded_memory(tmp_path: Path) -> None:
+    """2.2 GB of weights in external data: peak memory far below the model (pytest -m slow)."""
+    from benchmarks import big_external
+
+    depth = 58  # x 37.7 MB of float32 weights
+    src = big_external.build(tmp_path, depth)
+    assert (tmp_path / "model.onnx.data").stat().st_size > 2 * 2**30
+    out = tmp_path / "fused.onnx"
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(src), str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    base, peak = map(float, probe.stdout.split())
+    assert peak < 2048, (base, peak)
+    assert peak - base < 400, (base, peak)  # a few layers' worth, not 2.2 GB
+    big_external.check(src, out, depth)  # no BN left; folds exact, from the files
