@@ -2,7 +2,7 @@
 
     python benchmarks/peers.py                       # generated models, 4 sizes + fp16
     python benchmarks/peers.py model.onnx other.onnx # your own models too
-    python benchmarks/peers.py --runs 5 --sizes 12 50 100 200 --out benchmarks/RESULTS.md
+    python benchmarks/peers.py --runs 5 --sizes 12 50 100 200 400 --out table.md
 
 Tools, each run as its own process on the same input (runs alternate between
 tools, so drift in the machine's load hits them all alike):
@@ -27,6 +27,7 @@ floor that computing in float32 (or float16) sets for every tool.
 from __future__ import annotations
 
 import argparse
+import math
 import compileall
 import os
 import platform
@@ -123,7 +124,8 @@ def generated(sizes_mb: list[int], folder: Path) -> list[Path]:
     paths = []
     for mb in sizes_mb:
         width = 256 if mb <= 30 else 512
-        depth = max(1, round(mb * 2**20 / (36 * width * width)))
+        # The first layer reads 3 channels (next to nothing); the rest make the size.
+        depth = 1 + math.ceil(mb * 2**20 / (36 * width * width))
         path = folder / f"chain_{width}x{depth}_fp32.onnx"
         onnx.save(chain(width, depth), path)
         paths.append(path)

@@ -17,6 +17,7 @@ Both include reading the model files (page cache warm: each was read before).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def main() -> None:
         models = list(args.models)
         for mb in args.sizes:
             width = 256 if mb <= 30 else 512
-            depth = max(1, round(mb * 2**20 / (36 * width * width)))
+            depth = 1 + math.ceil(mb * 2**20 / (36 * width * width))
             path = folder / f"chain_{width}x{depth}_fp32.onnx"
             onnx.save(chain(width, depth), path)
             models.append(path)
