@@ -27,8 +27,8 @@ floor that computing in float32 (or float16) sets for every tool.
 from __future__ import annotations
 
 import argparse
-import math
 import compileall
+import math
 import os
 import platform
 import shutil

@@ -20,7 +20,6 @@ from bnfuse.formats import Format, detect, require_torch
 from bnfuse.verify.inputs import InputSpec, onnx_input_specs
 from bnfuse.verify.runners import CPU, CUDA, OnnxRuntimeRunner, Runner
 
-
 # Below this, protobuf parses the whole file faster than bnfuse walks it.
 _LIGHT_FROM = 16 * 2**20
 
