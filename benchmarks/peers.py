@@ -5,7 +5,8 @@
     python benchmarks/peers.py --runs 5 --sizes 12 50 100 200 400 --out table.md
 
 Tools, each run as its own process on the same input (runs alternate between
-tools, so drift in the machine's load hits them all alike):
+tools, so drift in the machine's load hits them all alike, and each starts
+after a ``sync``, so no tool pays for the previous one's writeback):
 
   bnfuse        bnfuse IN -o OUT --no-verify -q
   onnxoptimizer onnx.load -> onnxoptimizer.optimize(["fuse_bn_into_conv"]) -> onnx.save
@@ -304,6 +305,7 @@ def bench(
                 cmd = [
                     c.replace("{in}", str(model)).replace("{out}", str(out)) for c in TOOLS[tool]
                 ]
+                os.sync()  # the previous tool's writeback must not land on this one's time
                 elapsed, rss, code, stderr = timed(cmd)
                 if code != 0 or not out.exists():
                     run.error = (stderr.strip().splitlines() or [f"exit {code}"])[-1][:120]
