@@ -57,8 +57,8 @@ def light_proto(path: Path) -> Any:
     it, and reports what is wrong in its own words.
     """
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
-    if fmt not in (None, "protobuf") or sys.byteorder != "little":
-        return None
+    if fmt not in (None, "protobuf") or sys.byteorder != "little" or not hasattr(os, "pread"):
+        return None  # text formats; big-endian hosts; no pread (Windows): protobuf reads it
     fd = os.open(path, os.O_RDONLY)
     try:
         buf = wire.FileBytes(fd, os.fstat(fd).st_size)

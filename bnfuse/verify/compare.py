@@ -123,6 +123,7 @@ def verify_models(
             report_step(f"{role} on {runner.label}", done, total)
             results.append(runner.infer(sample))
             done += 1
+        del runner  # one session (a copy of the model's weights) alive at a time
     report_step("comparing", done, total)
 
     first = runs[("original", devices[0])][0]
