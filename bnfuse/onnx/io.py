@@ -259,6 +259,11 @@ def check_output_path(source: LoadedModel, output: Path, *, force: bool) -> None
     if not output.parent.exists():
         raise OutputError(f"{output.parent}: the output folder does not exist")
     data = external_data_path(output)
+    if data.exists() and os.path.samefile(data, source.path):
+        raise OutputError(
+            f"{output}: its external data file {data.name} would be the input model itself",
+            hint="choose another output name",
+        )
     if data.resolve() in source.data_files:
         raise OutputError(
             f"{output}: its external data file {data.name} is the input's own data file",

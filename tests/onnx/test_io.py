@@ -155,6 +155,16 @@ def test_output_whose_data_file_is_the_inputs_is_refused(tmp_path: Path) -> None
     assert not (tmp_path / "f.onnx").exists()
 
 
+def test_output_whose_data_file_is_the_input_model_is_refused(tmp_path: Path) -> None:
+    src = tmp_path / "f.onnx.data"  # an ONNX file with an unlucky name
+    onnx.save(layer_bn("Conv"), src)
+    digest = sha256(src)
+    with pytest.raises(bnfuse.BnfuseError, match="would be the input model itself"):
+        bnfuse.fuse(src, tmp_path / "f.onnx")
+    assert sha256(src) == digest
+    assert not (tmp_path / "f.onnx").exists()
+
+
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external_data"])
 def test_failed_write_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool
