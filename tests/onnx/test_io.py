@@ -156,8 +156,8 @@ def test_output_whose_data_file_is_the_inputs_is_refused(tmp_path: Path) -> None
 
 
 def test_output_whose_data_file_is_the_input_model_is_refused(tmp_path: Path) -> None:
-    src = tmp_path / "f.onnx.data"  # an ONNX file with an unlucky name
-    onnx.save(layer_bn("Conv"), src)
+    src = tmp_path / "f.onnx.data"  # an ONNX model with an unlucky name...
+    save_external(layer_bn("Conv"), src, "weights.bin")  # ...so f.onnx gets external data
     digest = sha256(src)
     with pytest.raises(bnfuse.BnfuseError, match="would be the input model itself"):
         bnfuse.fuse(src, tmp_path / "f.onnx")
