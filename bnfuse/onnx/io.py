@@ -271,6 +271,11 @@ def check_output_path(source: LoadedModel, output: Path, *, force: bool) -> None
         )
     if output.exists() and not force:
         raise OutputError(f"{output}: already exists", hint="pass --force to replace it")
+    if needs_external_data(source) and data.exists() and not force:
+        raise OutputError(
+            f"{data}: already exists (the output's external data goes there)",
+            hint="pass --force to replace it",
+        )
 
 
 def external_data_path(output: Path) -> Path:

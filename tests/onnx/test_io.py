@@ -165,6 +165,18 @@ def test_output_whose_data_file_is_the_input_model_is_refused(tmp_path: Path) ->
     assert not (tmp_path / "f.onnx").exists()
 
 
+def test_existing_external_data_file_is_replaced_only_with_force(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    save_external(layer_bn("Conv"), src, "m.data")
+    (tmp_path / "f.onnx.data").write_bytes(b"someone else's")
+    with pytest.raises(bnfuse.BnfuseError, match=r"f\.onnx\.data: already exists"):
+        bnfuse.fuse(src, tmp_path / "f.onnx")
+    assert (tmp_path / "f.onnx.data").read_bytes() == b"someone else's"
+    assert not (tmp_path / "f.onnx").exists()
+    bnfuse.fuse(src, tmp_path / "f.onnx", force=True)
+    assert onnx.load(str(tmp_path / "f.onnx")).graph.initializer
+
+
 @pytest.mark.parametrize("external", [False, True], ids=["inline", "external_data"])
 def test_failed_write_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool
