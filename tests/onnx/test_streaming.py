@@ -189,3 +189,44 @@ def test_over_2gb_of_external_data_fuses_in_bounded_memory(tmp_path: Path) -> No
     assert peak < 2048, (base, peak)
     assert peak - base < 400, (base, peak)  # a few layers' worth, not 2.2 GB
     big_external.check(src, out, depth)  # no BN left; folds exact, from the files
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external_data"])
+def test_without_copy_file_range_the_bytes_are_the_same(
+    external: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel cannot copy between the files, weights go through memory, unchanged."""
+    src = tmp_path / "m.onnx"
+    model = onnx.load(str(SAMPLES / "shared_weight.onnx"))  # its shared 1152-byte weight is copied
+    if external:
+        onnx.save(model, src, save_as_external_data=True, location="m.data", size_threshold=0)
+    else:
+        onnx.save(model, src)
+    bnfuse.fuse(src, tmp_path / "kernel.onnx")
+
+    def unsupported(*args: object) -> int:
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(mapped.os, "copy_file_range", unsupported)
+    bnfuse.fuse(src, tmp_path / "memory.onnx")
+    named = (tmp_path / "kernel.onnx").read_bytes().replace(b"kernel.onnx", b"memory.onnx")
+    assert named == (tmp_path / "memory.onnx").read_bytes()  # external data names its file
+    if external:
+        kernel, memory = (tmp_path / f"{n}.onnx.data" for n in ("kernel", "memory"))
+        assert kernel.read_bytes() == memory.read_bytes()
+
+
+def test_sympy_deferred_by_bnfuse_still_works_for_torch() -> None:
+    """bnfuse.onnx defers sympy's import; whoever uses it later gets the real module."""
+    code = (
+        "import sys, bnfuse.onnx.io\n"
+        "assert type(sys.modules['sympy']).__name__ == '_Deferred'\n"
+        "import sympy\n"
+        "x = sympy.Symbol('x')\n"
+        "assert str(x + 1) == 'x + 1' and type(sys.modules['sympy']).__name__ == 'module'\n"
+        "import torch, onnx_ir as ir\n"
+        "assert str(ir.SymbolicDim('N*2')._expr) == '2*N'\n"
+        "print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
