@@ -70,6 +70,8 @@ class OnnxRuntimeRunner:
         options.log_severity_level = 4  # bnfuse reports failures itself, in one line
         # Idle threads sleep rather than spin between runs: the comparison runs in between.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not optimize:  # a few runs: no second, pre-packed copy of every weight
+            options.add_session_config_entry("session.disable_prepacking", "1")
         self.device = device
         self.label = f"onnxruntime {device.upper()}" + (" (optimised)" if optimize else "")
         source: Any = str(model) if isinstance(model, Path) else model
