@@ -120,10 +120,11 @@ def run_one(job: Job) -> Outcome:
     try:
         job.output.parent.mkdir(parents=True, exist_ok=True)
         shapes = job.verify.input_shapes if job.verify is not None else {}
+        opened = None
         if job.verify is not None:
             from bnfuse.verify.compare import preflight
 
-            preflight(job.input, job.verify)
+            opened = preflight(job.input, job.verify)
         outcome.fusion = fuse_file(
             job.input,
             job.output,
@@ -134,7 +135,7 @@ def run_one(job: Job) -> Outcome:
         if job.verify is not None:
             from bnfuse.verify.compare import verify_models
 
-            outcome.verification = verify_models(job.input, job.output, job.verify)
+            outcome.verification = verify_models(job.input, job.output, job.verify, opened=opened)
     except BnfuseError as exc:
         outcome.error = str(exc)
     except Exception as exc:  # one bad model must not stop the batch

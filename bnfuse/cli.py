@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from bnfuse.batch import BatchResult
     from bnfuse.result import FuseResult, VerifyResult
     from bnfuse.verify.compare import VerifyOptions
+    from bnfuse.verify.sources import Source
 
 T = TypeVar("T")
 
@@ -153,12 +154,16 @@ def _verify_options(
 
 
 def _verify_with_progress(
-    original: Path, candidate: Path, options: VerifyOptions, quiet: bool
+    original: Path,
+    candidate: Path,
+    options: VerifyOptions,
+    quiet: bool,
+    opened: Source | None = None,
 ) -> VerifyResult:
     from bnfuse.verify.compare import verify_models
 
     if quiet:
-        return verify_models(original, candidate, options)
+        return verify_models(original, candidate, options, opened=opened)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -171,7 +176,7 @@ def _verify_with_progress(
         def on_step(what: str, done: int, total: int) -> None:
             progress.update(task, description=what, completed=done, total=total)
 
-        return verify_models(original, candidate, options, on_step=on_step)
+        return verify_models(original, candidate, options, on_step=on_step, opened=opened)
 
 
 def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool) -> None:
@@ -322,10 +327,11 @@ def fuse_command(
         options = _verify_options(
             device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle
         )
+        opened = None
         if not (dry_run or no_verify):
             from bnfuse.verify.compare import preflight
 
-            preflight(input, options)
+            opened = preflight(input, options)
         result = fuse_file(
             input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle,
             input_shapes=options.input_shapes,
@@ -333,7 +339,7 @@ def fuse_command(
         if dry_run or no_verify or output is None:
             return result, None
         try:
-            return result, _verify_with_progress(input, output, options, quiet)
+            return result, _verify_with_progress(input, output, options, quiet, opened)
         except BnfuseError:
             for written in result.outputs:  # no output file on failure
                 written.unlink(missing_ok=True)

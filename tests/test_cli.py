@@ -173,3 +173,23 @@ def test_onnx_fuse_imports_only_what_it_uses(tmp_path: Path) -> None:
     )
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
     assert (tmp_path / "f.onnx").exists()
+
+
+def test_fuse_and_verify_open_each_model_once(
+    model_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preflight's opened original serves the verification (a torch model loads once less)."""
+    from bnfuse.verify import compare
+
+    opened: list[str] = []
+    real = compare.open_source
+
+    def counting(path: Path, trust_pickle: bool = False) -> compare.Source:
+        opened.append(Path(path).name)
+        return real(path, trust_pickle)
+
+    monkeypatch.setattr(compare, "open_source", counting)
+    out_path = model_path.with_name("fused.onnx")
+    code, _, err = run_cli([str(model_path), "-o", str(out_path), "-q"], capsys)
+    assert code == 0, err
+    assert sorted(opened) == ["fused.onnx", "model.onnx"]

@@ -59,11 +59,15 @@ def resolve_feeds(source: Source, opts: VerifyOptions) -> tuple[list[dict[str, n
     return inputs_mod.generate(source.specs, shapes, opts.seed, opts.samples), "generated"
 
 
-def preflight(original: Path, opts: VerifyOptions) -> None:
-    """Fail early, before anything is written, if the inputs or devices cannot be had."""
+def preflight(original: Path, opts: VerifyOptions) -> Source:
+    """Fail early, before anything is written, if the inputs or devices cannot be had.
+
+    Returns the opened original, for ``verify_models`` to use rather than load it again.
+    """
     source = open_source(original, opts.trust_pickle)
     resolve_feeds(source, VerifyOptions(**{**opts.__dict__, "samples": 1}))
     pick_devices(opts.device, available_devices(source))
+    return source
 
 
 def verify_models(
@@ -71,11 +75,16 @@ def verify_models(
     candidate: Path,
     options: VerifyOptions | None = None,
     on_step: Step | None = None,
+    *,
+    opened: Source | None = None,
 ) -> VerifyResult:
-    """Compare ``candidate`` with ``original`` (ONNX, TorchScript or .pt2, in any pairing)."""
+    """Compare ``candidate`` with ``original`` (ONNX, TorchScript or .pt2, in any pairing).
+
+    ``opened``: the original as ``preflight`` opened it, if it did.
+    """
     opts = options or VerifyOptions()
     report_step = on_step or (lambda _msg, _done, _total: None)
-    a = open_source(original, opts.trust_pickle)
+    a = opened if opened is not None else open_source(original, opts.trust_pickle)
     b = open_source(candidate, opts.trust_pickle)
     if [s.name for s in a.specs] != [s.name for s in b.specs]:
         raise InputError(
