@@ -34,11 +34,10 @@ class MappedFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = open(path, "rb")  # noqa: SIM115 - lives as long as the mapping
-        self.size = os.fstat(self._file.fileno()).st_size
-        self._map = (
-            mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
-        )
+        self._fd = os.open(path, os.O_RDONLY)  # for copy_file_range; closed with self
+        weakref.finalize(self, os.close, self._fd)
+        self.size = os.fstat(self._fd).st_size
+        self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if self.size else None
         self._base = 0
         if self._map is not None:
             self._base = np.frombuffer(self._map, np.uint8, count=1).ctypes.data
@@ -50,7 +49,7 @@ class MappedFile:
 
     @property
     def fileno(self) -> int:
-        return self._file.fileno()
+        return self._fd
 
     def array(
         self, offset: int, dtype: npt.DTypeLike, shape: tuple[int, ...]
