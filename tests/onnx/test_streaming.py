@@ -166,7 +166,9 @@ def test_memory_grows_by_a_layer_not_by_the_model(tmp_path: Path) -> None:
         check=True,
     )
     base, peak = map(float, probe.stdout.split())
-    assert peak - base < 0.25 * size_mb, (base, peak, size_mb)
+    # ~10 MB here (a 2.4 MB layer folded by blocks, plus the graph); one copy of the
+    # weights, parsed or folded, would be 61 MB.
+    assert peak - base < 0.5 * size_mb, (base, peak, size_mb)
 
 
 @pytest.mark.slow
