@@ -109,6 +109,36 @@ def find(model: ir.Model) -> list[Match]:
                         matches.append(match)
             except TypeError as exc:  # onnx-ir: an attribute of the wrong type
                 raise ModelError(f"node '{node.name}' ({node.op_type}) is invalid: {exc}") from exc
+    matches += _in_functions(model)
+    return matches
+
+
+def _in_functions(model: ir.Model) -> list[Match]:
+    """BatchNorms inside model-local functions: reported, never folded.
+
+    A function's weights are its inputs, bound anew at each call site, so
+    there is no one constant to fold into; inlining the function first would
+    make them foldable.
+    """
+    matches = []
+    for function in model.functions.values():
+        where = f"{function.domain}::{function.name}" if function.domain else function.name
+        for node in function.all_nodes():
+            if is_batchnorm(node):
+                producer = node.inputs[0].producer() if node.inputs and node.inputs[0] else None
+                candidate = Candidate(
+                    bn=_name(node),
+                    graph=f"function {where}",
+                    producer=producer.name if producer is not None else None,
+                    producer_op=producer.op_type if producer is not None else None,
+                    skip=Skip.UNSUPPORTED,
+                    reason=(
+                        f"it is inside the model-local function '{where}', whose weights are "
+                        "bound at each call; bnfuse does not rewrite functions (inline them "
+                        "first, e.g. with onnx.inliner.inline_local_functions)"
+                    ),
+                )
+                matches.append(Match(candidate))
     return matches
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 import pytest
 from onnx import helper
 
@@ -244,3 +245,52 @@ def test_bn_in_subgraph_on_outer_conv_is_skipped(tmp_path: Path) -> None:
     )
     (cand,) = dry_run(model, tmp_path).candidates
     assert cand.skip is Skip.UNSUPPORTED and "enclosing graph" in (cand.reason or "")
+
+
+def _conv_bn_in_a_function() -> onnx.ModelProto:
+    """main: y = local.ConvBn(x, W, scale, bias, mean, var); the BN lives in the function."""
+    base = layer_bn("Conv", bias=False)
+    params = [t.name for t in base.graph.initializer]  # layer.W, bn.scale, bn.bias, ...
+    inner = [f"p{i}" for i in range(len(params))]
+    function = helper.make_function(
+        "local",
+        "ConvBn",
+        ["x", *inner],
+        ["y"],
+        [
+            helper.make_node("Conv", ["x", inner[0]], ["h"], name="conv"),
+            helper.make_node("BatchNormalization", ["h", *inner[1:5]], ["y"], name="bn"),
+        ],
+        opset_imports=[helper.make_opsetid("", 15)],
+    )
+    call = helper.make_node("ConvBn", ["x", *params], ["y"], domain="local", name="call")
+    graph = helper.make_graph(
+        [call],
+        "main",
+        list(base.graph.input),
+        list(base.graph.output),
+        list(base.graph.initializer),
+    )
+    return helper.make_model(
+        graph,
+        functions=[function],
+        opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local", 1)],
+        ir_version=8,
+    )
+
+
+def test_bn_inside_a_model_local_function_is_reported_not_folded(tmp_path: Path) -> None:
+    model = _conv_bn_in_a_function()
+    onnx.checker.check_model(model, full_check=True)
+    fused, result, _ = fuse_proto(model, tmp_path)
+    assert not result.folded
+    [skipped] = result.skipped
+    assert skipped.skip is Skip.UNSUPPORTED and skipped.graph == "function local::ConvBn"
+    assert "inline them first" in (skipped.reason or "")
+    assert [n.op_type for n in fused.functions[0].node] == ["Conv", "BatchNormalization"]
+    # The hint works: inlined, the same BatchNorm folds, and the outputs agree.
+    inlined = onnx.inliner.inline_local_functions(model)
+    fused_inlined, result_inlined, _ = fuse_proto(inlined, tmp_path, "inlined")
+    assert len(result_inlined.folded) == 1 and "BatchNormalization" not in op_types(fused_inlined)
+    feeds = random_feeds(model)
+    assert_same_outputs(run_reference(model, feeds), run_reference(fused_inlined, feeds), 1e-5)
