@@ -13,6 +13,8 @@ import pytest
 from bnfuse.cli import main
 from sample_models.models import layer_bn, with_extra_output
 
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exc:
@@ -193,3 +195,32 @@ def test_fuse_and_verify_open_each_model_once(
     code, _, err = run_cli([str(model_path), "-o", str(out_path), "-q"], capsys)
     assert code == 0, err
     assert sorted(opened) == ["fused.onnx", "model.onnx"]
+
+
+def test_onnx_ir_warnings_stay_off_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value_info with a shape but no type: onnx-ir drops it on writing, and warns; we do not."""
+    model = onnx.load(str(SAMPLES / "skip_training_mode.onnx"))  # 'h' survives: nothing folds
+    for info in model.graph.value_info:
+        if info.name == "h":
+            info.type.tensor_type.ClearField("elem_type")
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bnfuse",
+            str(src),
+            "-o",
+            str(tmp_path / "f.onnx"),
+            "-q",
+            "--no-verify",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""

@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,10 @@ def load(path: Path) -> LoadedModel:
         raise InputError(f"{path}: no such file")
     if not path.is_file():
         raise InputError(f"{path}: not a file")
-    serde_log = logging.getLogger("onnx_ir")
-    level = serde_log.level
-    serde_log.setLevel(logging.ERROR)  # its warnings about invalid graphs: we say it in one line
     try:
-        light = _load_light(path)
-        model = light.model if light is not None else ir.load(path)
+        with _onnx_ir_quiet():
+            light = _load_light(path)
+            model = light.model if light is not None else ir.load(path)
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
     except Exception as exc:  # protobuf raises DecodeError, onnx-ir SerdeError...
@@ -100,8 +99,6 @@ def load(path: Path) -> LoadedModel:
             f"{path}: not a readable ONNX model ({_root_cause(exc)})",
             hint="expected an ONNX protobuf file (.onnx)",
         ) from exc
-    finally:
-        serde_log.setLevel(level)
     if model.ir_version <= 0 or not model.opset_imports:
         raise InputError(
             f"{path}: not an ONNX model (no IR version or opset import)",
@@ -138,6 +135,18 @@ def load(path: Path) -> LoadedModel:
 class _Light:
     model: ir.Model
     file: MappedFile
+
+
+@contextmanager
+def _onnx_ir_quiet() -> Iterator[None]:
+    """onnx-ir logs warnings about graphs it reads or writes; bnfuse says what matters itself."""
+    log = logging.getLogger("onnx_ir")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _load_light(path: Path) -> _Light | None:
@@ -295,13 +304,14 @@ def save(model: ir.Model, output: Path, *, external_data: bool) -> list[Path]:
     try:
         tmp_model = tmpdir / output.name
         written = [output]
-        if external_data:
-            data = external_data_path(output)
-            if _write_external(model, tmp_model, tmpdir / data.name, data.name):
-                os.replace(tmpdir / data.name, data)
-                written.append(data)
-        else:
-            _write_inline(model, tmp_model)
+        with _onnx_ir_quiet():
+            if external_data:
+                data = external_data_path(output)
+                if _write_external(model, tmp_model, tmpdir / data.name, data.name):
+                    os.replace(tmpdir / data.name, data)
+                    written.append(data)
+            else:
+                _write_inline(model, tmp_model)
         os.replace(tmp_model, output)
         return written
     except OSError as exc:
