@@ -40,6 +40,7 @@ def test_bad_input(
         assert code == 2, text + err
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("bnfuse: error: "), err
+        assert "--debug" not in err, f"an unforeseen error, not a diagnosis: {err}"
         assert list(out.parent.iterdir()) == [], "an output was left behind"
     else:
         # valid models: the pair is skipped with its reason (or, without verification, a

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -139,12 +140,19 @@ class _Light:
 
 @contextmanager
 def _onnx_ir_quiet() -> Iterator[None]:
-    """onnx-ir logs warnings about graphs it reads or writes; bnfuse says what matters itself."""
+    """onnx-ir logs warnings about graphs it reads or writes; bnfuse says what matters itself.
+
+    One warning is an error here: an external-data key it does not know (a
+    mangled "offset" would otherwise read the weight from offset 0).
+    """
     log = logging.getLogger("onnx_ir")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.filterwarnings("error", message="Ignoring unknown external data key")
+            yield
     finally:
         log.setLevel(level)
 
@@ -244,6 +252,11 @@ def _check_tensor(tensor: ir.TensorProtocol, path: Path) -> None:
 
 def _check_external(tensor: ir.ExternalTensor, folder: Path, path: Path) -> Path:
     """The resolved data file; refuse locations outside the model's folder, and missing files."""
+    if not isinstance(tensor.location, str) or not tensor.location or "\0" in tensor.location:
+        raise InputError(
+            f"{path}: tensor '{tensor.name}' names its external data file as "
+            f"{tensor.location!r}, which is not a file name"
+        )
     location = Path(tensor.location)
     data = (Path(tensor.base_dir) / location).resolve()
     if location.is_absolute() or not data.is_relative_to(folder):

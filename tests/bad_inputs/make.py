@@ -108,6 +108,35 @@ def external_data_outside(path: Path) -> None:
     (path.parent / f"{path.name}.data").unlink()
 
 
+def _external_with(path: Path, key: str, value: str, new_key: str | None = None) -> None:
+    """A model with external data whose first tensor's ``key`` entry is rewritten."""
+    onnx.save(
+        _valid(), path, save_as_external_data=True, location=f"{path.name}.data", size_threshold=0
+    )
+    m = onnx.load(str(path), load_external_data=False)
+    for entry in m.graph.initializer[0].external_data:
+        if entry.key == key:
+            entry.key, entry.value = new_key or key, value
+    onnx.save(m, path)
+
+
+def external_key_mangled(path: Path) -> None:
+    """'offset' spelled wrong: read naively, the weight would come from offset 0."""
+    onnx.save(
+        _valid(), path, save_as_external_data=True, location=f"{path.name}.data", size_threshold=0
+    )
+    m = onnx.load(str(path), load_external_data=False)
+    for t in m.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "offset" and entry.value != "0":
+                entry.key = "ofset"
+    onnx.save(m, path)
+
+
+def external_location_nul(path: Path) -> None:
+    _external_with(path, "location", f"{path.name}.data\0.txt")
+
+
 def unknown_opset(path: Path) -> None:
     m = _valid()
     m.opset_import[0].version = 999
@@ -177,6 +206,8 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "channel_mismatch.onnx": (channel_mismatch, "error"),
     "missing_external_data.onnx": (missing_external_data, "error"),
     "external_data_outside.onnx": (external_data_outside, "error"),
+    "external_key_mangled.onnx": (external_key_mangled, "error"),
+    "external_location_nul.onnx": (external_location_nul, "error"),
     "unknown_opset.onnx": (unknown_opset, "error"),
     "absurd_dims.onnx": (absurd_dims, "error"),
     "zero_channel_conv.onnx": (zero_channel_conv, "skip"),
