@@ -32,7 +32,9 @@ def detect(path: Path) -> Format:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, ValueError, NotImplementedError, EOFError):
+        # not a zip; or a damaged one (zipfile raises UnicodeDecodeError for a mangled
+        # name, NotImplementedError for a mangled version)
         with open(path, "rb") as fh:
             head = fh.read(2)
         torch_suffix = path.suffix.lower() in (".pt", ".pt2", ".pth", ".pkl", ".bin")

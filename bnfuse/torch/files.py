@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bnfuse.errors import BnfuseError, InputError, OutputError
+from bnfuse.errors import BnfuseError, InputError, ModelError, OutputError
 from bnfuse.formats import Format
 from bnfuse.result import FuseResult
 
@@ -153,6 +153,15 @@ def _atomic(output: Path, write: Callable[[Path], None]) -> None:
         os.replace(tmp, output)
     except OSError as exc:
         raise OutputError(f"{output}: cannot write it ({exc.strerror or exc})") from exc
+    except BnfuseError:
+        raise
+    except Exception as exc:  # torch serialisation: e.g. a damaged record it reads only now
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelError(
+            f"{output}: torch cannot write the fused model ({type(exc).__name__}: {first})",
+            hint="TorchScript reads some records of its input only when saving; check that the "
+            "input loads and saves in torch",
+        ) from exc
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 

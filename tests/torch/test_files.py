@@ -14,6 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+import bnfuse  # noqa: E402
 from bnfuse import Skip  # noqa: E402
 from bnfuse.api import fuse_file  # noqa: E402
 from sample_models.models import layer_bn  # noqa: E402
@@ -261,3 +262,43 @@ def test_pt2_with_pickled_entries_is_refused_unless_trusted(
     assert "--trust-pickle" in err and not (tmp_path / "f.pt2").exists()
     code, _, err = run_cli(["inspect", str(clean)], capsys)
     assert code == 0, err  # a plain archive loads without asking
+
+
+def test_torchscript_that_fails_to_save_gives_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TorchScript reads some records of its input only when saving: a damaged one fails there."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    src = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.trace(net, torch.randn(1, 3, 8, 8)), str(src))
+
+    def damaged(*args: object, **kwargs: object) -> None:  # what a mangled record gave, fuzzed
+        raise RuntimeError("Expected PROTO opcode at the start of pickle archive, found 32")
+
+    monkeypatch.setattr(torch.jit, "save", damaged)
+    with pytest.raises(bnfuse.BnfuseError, match="torch cannot write the fused model"):
+        fuse_file(src, tmp_path / "f.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UnicodeDecodeError("utf-8", b"\xf1", 0, 1, "invalid"),
+        NotImplementedError("zip file version 6.4"),
+    ],
+    ids=["mangled_name", "mangled_version"],
+)
+def test_zip_that_zipfile_cannot_parse_is_a_damaged_archive(
+    error: Exception, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "m.pt"
+    src.write_bytes(b"PK\x03\x04" + bytes(60))
+
+    class Broken:
+        def __init__(self, *args: object) -> None:
+            raise error
+
+    monkeypatch.setattr(zipfile, "ZipFile", Broken)
+    with pytest.raises(bnfuse.BnfuseError, match="a damaged zip archive"):
+        fuse_file(src, tmp_path / "f.pt")
