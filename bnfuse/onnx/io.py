@@ -47,8 +47,10 @@ _GRAPH_MARGIN = 64 * 2**20
 # Tensors smaller than this stay inside the protobuf message, when reading and when
 # writing, inline or with external data (as onnx does).
 EXTERNAL_THRESHOLD = THRESHOLD
-# Large external tensors start at a multiple of this, so onnxruntime can map them.
+# External tensors of ALIGN_FROM bytes or more start at a multiple of ALIGNMENT, so
+# onnxruntime can map them.
 ALIGNMENT = 4096
+ALIGN_FROM = 64 * 2**10
 
 
 @dataclass
@@ -424,7 +426,7 @@ def _write_external(model: ir.Model, path: Path, data_path: Path, location: str)
     streamed = _streamed(all_graphs(model.graph), all_types=True)
     offset = 0
     for item in streamed:
-        if item.tensor.nbytes >= 64 * 1024:
+        if item.tensor.nbytes >= ALIGN_FROM:
             offset = -(-offset // ALIGNMENT) * ALIGNMENT
         item.offset = offset
         offset += item.tensor.nbytes
@@ -461,8 +463,6 @@ def _write_tensor(fd: int, tensor: ir.TensorProtocol) -> None:
             mapped.copy_to(found[0], found[1], n, fd)
             return
         data: bytes | memoryview = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
-        if isinstance(tensor, ir.Tensor):
-            mapped.release(array)
     else:
         data = tensor.tobytes()
     if len(data) != n:

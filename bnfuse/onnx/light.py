@@ -12,7 +12,6 @@ all.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import onnx
 from onnx import TensorProto
 
 from bnfuse.onnx import wire
+from bnfuse.onnx.mapped import LITTLE_ENDIAN
 
 # Initializers with less raw data than this stay inside the message (as onnx's
 # external-data threshold).
@@ -57,7 +57,7 @@ def light_proto(path: Path) -> Any:
     it, and reports what is wrong in its own words.
     """
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
-    if fmt not in (None, "protobuf") or sys.byteorder != "little" or not hasattr(os, "pread"):
+    if fmt not in (None, "protobuf") or not LITTLE_ENDIAN or not hasattr(os, "pread"):
         return None  # text formats; big-endian hosts; no pread (Windows): protobuf reads it
     fd = os.open(path, os.O_RDONLY)
     try:
