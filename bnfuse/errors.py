@@ -21,6 +21,13 @@ class BnfuseError(Exception):
         return self.message if self.hint is None else f"{self.message} ({self.hint})"
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): libraries'
+    messages run to tracebacks and dumps, and bnfuse reports on one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class InputError(BnfuseError):
     """The input file is missing, unreadable, or not a model bnfuse can read."""
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bnfuse.errors import InputError, ModelError, OutputError
+from bnfuse.errors import InputError, ModelError, OutputError, first_line
 from bnfuse.onnx import mapped, wire
 from bnfuse.onnx.light import INLINE, MAPPABLE, THRESHOLD, light_proto
 from bnfuse.onnx.mapped import MappedFile
@@ -474,5 +474,5 @@ def _root_cause(exc: BaseException) -> str:
     root = exc
     while root.__cause__ is not None:  # onnx-ir wraps the real reason
         root = root.__cause__
-    text = str(root).strip().splitlines()[0] if str(root).strip() else ""
+    text = first_line(root)
     return f"{type(root).__name__}: {text[:200]}" if text else type(root).__name__

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bnfuse.errors import BnfuseError, InputError, ModelError, OutputError
+from bnfuse.errors import BnfuseError, InputError, ModelError, OutputError, first_line
 from bnfuse.formats import Format
 from bnfuse.result import FuseResult
 
@@ -156,9 +156,9 @@ def _atomic(output: Path, write: Callable[[Path], None]) -> None:
     except BnfuseError:
         raise
     except Exception as exc:  # torch serialisation: e.g. a damaged record it reads only now
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ModelError(
-            f"{output}: torch cannot write the fused model ({type(exc).__name__}: {first})",
+            f"{output}: torch cannot write the fused model "
+            f"({type(exc).__name__}: {first_line(exc)[:200]})",
             hint="TorchScript reads some records of its input only when saving; check that the "
             "input loads and saves in torch",
         ) from exc

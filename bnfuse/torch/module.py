@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from bnfuse.errors import BnfuseError
+from bnfuse.errors import BnfuseError, first_line
 from bnfuse.result import FuseResult
 from bnfuse.torch.fx_fuse import fuse_graph_module, op_counts
 
@@ -32,18 +32,18 @@ def capture(module: nn.Module, example_inputs: Sequence[Any] | None) -> fx.Graph
     try:
         gm = fx.symbolic_trace(clone)
     except Exception as fx_exc:
+        fx_why = f"{type(fx_exc).__name__}: {first_line(fx_exc) or 'no message'}"
         if example_inputs is None:
             raise BnfuseError(
-                f"torch.fx cannot trace {type(module).__name__} ({type(fx_exc).__name__}: "
-                f"{_first_line(fx_exc)})",
+                f"torch.fx cannot trace {type(module).__name__} ({fx_why})",
                 hint="pass example_inputs so that torch.export can capture it",
             ) from fx_exc
         try:
             exported = torch.export.export(clone, tuple(example_inputs))
         except Exception as export_exc:
+            export_why = f"{type(export_exc).__name__}: {first_line(export_exc) or 'no message'}"
             raise BnfuseError(
-                f"neither torch.fx ({type(fx_exc).__name__}: {_first_line(fx_exc)}) nor "
-                f"torch.export ({type(export_exc).__name__}: {_first_line(export_exc)}) "
+                f"neither torch.fx ({fx_why}) nor torch.export ({export_why}) "
                 f"can capture {type(module).__name__}"
             ) from export_exc
         return exported.module()
@@ -52,11 +52,6 @@ def capture(module: nn.Module, example_inputs: Sequence[Any] | None) -> fx.Graph
 
         ShapeProp(gm).propagate(*example_inputs)
     return gm
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no message"
 
 
 def fuse_module(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> FusedModule:

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from bnfuse.errors import BnfuseError, InputError
+from bnfuse.errors import BnfuseError, InputError, first_line
 
 Feeds = dict[str, np.ndarray]
 
@@ -80,7 +80,7 @@ class OnnxRuntimeRunner:
         try:
             self._session = ort.InferenceSession(source, options, providers=[_PROVIDER[device]])
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc) or type(exc).__name__
             raise InputError(f"{name}: onnxruntime cannot load it: {first}") from exc
         if _PROVIDER[device] not in self._session.get_providers():
             raise BnfuseError(f"{name}: onnxruntime did not place it on {device}")
@@ -90,6 +90,6 @@ class OnnxRuntimeRunner:
         try:
             values = self._session.run(None, feeds)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc) or type(exc).__name__
             raise InputError(f"{self._name}: onnxruntime failed to run it: {first}") from exc
         return {n: np.asarray(v) for n, v in zip(self.output_names, values, strict=True)}
