@@ -158,20 +158,19 @@ def fold_weight(w: Array, scale: F64, axis: int, groups: int = 1) -> F64:
     """
     w64 = np.array(w, dtype=np.float64)  # a fresh copy: scaled in place below
     if groups == 1 or axis == 0:
-        if w64.shape[axis] != scale.shape[0]:
-            raise FoldError(
-                f"weight has {w64.shape[axis]} output channels, BatchNorm has {scale.shape[0]}"
-            )
+        _require_channels(w64.shape[axis], scale)
         w64 *= scale.reshape(_channel_view(w64.ndim, axis, scale.shape[0]))
         return w64
     per_group = w64.shape[1]
-    if per_group * groups != scale.shape[0]:
-        raise FoldError(
-            f"weight has {per_group * groups} output channels, BatchNorm has {scale.shape[0]}"
-        )
+    _require_channels(per_group * groups, scale)
     g = _grouped(w64, axis, groups)
     g *= scale.reshape(groups, 1, per_group, *([1] * (w64.ndim - 2)))
     return w64
+
+
+def _require_channels(channels: int, scale: F64) -> None:
+    if channels != scale.shape[0]:
+        raise FoldError(f"weight has {channels} output channels, BatchNorm has {scale.shape[0]}")
 
 
 BLOCK_ELEMENTS = 1 << 18  # float64 temporaries of 2 MB: they stay in cache
@@ -189,10 +188,7 @@ def fold_weight_rounded(
     rows = a.shape[0] if a.ndim else 0
     if groups != 1 or axis not in (0, 1) or rows == 0 or a.size <= BLOCK_ELEMENTS:
         return round_to(fold_weight(a, scale, axis, groups), dtype)
-    if a.shape[axis] != scale.shape[0]:
-        raise FoldError(
-            f"weight has {a.shape[axis]} output channels, BatchNorm has {scale.shape[0]}"
-        )
+    _require_channels(a.shape[axis], scale)  # for the whole weight, not one block
     out = np.empty(a.shape, np.dtype(dtype))
     step = max(1, BLOCK_ELEMENTS // (a.size // rows))
     for start in range(0, rows, step):
