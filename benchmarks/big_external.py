@@ -16,15 +16,16 @@ folded weights of three layers equal to the exact float64 fold rounded once
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers
 
 WIDTH = 1024
 LAYER_BYTES = WIDTH * WIDTH * 9 * 4
@@ -81,12 +82,10 @@ def build(folder: Path, depth: int, seed: int = 0) -> Path:
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS in MB, of ``cmd`` run under GNU time."""
-    with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
-        start = time.perf_counter()
-        subprocess.run(["/usr/bin/time", "-q", "-f", "%M", "-o", rss.name, *cmd], check=True)
-        elapsed = time.perf_counter() - start
-        peak_kb = int(Path(rss.name).read_text().split()[-1])
+    """Wall seconds and peak RSS in MB, of ``cmd`` run under GNU time (peers.timed)."""
+    elapsed, peak_kb, code, stderr = peers.timed(cmd)
+    if code != 0:
+        raise SystemExit(f"{cmd[0]} failed ({code}): {stderr.strip()[-500:]}")
     return elapsed, peak_kb / 1024
 
 
