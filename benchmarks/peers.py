@@ -121,15 +121,18 @@ def chain(width: int, depth: int, dtype: type = np.float32, seed: int = 0) -> on
     return onnx.shape_inference.infer_shapes(model)  # onnxsim insists on output shapes
 
 
+def sized_chain(mb: int, folder: Path) -> Path:
+    """A float32 chain of at least ``mb`` MB, saved in ``folder``."""
+    width = 256 if mb <= 30 else 512
+    # The first layer reads 3 channels (next to nothing); the rest make the size.
+    depth = 1 + math.ceil(mb * 2**20 / (36 * width * width))
+    path = folder / f"chain_{width}x{depth}_fp32.onnx"
+    onnx.save(chain(width, depth), path)
+    return path
+
+
 def generated(sizes_mb: list[int], folder: Path) -> list[Path]:
-    paths = []
-    for mb in sizes_mb:
-        width = 256 if mb <= 30 else 512
-        # The first layer reads 3 channels (next to nothing); the rest make the size.
-        depth = 1 + math.ceil(mb * 2**20 / (36 * width * width))
-        path = folder / f"chain_{width}x{depth}_fp32.onnx"
-        onnx.save(chain(width, depth), path)
-        paths.append(path)
+    paths = [sized_chain(mb, folder) for mb in sizes_mb]
     path = folder / "chain_512x3_fp16.onnx"
     onnx.save(chain(512, 3, np.float16), path)
     paths.append(path)

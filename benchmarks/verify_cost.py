@@ -17,17 +17,14 @@ Both include reading the model files (page cache warm: each was read before).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import onnx
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import chain
+from peers import sized_chain
 
 ONE_INFERENCE = """
 import sys, time, numpy as np, onnxruntime as ort
@@ -78,12 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         models = list(args.models)
-        for mb in args.sizes:
-            width = 256 if mb <= 30 else 512
-            depth = 1 + math.ceil(mb * 2**20 / (36 * width * width))
-            path = folder / f"chain_{width}x{depth}_fp32.onnx"
-            onnx.save(chain(width, depth), path)
-            models.append(path)
+        models += [sized_chain(mb, folder) for mb in args.sizes]
         for model in models:
             fused = folder / f"fused_{model.name}"
             bnfuse.fuse(model, fused, force=True)
