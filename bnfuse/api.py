@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
+from bnfuse import outputs
 from bnfuse.errors import OutputError
 from bnfuse.formats import TORCH_FORMATS, detect, require_torch
 from bnfuse.onnx import io, match
@@ -62,11 +63,16 @@ def fuse_file(
     dry_run: bool = False,
     trust_pickle: bool = False,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
+    also_writes: Sequence[tuple[str, Path]] = (),
+    also_reads: Sequence[tuple[str, Path]] = (),
 ) -> FuseResult:
     """Fuse a model file: ONNX, TorchScript (.pt) or ExportedProgram (.pt2).
 
     The format comes from the file's content. A PyTorch input may be written
-    as ``.onnx`` (fused, then exported) or in its own format.
+    as ``.onnx`` (fused, then exported) or in its own format. ``also_writes``
+    (the caller's reports) and ``also_reads`` (its input data) are checked
+    with the output under one set of rules (bnfuse.outputs) before anything
+    is written.
     """
     path = Path(input)
     out = Path(output) if output is not None else None
@@ -83,12 +89,16 @@ def fuse_file(
             dry_run=dry_run,
             trust_pickle=trust_pickle,
             input_shapes=input_shapes,
+            also_writes=also_writes,
+            also_reads=also_reads,
         )
     if out is not None and out.suffix.lower() in (".pt", ".pt2", ".pth"):
         raise OutputError(
             f"{out}: bnfuse writes an ONNX input as ONNX", hint="name the output .onnx"
         )
-    return fuse_onnx(path, out, force=force, dry_run=dry_run)
+    return fuse_onnx(
+        path, out, force=force, dry_run=dry_run, also_writes=also_writes, also_reads=also_reads
+    )
 
 
 MAX_ROUNDS = 16
@@ -125,6 +135,8 @@ def fuse_onnx(
     *,
     force: bool = False,
     dry_run: bool = False,
+    also_writes: Sequence[tuple[str, Path]] = (),
+    also_reads: Sequence[tuple[str, Path]] = (),
 ) -> FuseResult:
     """Fold every legal BatchNorm of the ONNX model at ``input`` into its layer.
 
@@ -138,7 +150,10 @@ def fuse_onnx(
     source = io.load(Path(input))
     out = Path(output) if output is not None else None
     if out is not None and not dry_run:
-        io.check_output_path(source, out, force=force)
+        targets = [*io.output_targets(source, out), *also_writes]
+        outputs.check_targets(targets, [*io.files_read(source), *also_reads], force=force)
+    elif also_writes:
+        outputs.check_targets(also_writes, [*io.files_read(source), *also_reads], force=force)
     before = op_counts(source.model)
     candidates = fold_all(source.model)
     result = FuseResult(
@@ -151,5 +166,7 @@ def fuse_onnx(
     if result.dry_run:
         return result
     assert out is not None
-    result.outputs = io.save(source.model, out, external_data=io.needs_external_data(source))
+    result.outputs = io.save(
+        source.model, out, external_data=io.needs_external_data(source), force=force
+    )
     return result

@@ -10,6 +10,7 @@ Exit codes (stable; scripts rely on them):
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +116,11 @@ def _run(debug: bool, what: str, func: Callable[[], T]) -> T:
         raise
     except BnfuseError as exc:
         _fail(exc, debug)
+    except MemoryError:
+        if debug:
+            raise
+        typer.echo(f"bnfuse: error: {what}: not enough memory; nothing was written", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
     except Exception as exc:  # a bug, or a model no check foresaw: one line, exit 2
         if debug:
             raise
@@ -179,10 +185,10 @@ def _verify_with_progress(
         return verify_models(original, candidate, options, on_step=on_step, opened=opened)
 
 
-def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool) -> None:
+def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool, force: bool) -> None:
     from bnfuse.report.batch import print_batch_summary, write_batch_reports
 
-    write_batch_reports(reports, result)
+    write_batch_reports(reports, result, force=force)
     if not quiet:
         from rich.console import Console
 
@@ -195,11 +201,21 @@ def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool) -> None
 
 
 def _finish(
-    fusion: FuseResult | None, verification: VerifyResult | None, reports: list[Path], quiet: bool
+    fusion: FuseResult | None,
+    verification: VerifyResult | None,
+    reports: list[Path],
+    quiet: bool,
+    force: bool,
 ) -> None:
+    from bnfuse import outputs
     from bnfuse.report import write_reports
 
-    write_reports(reports, fusion, verification)
+    try:
+        write_reports(reports, fusion, verification, force=force)
+    except BaseException:
+        if fusion is not None:  # the run ends in an error: its model goes too
+            outputs.remove(fusion.outputs)
+        raise
     if not quiet:
         from rich.console import Console
 
@@ -227,9 +243,12 @@ def fuse_command(
         ),
     ],
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            "--output", "-o", help="Where to write the fused model (a folder in batch mode)."
+            "--output",
+            "-o",
+            help="Where to write the fused model (a folder in batch mode).",
+            show_default=False,
         ),
     ] = None,
     jobs: Annotated[
@@ -289,12 +308,26 @@ def fuse_command(
         if output is None or dry_run:
             typer.echo("bnfuse: error: batch mode needs -o OUTDIR (and no --dry-run)", err=True)
             raise typer.Exit(EXIT_USAGE)
+        outdir = Path(output)
+        if Path(output).suffix.lower() in _MODEL_SUFFIXES and not outdir.is_dir():
+            typer.echo(
+                f"bnfuse: error: -o {output}: batch mode writes each model into a folder, and "
+                "this names a file (give a folder, e.g. -o fused/)",
+                err=True,
+            )
+            raise typer.Exit(EXIT_USAGE)
 
         def batch() -> BatchResult:
-            from bnfuse.batch import run_batch
+            from bnfuse import outputs
+            from bnfuse.batch import expand, run_batch
             from bnfuse.report import check_report_paths
 
-            check_report_paths(reports)
+            targets = check_report_paths(reports)
+            if targets:
+                reads = [("an input model", src) for src, _ in expand(inputs)]
+                if inputs_file is not None:
+                    reads.append(("the --inputs file", inputs_file))
+                outputs.check_targets(targets, reads, force=force)
             options = (
                 None
                 if no_verify
@@ -311,19 +344,27 @@ def fuse_command(
                 )
             )
             return run_batch(
-                inputs, output, jobs=jobs, force=force, verify=options, trust_pickle=trust_pickle
+                inputs, outdir, jobs=jobs, force=force, verify=options, trust_pickle=trust_pickle
             )
 
         result = _run(debug, "batch", batch)
-        _run(debug, "report", lambda: _finish_batch(result, reports, quiet))
+        _run(debug, "report", lambda: _finish_batch(result, reports, quiet, force))
         return
     input = Path(inputs[0])
+    if output is not None and output.endswith(("/", os.sep)) and not dry_run:
+        typer.echo(
+            f"bnfuse: error: -o {output}: a trailing slash names a folder, and one model is "
+            f"written to a file (e.g. -o {output}fused{_suffix_for(input)})",
+            err=True,
+        )
+        raise typer.Exit(EXIT_USAGE)
+    out = Path(output) if output is not None else None
 
     def work() -> tuple[FuseResult, VerifyResult | None]:
         from bnfuse.api import fuse_file
         from bnfuse.report import check_report_paths
 
-        check_report_paths(reports)
+        targets = check_report_paths(reports)
         options = _verify_options(
             device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle
         )
@@ -333,20 +374,30 @@ def fuse_command(
 
             opened = preflight(input, options)
         result = fuse_file(
-            input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle,
-            input_shapes=options.input_shapes,
+            input, out, force=force, dry_run=dry_run, trust_pickle=trust_pickle,
+            input_shapes=options.input_shapes, also_writes=targets,
+            also_reads=[("the --inputs file", inputs_file)] if inputs_file is not None else [],
         )  # fmt: skip
-        if dry_run or no_verify or output is None:
+        if dry_run or no_verify or out is None:
             return result, None
         try:
-            return result, _verify_with_progress(input, output, options, quiet, opened)
-        except BnfuseError:
-            for written in result.outputs:  # no output file on failure
-                written.unlink(missing_ok=True)
+            return result, _verify_with_progress(input, out, options, quiet, opened)
+        except BaseException:  # an error, Ctrl-C or SIGTERM: no unverified output is left
+            from bnfuse import outputs
+
+            outputs.remove(result.outputs)
             raise
 
     fusion, verification = _run(debug, str(input), work)
-    _run(debug, "report", lambda: _finish(fusion, verification, reports, quiet))
+    _run(debug, "report", lambda: _finish(fusion, verification, reports, quiet, force))
+
+
+_MODEL_SUFFIXES = (".onnx", ".pt", ".pt2", ".pth")
+
+
+def _suffix_for(input: Path) -> str:
+    suffix = input.suffix.lower()
+    return suffix if suffix in _MODEL_SUFFIXES else ".onnx"
 
 
 @app.command("verify")
@@ -362,6 +413,9 @@ def verify_command(
     atol: Atol = None,
     rtol: Rtol = None,
     report: Reports = None,
+    force: Annotated[
+        bool, typer.Option("--force", "-f", help="Replace existing report files.")
+    ] = False,
     quiet: Quiet = False,
     debug: Debug = False,
 ) -> None:
@@ -372,14 +426,23 @@ def verify_command(
     reports = report or []
 
     def work() -> VerifyResult:
+        from bnfuse import outputs
         from bnfuse.report import check_report_paths
+        from bnfuse.verify.sources import files_read
 
-        check_report_paths(reports)
+        targets = check_report_paths(reports)
+        if targets:
+            reads = [
+                *files_read(original, "the original model"),
+                *files_read(candidate, "the candidate model"),
+                *([("the --inputs file", inputs)] if inputs is not None else []),
+            ]
+            outputs.check_targets(targets, reads, force=force)
         options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
         return _verify_with_progress(original, candidate, options, quiet)
 
     verification = _run(debug, str(candidate), work)
-    _run(debug, "report", lambda: _finish(None, verification, reports, quiet))
+    _run(debug, "report", lambda: _finish(None, verification, reports, quiet, force))
 
 
 @app.command("inspect")
@@ -431,9 +494,31 @@ def _root() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point; ``bnfuse IN ...`` routes to ``bnfuse fuse IN ...``.
 
-    Usage errors exit 2 (click's own code for them), as the contract says.
+    Usage errors exit 2 (click's own code for them), as the contract says. As
+    the ``bnfuse`` command (``argv`` None) the work runs in a child process
+    that a crash cannot take the cleanup with (bnfuse.supervise); called with
+    ``argv`` (tests, embedding) it runs here.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
         args.insert(0, "fuse")
-    app(args=args, prog_name="bnfuse")
+    from bnfuse import supervise
+
+    if argv is None and supervise.available() and not os.environ.get("BNFUSE_IN_PROCESS"):
+        raise SystemExit(supervise.run(lambda: _exit_code(args)))
+    raise SystemExit(_exit_code(args))
+
+
+def _exit_code(args: list[str]) -> int:
+    """Run the app; SIGTERM, SIGHUP and Ctrl-C end it after cleanup, with 128 + the signal."""
+    from bnfuse.outputs import Terminated, terminate_on_signals
+
+    try:
+        with terminate_on_signals():
+            app(args=args, prog_name="bnfuse")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Terminated as exc:
+        typer.echo(f"bnfuse: error: stopped by {exc}; nothing partial was left behind", err=True)
+        return 128 + exc.signum
+    return 0

@@ -73,7 +73,7 @@ def test_batch_needs_an_output_folder(zoo: Path, capsys: pytest.CaptureFixture[s
     code, _, err = run_cli([str(zoo)], capsys)
     assert code == 2 and "-o" in err
     code, _, err = run_cli([str(zoo), "-o", str(zoo / "a" / "conv.onnx")], capsys)
-    assert code == 2 and "not a folder" in err
+    assert code == 2 and "names a file" in err
 
 
 def test_output_folder_inside_inputs_is_refused(

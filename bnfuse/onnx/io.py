@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -36,7 +34,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bnfuse.errors import InputError, ModelError, OutputError, first_line
+from bnfuse import outputs
+from bnfuse.errors import BnfuseError, InputError, ModelError, first_line
 from bnfuse.onnx import mapped, wire
 from bnfuse.onnx.light import INLINE, MAPPABLE, THRESHOLD, light_proto
 from bnfuse.onnx.mapped import MappedFile
@@ -274,32 +273,18 @@ def _check_external(tensor: ir.ExternalTensor, folder: Path, path: Path) -> Path
     return data
 
 
-def check_output_path(source: LoadedModel, output: Path, *, force: bool) -> None:
-    """Refuse outputs that would overwrite the input or its data, or clobber a file."""
-    if output.exists() and os.path.samefile(output, source.path):
-        raise OutputError(f"{output}: the output is the input; bnfuse never modifies its input")
-    if output.is_dir():
-        raise OutputError(f"{output}: is a folder, expected a file name")
-    if not output.parent.exists():
-        raise OutputError(f"{output.parent}: the output folder does not exist")
-    data = external_data_path(output)
-    if data.exists() and os.path.samefile(data, source.path):
-        raise OutputError(
-            f"{output}: its external data file {data.name} would be the input model itself",
-            hint="choose another output name",
-        )
-    if data.resolve() in source.data_files:
-        raise OutputError(
-            f"{output}: its external data file {data.name} is the input's own data file",
-            hint="choose another output name",
-        )
-    if output.exists() and not force:
-        raise OutputError(f"{output}: already exists", hint="pass --force to replace it")
-    if needs_external_data(source) and data.exists() and not force:
-        raise OutputError(
-            f"{data}: already exists (the output's external data goes there)",
-            hint="pass --force to replace it",
-        )
+def output_targets(source: LoadedModel, output: Path) -> list[tuple[str, Path]]:
+    """The files writing ``output`` creates: the model, and its external data file if any."""
+    targets = [("output", output)]
+    if needs_external_data(source):
+        targets.append(("the output's external data", external_data_path(output)))
+    return targets
+
+
+def files_read(source: LoadedModel) -> list[tuple[str, Path]]:
+    """Every file the model is read from: the .onnx and its external data files."""
+    data = [("the input's external data file", p) for p in sorted(source.data_files)]
+    return [("the input model", source.path), *data]
 
 
 def external_data_path(output: Path) -> Path:
@@ -313,31 +298,36 @@ def needs_external_data(source: LoadedModel) -> bool:
     )
 
 
-def save(model: ir.Model, output: Path, *, external_data: bool) -> list[Path]:
-    """Write atomically; returns the files written (model first)."""
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+def save(model: ir.Model, output: Path, *, external_data: bool, force: bool = False) -> list[Path]:
+    """Write atomically (bnfuse.outputs' rules); returns the files written (model first)."""
+    written: list[Path] = []
     try:
-        tmp_model = tmpdir / output.name
-        written = [output]
-        with _onnx_ir_quiet():
-            if external_data:
-                data = external_data_path(output)
-                if _write_external(model, tmp_model, tmpdir / data.name, data.name):
-                    os.replace(tmpdir / data.name, data)
-                    written.append(data)
-            else:
-                _write_inline(model, tmp_model)
-        os.replace(tmp_model, output)
-        return written
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write it ({exc.strerror or exc})") from exc
-    except Exception as exc:  # onnx-ir cannot serialise what it read (e.g. text not UTF-8)
+        with outputs.staging(output.parent) as tmpdir:
+            tmp_model = tmpdir / output.name
+            data = external_data_path(output)
+            with _onnx_ir_quiet():
+                if external_data:
+                    has_data = _write_external(model, tmp_model, tmpdir / data.name, data.name)
+                else:
+                    _write_inline(model, tmp_model)
+                    has_data = False
+            if has_data:
+                outputs.publish(tmpdir / data.name, data, force=force)
+                written.append(data)
+            outputs.publish(tmp_model, output, force=force)
+            written.insert(0, output)
+            return written
+    except BaseException as exc:
+        outputs.remove(written)  # the data file alone is no model
+        if isinstance(exc, OSError):
+            raise outputs.write_error(output, exc) from exc
+        if isinstance(exc, (BnfuseError, MemoryError)) or not isinstance(exc, Exception):
+            raise
+        # onnx-ir cannot serialise what it read (e.g. text not UTF-8)
         raise ModelError(
             f"{output}: cannot write the model: {_root_cause(exc)}",
             hint="the input holds fields ONNX cannot store; check it with onnx.checker",
         ) from exc
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 @dataclass

@@ -10,22 +10,23 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from bnfuse.errors import BnfuseError, OutputError
+from bnfuse import outputs
+from bnfuse.errors import BnfuseError
 from bnfuse.result import FuseResult, VerifyResult
 
 Renderer = Callable[[FuseResult | None, VerifyResult | None], str]
 SUFFIXES = (".json", ".md", ".xml", ".html")
 
 
-def check_report_paths(paths: list[Path]) -> None:
+def check_report_paths(paths: list[Path]) -> list[tuple[str, Path]]:
+    """Refuse unknown report types; the paths as outputs for bnfuse.outputs.check_targets."""
     for path in paths:
         if path.suffix.lower() not in SUFFIXES:
             raise BnfuseError(
                 f"--report {path}: unknown report type {path.suffix or '(no suffix)'!r}",
                 hint="use .json, .md, .xml (JUnit) or .html",
             )
-        if not path.parent.exists():
-            raise OutputError(f"--report {path}: the folder {path.parent} does not exist")
+    return [("--report", path) for path in paths]
 
 
 def _renderer(suffix: str) -> Renderer:
@@ -47,20 +48,44 @@ def _renderer(suffix: str) -> Renderer:
 
 
 def write_reports(
-    paths: list[Path], fusion: FuseResult | None, verification: VerifyResult | None
+    paths: list[Path],
+    fusion: FuseResult | None,
+    verification: VerifyResult | None,
+    *,
+    force: bool = False,
 ) -> None:
     """Write each report; a .md report is also appended to $GITHUB_STEP_SUMMARY when set."""
-    for path in paths:
-        text = _renderer(path.suffix.lower())(fusion, verification)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        except OSError as exc:
-            raise OutputError(f"--report {path}: cannot write it ({exc.strerror or exc})") from exc
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary and any(p.suffix.lower() == ".md" for p in paths):
-        from bnfuse.report import markdown
+    write_texts(
+        paths,
+        lambda path: _renderer(path.suffix.lower())(fusion, verification),
+        force=force,
+    )
 
+
+def write_texts(paths: list[Path], render: Callable[[Path], str], *, force: bool) -> None:
+    """Write ``render(path)`` to each path, by bnfuse.outputs' rules; all or none.
+
+    If one cannot be written, those already written are removed. The .md text
+    is appended to $GITHUB_STEP_SUMMARY when that is set.
+    """
+    written: list[Path] = []
+    path = Path()
+    try:
+        for path in paths:
+            text = render(path)
+            with outputs.staging(path.parent) as tmpdir:
+                tmp = tmpdir / path.name
+                tmp.write_text(text, encoding="utf-8")
+                outputs.publish(tmp, path, force=force)
+            written.append(path)
+    except OSError as exc:
+        outputs.remove(written)
+        raise outputs.write_error(path, exc, "--report") from exc
+    except BaseException:
+        outputs.remove(written)
+        raise
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    markdown = next((p for p in paths if p.suffix.lower() == ".md"), None)
+    if summary and markdown is not None:
         with open(summary, "a", encoding="utf-8") as fh:
-            fh.write(markdown.render(fusion, verification))
+            fh.write(render(markdown))

@@ -153,15 +153,7 @@ RENDERERS = {
 }
 
 
-def write_batch_reports(paths: list[Path], result: BatchResult) -> None:
-    import os
+def write_batch_reports(paths: list[Path], result: BatchResult, *, force: bool = False) -> None:
+    from bnfuse.report import write_texts
 
-    for path in paths:
-        text = RENDERERS[path.suffix.lower()](result)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary and any(p.suffix.lower() == ".md" for p in paths):
-        with open(summary, "a", encoding="utf-8") as fh:
-            fh.write(render_markdown(result))
+    write_texts(paths, lambda path: RENDERERS[path.suffix.lower()](result), force=force)

@@ -18,16 +18,14 @@ A .pt2 archive is read only when its weights and constants are raw tensors
 from __future__ import annotations
 
 import inspect
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from bnfuse import outputs
 from bnfuse.errors import BnfuseError, InputError, ModelError, OutputError, first_line
 from bnfuse.formats import Format
 from bnfuse.result import FuseResult
@@ -145,15 +143,15 @@ def exported_dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...]
     return tuple(shapes)
 
 
-def _atomic(output: Path, write: Callable[[Path], None]) -> None:
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+def _atomic(output: Path, write: Callable[[Path], None], *, force: bool) -> None:
     try:
-        tmp = tmpdir / output.name
-        write(tmp)
-        os.replace(tmp, output)
+        with outputs.staging(output.parent) as tmpdir:
+            tmp = tmpdir / output.name
+            write(tmp)
+            outputs.publish(tmp, output, force=force)
     except OSError as exc:
-        raise OutputError(f"{output}: cannot write it ({exc.strerror or exc})") from exc
-    except BnfuseError:
+        raise outputs.write_error(output, exc) from exc
+    except (BnfuseError, MemoryError):
         raise
     except Exception as exc:  # torch serialisation: e.g. a damaged record it reads only now
         raise ModelError(
@@ -162,17 +160,6 @@ def _atomic(output: Path, write: Callable[[Path], None]) -> None:
             hint="TorchScript reads some records of its input only when saving; check that the "
             "input loads and saves in torch",
         ) from exc
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def check_output(source: Path, output: Path, *, force: bool) -> None:
-    if output.exists() and os.path.samefile(output, source):
-        raise OutputError(f"{output}: the output is the input; bnfuse never modifies its input")
-    if not output.parent.exists():
-        raise OutputError(f"{output.parent}: the output folder does not exist")
-    if output.exists() and not force:
-        raise OutputError(f"{output}: already exists", hint="pass --force to replace it")
 
 
 def export_onnx(module: nn.Module, args: tuple[Any, ...], path: Path, names: list[str]) -> None:
@@ -214,14 +201,18 @@ def fuse_torch_file(
     dry_run: bool = False,
     trust_pickle: bool = False,
     input_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    also_writes: Sequence[tuple[str, Path]] = (),
+    also_reads: Sequence[tuple[str, Path]] = (),
 ) -> FuseResult:
     """Fuse a TorchScript, .pt2 or (trusted) pickle file into ``output``.
 
     The output format follows its suffix: ``.onnx`` exports the fused model to
     ONNX; otherwise the input's own format.
     """
+    targets = [*also_writes]
     if output is not None and not dry_run:
-        check_output(input, output, force=force)
+        targets.insert(0, ("output", output))
+    outputs.check_targets(targets, [("the input model", input), *also_reads], force=force)
     to_onnx = output is not None and output.suffix.lower() == ".onnx"
     if fmt is Format.TORCHSCRIPT:
         result, write = _fuse_script(input, to_onnx, input_shapes or {})
@@ -231,7 +222,7 @@ def fuse_torch_file(
     result.dry_run = dry_run or output is None
     if not result.dry_run:
         assert output is not None
-        _atomic(output, write)
+        _atomic(output, write, force=force)
         result.outputs = [output]
     return result
 

@@ -1,0 +1,123 @@
+"""Run the command in a child process, so that even a crash leaves nothing behind.
+
+Some failures cannot be caught inside the process that meets them: a SIGBUS
+when another process shrinks a memory-mapped input, a segfault in a native
+library on a hostile model, the kernel's OOM killer. The ``bnfuse`` command
+therefore does its work in a forked child while the parent waits. The child
+tells the parent, through a pipe, of each temporary folder it makes and each
+file it publishes (bnfuse.outputs.on_event). If the child dies of a signal,
+the parent removes what it published and its temporary folders, prints one
+line, and exits 2. Signals the parent receives (SIGTERM, SIGHUP, SIGINT) are
+passed on to the child, which cleans up itself (bnfuse.outputs.Terminated).
+
+POSIX only; elsewhere, and when bnfuse is called as a library, the work runs
+in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from bnfuse import outputs
+
+EXIT_USAGE = 2
+
+_WHY: dict[int, str] = {
+    signal.SIGBUS: "a file bnfuse was reading shrank or became unreadable during the run "
+    "(SIGBUS); was the input modified meanwhile?",
+    signal.SIGSEGV: "a native library crashed on this model (SIGSEGV)",
+    signal.SIGABRT: "a native library aborted on this model (SIGABRT)",
+    signal.SIGILL: "a native library crashed on this model (SIGILL)",
+    signal.SIGFPE: "a native library crashed on this model (SIGFPE)",
+    signal.SIGKILL: "killed (SIGKILL; out of memory?)",
+}
+
+
+def available() -> bool:
+    return hasattr(os, "fork") and os.name == "posix"
+
+
+def run(work: Callable[[], int]) -> int:
+    """``work()`` in a child process; its exit code, or 2 (after cleaning up) if it crashed."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read_fd)
+        code = EXIT_USAGE
+        try:
+            outputs.on_event = _reporter(write_fd)
+            code = work()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    os.close(write_fd)
+    return _wait(pid, read_fd)
+
+
+def _reporter(fd: int) -> Callable[[str, Path], None]:
+    def report(kind: str, path: Path) -> None:
+        record = f"{kind}\0{os.path.abspath(path)}\0{_identity(path)}\n"
+        os.write(fd, os.fsencode(record))
+
+    return report
+
+
+def _identity(path: Path) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _wait(pid: int, read_fd: int) -> int:
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        previous[sig] = signal.signal(sig, forward)
+    try:
+        data = b""
+        with os.fdopen(read_fd, "rb") as pipe:
+            for chunk in iter(lambda: pipe.read(65536), b""):
+                data += chunk
+        _, status = os.waitpid(pid, 0)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status)
+    signum = os.WTERMSIG(status)
+    _clean_up(data)
+    why = _WHY.get(signum, f"stopped by signal {signal.Signals(signum).name}")
+    print(f"bnfuse: error: {why}; nothing was left behind", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _clean_up(data: bytes) -> None:
+    """Remove what the dead child published (if unchanged since) and its temporary folders."""
+    folders: set[Path] = set()
+    for line in os.fsdecode(data).splitlines():
+        parts = line.split("\0")
+        if len(parts) != 3:
+            continue
+        kind, path, identity = parts[0], Path(parts[1]), parts[2]
+        if kind == "staging":
+            folders.add(path.parent)
+        elif kind == "published" and identity and _identity(path) == identity:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    for folder in folders:
+        outputs.sweep(folder)
