@@ -30,7 +30,7 @@ EXIT_USAGE = 2
 
 _WHY: dict[int, str] = {
     signal.SIGBUS: "a file bnfuse was reading shrank or became unreadable during the run "
-    "(SIGBUS); was the input modified meanwhile?",
+    "(SIGBUS: was the input modified meanwhile?)",
     signal.SIGSEGV: "a native library crashed on this model (SIGSEGV)",
     signal.SIGABRT: "a native library aborted on this model (SIGABRT)",
     signal.SIGILL: "a native library crashed on this model (SIGILL)",

@@ -17,6 +17,7 @@ A .pt2 archive is read only when its weights and constants are raw tensors
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -53,48 +54,24 @@ def load_pickle(path: Path, trust_pickle: bool) -> nn.Module:
     return obj
 
 
-def pt2_pickle_use(path: Path) -> str | None:
-    """Why loading this .pt2 would unpickle (run code from the file), or None.
-
-    torch.export.load unpickles weights or constants stored with ``use_pickle``,
-    opaque and custom objects, and legacy archives; plain tensors it reads as
-    raw bytes. This reads the archive's JSON configs to tell which.
-    """
-    import json
-    import zipfile
-
-    from torch.export.pt2_archive import constants as pt2
-
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        configs = [n for n in names if n.endswith("_config.json") and "/data/" in n]
-        if not configs:
-            return "a legacy .pt2 layout whose weights are pickles"
-        for name in configs:
-            for fqn, meta in json.loads(archive.read(name)).get("config", {}).items():
-                if meta.get("use_pickle"):
-                    return f"'{fqn}' is stored as a pickle"
-                stem = str(meta.get("path_name", ""))
-                if stem.startswith(
-                    (pt2.OPAQUE_OBJ_FILENAME_PREFIX, pt2.CUSTOM_OBJ_FILENAME_PREFIX)
-                ):
-                    return f"'{fqn}' is a pickled Python object"
-    return None
-
-
 def load_exported(path: Path, trust_pickle: bool = False) -> torch.export.ExportedProgram:
+    from bnfuse.torch import archive
+
+    guard: Any = contextlib.nullcontext()
+    if not trust_pickle:
+        try:
+            why = archive.check(path)
+        except Exception as exc:
+            raise InputError(f"{path}: not a readable .pt2 archive ({type(exc).__name__})") from exc
+        if why is not None:
+            raise InputError(
+                f"{path}: loading this ExportedProgram would run code stored in the file ({why})",
+                hint="pass --trust-pickle if you trust it",
+            )
+        guard = archive.guard()
     try:
-        why = pt2_pickle_use(path)
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable .pt2 archive ({type(exc).__name__})") from exc
-    if why is not None and not trust_pickle:
-        raise InputError(
-            f"{path}: loading this ExportedProgram would unpickle, which runs code stored in "
-            f"the file ({why})",
-            hint="pass --trust-pickle if you trust it",
-        )
-    try:
-        return torch.export.load(path)
+        with guard:
+            return torch.export.load(path)
     except Exception as exc:
         raise InputError(
             f"{path}: cannot load it as an ExportedProgram ({type(exc).__name__})"
