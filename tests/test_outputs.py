@@ -1,0 +1,296 @@
+"""No output path, signal, crash or race destroys a file or leaves a partial one.
+
+The rules are bnfuse.outputs'; signal and crash cases run the real ``bnfuse``
+command (supervised, in a child process) in a subprocess, with a fault
+injected at a chosen point.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import onnx
+import pytest
+
+from sample_models.models import layer_bn
+from tests.test_cli import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """m.onnx (inline) and e.onnx with its weights in e.data."""
+    model = layer_bn("Conv", cin=16, cout=16)
+    onnx.save(model, tmp_path / "m.onnx")
+    onnx.save(model, tmp_path / "e.onnx", save_as_external_data=True, location="e.data")
+    return tmp_path
+
+
+# --- paths ----------------------------------------------------------------------------
+
+
+def test_output_on_the_inputs_data_file_is_refused(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _digest(folder)
+    args = [str(folder / "e.onnx"), "-o", str(folder / "e.data"), "--force"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "would overwrite the input's external data file" in err
+    assert _digest(folder) == before
+
+
+def test_output_through_a_link_to_the_input_is_refused(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (folder / "soft.onnx").symlink_to(folder / "m.onnx")
+    os.link(folder / "m.onnx", folder / "hard.onnx")
+    before = _digest(folder)
+    for name in ("soft.onnx", "hard.onnx"):
+        args = [str(folder / "m.onnx"), "-o", str(folder / name), "--force"]
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and "would overwrite the input model" in err, err
+    assert _digest(folder) == before
+
+
+def test_report_on_an_input_file_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The input's external data happens to be named like a report."""
+    onnx.save(
+        layer_bn("Conv", cin=16, cout=16), tmp_path / "m.onnx",
+        save_as_external_data=True, location="w.json",
+    )  # fmt: skip
+    before = _digest(tmp_path)
+    for command in (["fuse", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "f.onnx")],
+                    ["verify", str(tmp_path / "m.onnx"), str(tmp_path / "m.onnx")]):  # fmt: skip
+        code, _, err = run_cli([*command, "--report", str(tmp_path / "w.json"), "--force"], capsys)
+        assert code == 2 and "would overwrite the" in err and "external data" in err, err
+        assert _digest(tmp_path) == before
+
+
+def test_report_on_the_output_is_refused(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = folder / "out.md"
+    code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(out), "--report", str(out)], capsys)
+    assert code == 2 and "each output needs its own file" in err
+    assert not out.exists()
+
+
+def test_existing_report_needs_force(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = folder / "r.json"
+    report.write_text("keep me")
+    args = ["verify", str(folder / "m.onnx"), str(folder / "m.onnx"), "--report", str(report)]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "already exists" in err and report.read_text() == "keep me"
+    code, _, err = run_cli([*args, "--force"], capsys)
+    assert code == 0, err
+    assert report.read_text().startswith("{")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_only_regular_files_are_replaced(
+    kind: str, folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if kind == "fifo":
+        target = folder / "pipe.onnx"
+        os.mkfifo(target)
+        check = stat.S_ISFIFO
+    else:
+        target = Path("/dev/null")
+        check = stat.S_ISCHR
+    code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(target), "--force"], capsys)
+    assert code == 2 and "not a regular file" in err, err
+    assert check(os.stat(target).st_mode), f"{target} was replaced"
+
+
+def test_trailing_slash_names_a_folder(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(folder / "newdir") + "/"], capsys)
+    assert code == 2 and "a trailing slash names a folder" in err
+    assert not (folder / "newdir").exists()
+
+
+def test_batch_output_that_names_a_file(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli([str(folder), "-o", str(folder / "x.onnx")], capsys)
+    assert code == 2 and "batch mode writes each model into a folder" in err
+    assert not (folder / "x.onnx").exists()
+
+
+def test_unwritable_folder_is_diagnosed(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    locked = folder / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes into any folder: let access() answer as for a user
+        from bnfuse import outputs
+
+        monkeypatch.setattr(outputs.os, "access", lambda path, mode: Path(path) != locked)
+    code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(locked / "f.onnx")], capsys)
+    assert code == 2 and "cannot write into" in err and "permission denied" in err, err
+
+
+def test_name_too_long_is_diagnosed(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = folder / ("x" * 300 + ".onnx")
+    code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(out)], capsys)
+    assert code == 2 and "the file name is" in err and "--debug" not in err, err
+
+
+# --- races ----------------------------------------------------------------------------
+
+
+def test_a_file_that_appears_meanwhile_is_not_replaced(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two runs on one -o without --force: the second to finish refuses, the first's file stays."""
+    from bnfuse.onnx import io
+
+    out = folder / "f.onnx"
+    real = io._write_inline
+
+    def other_run_finishes_first(model: object, path: Path) -> None:
+        real(model, path)  # type: ignore[arg-type]
+        out.write_bytes(b"the other run's model")
+
+    monkeypatch.setattr(io, "_write_inline", other_run_finishes_first)
+    code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(out), "--no-verify"], capsys)
+    assert code == 2 and "appeared there while bnfuse was writing it" in err
+    assert out.read_bytes() == b"the other run's model"
+    assert not [p for p in folder.iterdir() if p.name.startswith(".bnfuse-tmp-")]
+
+
+def test_leftovers_of_a_killed_run_are_swept(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dead = folder / ".bnfuse-tmp-dead1234"
+    dead.mkdir()
+    (dead / "f.onnx").write_bytes(b"partial")
+    live = folder / ".bnfuse-tmp-live5678"  # another run, still writing: its lock is held
+    live.mkdir()
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(folder / "f.onnx")], capsys)
+        assert code == 0, err
+        assert not dead.exists() and live.exists()
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_report_leaves_nothing(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = Path.write_text
+
+    def disk_full(self: Path, *args: object, **kwargs: object) -> int:
+        if self.suffix == ".json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    before = sorted(p.name for p in folder.iterdir())
+    args = [str(folder / "m.onnx"), "-o", str(folder / "f.onnx")]
+    code, _, err = run_cli([*args, "--report", str(folder / "a.md"), "--report", str(folder / "r.json")], capsys)  # fmt: skip
+    assert code == 2 and "the disk is full" in err
+    assert sorted(p.name for p in folder.iterdir()) == before  # no model, no .md, no temp
+
+
+# --- signals and crashes, through the real command ---------------------------------------
+
+# Runs ``bnfuse ARGS`` as the console script does (supervised), after FAULT is injected.
+_RUNNER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+{fault}
+from bnfuse.cli import main
+sys.argv = ["bnfuse", *sys.argv[1:]]
+main()
+"""
+
+
+def _bnfuse(fault: str, args: list[str]) -> subprocess.CompletedProcess[str]:
+    code = _RUNNER.format(root=str(ROOT), fault=textwrap.dedent(fault))
+    env = {k: v for k, v in os.environ.items() if k != "BNFUSE_IN_PROCESS"}
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+_WHILE_WRITING = """
+from bnfuse.onnx import io
+real = io._write_tensor
+def write_tensor(fd, tensor):
+    os.kill({target}, signal.{sig})
+    real(fd, tensor)
+io._write_tensor = write_tensor
+"""
+
+_WHILE_VERIFYING = """
+from bnfuse.verify import compare
+real = compare.verify_models
+def verify_models(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+compare.verify_models = verify_models
+"""
+
+
+@pytest.mark.parametrize(
+    ("sig", "target"),
+    [("SIGTERM", "os.getpid()"), ("SIGHUP", "os.getpid()"), ("SIGTERM", "os.getppid()")],
+    ids=["sigterm", "sighup", "sigterm-to-supervisor"],
+)
+def test_signal_while_writing_leaves_nothing(sig: str, target: str, folder: Path) -> None:
+    before = sorted(p.name for p in folder.iterdir())
+    fault = _WHILE_WRITING.format(sig=sig, target=target)
+    proc = _bnfuse(fault, [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "--no-verify"])
+    assert proc.returncode == 128 + signal.Signals[sig].value, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"bnfuse: error: stopped by {sig}; nothing partial was left behind"
+    ]
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_signal_while_verifying_removes_the_unverified_output(folder: Path) -> None:
+    before = sorted(p.name for p in folder.iterdir())
+    proc = _bnfuse(_WHILE_VERIFYING, [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "-q"])
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+_SHRINK_INPUT = """
+from bnfuse import fold
+real = fold.fold_weight_rounded
+def shrink_then_fold(*args, **kwargs):
+    os.truncate(sys.argv[1], 100)  # another process shrinks the memory-mapped input
+    return real(*args, **kwargs)
+fold.fold_weight_rounded = shrink_then_fold
+"""
+
+
+def test_input_shrunk_during_the_run_ends_in_one_line(folder: Path) -> None:
+    """SIGBUS on the mapped input: one line, exit 2, no temp folder, no output."""
+    src = folder / "big.onnx"
+    onnx.save(layer_bn("Conv", cin=64, cout=64), src)  # a weight past the page the header is on
+    before = sorted(p.name for p in folder.iterdir())
+    proc = _bnfuse(_SHRINK_INPUT, [str(src), "-o", str(folder / "f.onnx"), "--no-verify"])
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SIGBUS" in lines[0], proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
