@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -104,16 +105,24 @@ def test_existing_report_needs_force(folder: Path, capsys: pytest.CaptureFixture
     assert report.read_text().startswith("{")
 
 
-@pytest.mark.parametrize("kind", ["fifo", "device"])
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
 def test_only_regular_files_are_replaced(
     kind: str, folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A FIFO, a socket, a character device (made here: a test must never risk /dev/null)."""
+    target = folder / f"{kind}.onnx"
     if kind == "fifo":
-        target = folder / "pipe.onnx"
         os.mkfifo(target)
         check = stat.S_ISFIFO
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(target))
+        check = stat.S_ISSOCK
     else:
-        target = Path("/dev/null")
+        try:
+            os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # what /dev/null is
+        except PermissionError:
+            pytest.skip("making a device node needs root")
         check = stat.S_ISCHR
     code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(target), "--force"], capsys)
     assert code == 2 and "not a regular file" in err, err
