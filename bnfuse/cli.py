@@ -10,9 +10,10 @@ Exit codes (stable; scripts rely on them):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
@@ -509,12 +510,35 @@ def main(argv: list[str] | None = None) -> None:
     raise SystemExit(_exit_code(args))
 
 
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """Libraries' warnings and log lines stay off stderr: bnfuse says what matters itself.
+
+    numpy's RuntimeWarnings from constant evaluation, torch's UserWarnings and
+    FutureWarnings, its loggers' tracebacks: a CI log holds one line for an
+    error and nothing for a success. ``--debug`` lets them through.
+    """
+    if debug:
+        yield
+        return
+    import logging
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
 def _exit_code(args: list[str]) -> int:
     """Run the app; SIGTERM, SIGHUP and Ctrl-C end it after cleanup, with 128 + the signal."""
     from bnfuse.outputs import Terminated, terminate_on_signals
 
     try:
-        with terminate_on_signals():
+        with terminate_on_signals(), _quiet_libraries("--debug" in args):
             app(args=args, prog_name="bnfuse")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

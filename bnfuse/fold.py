@@ -101,6 +101,11 @@ def bn_affine(
     return Affine(scale=scale, shift=b - scale * mu, mean=mu, beta=b)
 
 
+def is_float(arr: Array) -> bool:
+    """Whether ``arr`` holds floating-point numbers (bfloat16 and the float8s included)."""
+    return arr.dtype.kind == "f" or (arr.dtype.kind == "V" and "float" in arr.dtype.name)
+
+
 def _as_f64_vector(arr: Array, what: str) -> F64:
     a = np.asarray(arr)
     if a.ndim != 1:

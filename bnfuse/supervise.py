@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -55,6 +56,8 @@ def run(work: Callable[[], int]) -> int:
         try:
             outputs.on_event = _reporter(write_fd)
             code = work()
+        except BaseException:  # --debug lets errors through: show them as Python would
+            traceback.print_exc()
         finally:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()

@@ -26,6 +26,11 @@ from bnfuse.fold import Array
 OVERRIDABLE_SINCE_IR = 4
 # Sub-expressions deeper than this are not evaluated (and so are not constants).
 MAX_DEPTH = 32
+# No evaluated value may hold more elements than this (2**24: 128 MB in float64). A
+# BatchNorm parameter or bias is one value per channel, and the largest weight of a
+# real network is well under it; a 2 KB model can otherwise ask for gigabytes
+# (Expand(var, [2**26, 8])).
+MAX_ELEMENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -61,12 +66,31 @@ def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | 
     if value is not node.outputs[0]:
         return NotConstant(f"'{name}' is a secondary output of {node.op_type} '{node.name}'")
     try:
-        result = _EVALUATORS[node.op_type](node, ir_version, depth + 1)
+        with np.errstate(all="ignore"):  # x/0 and the like: the fold's checks say what is wrong
+            result = _EVALUATORS[node.op_type](node, ir_version, depth + 1)
     except _NotConstantError as exc:
         return exc.why
-    except (ValueError, TypeError, IndexError) as exc:  # malformed sub-expression
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:  # malformed sub-expression
         return NotConstant(f"'{name}' cannot be evaluated ({node.op_type}: {exc})")
+    except MemoryError:
+        return NotConstant(f"'{name}' is too large to evaluate ({node.op_type} '{node.name}')")
     return result
+
+
+def _bounded(node: ir.Node, shape: tuple[int, ...] | list[int]) -> list[int]:
+    """``shape`` as ints, refused (not a constant) if it would hold more than MAX_ELEMENTS."""
+    dims = [int(d) for d in shape]
+    if any(d < 0 for d in dims):
+        raise ValueError(f"negative dimension in {dims}")
+    size = int(np.prod(dims, dtype=np.float64))
+    if size > MAX_ELEMENTS:
+        raise _NotConstantError(
+            NotConstant(
+                f"{node.op_type} '{node.name}' would make a constant of {size:,} elements "
+                f"(shape {dims}), more than bnfuse evaluates ({MAX_ELEMENTS:,})"
+            )
+        )
+    return dims
 
 
 class _NotConstantError(Exception):
@@ -141,7 +165,8 @@ def _shape(node: ir.Node, v: int, d: int) -> Array:
 
 def _expand(node: ir.Node, v: int, d: int) -> Array:
     data, shape = _required(node, 0, v, d), _required(node, 1, v, d)
-    return data * np.ones([int(s) for s in shape], dtype=data.dtype)
+    target = np.broadcast_shapes(data.shape, tuple(_bounded(node, list(shape))))
+    return np.broadcast_to(data, _bounded(node, target)).copy()
 
 
 def _reshape(node: ir.Node, v: int, d: int) -> Array:
@@ -172,7 +197,7 @@ def _squeeze(node: ir.Node, v: int, d: int) -> Array:
 
 
 def _constant_of_shape(node: ir.Node, v: int, d: int) -> Array:
-    shape = [int(s) for s in _required(node, 0, v, d)]
+    shape = _bounded(node, list(_required(node, 0, v, d)))
     fill = node.attributes["value"].as_tensor().numpy() if "value" in node.attributes else None
     if fill is None:
         return np.zeros(shape, dtype=np.float32)
@@ -182,6 +207,7 @@ def _constant_of_shape(node: ir.Node, v: int, d: int) -> Array:
 def _binary(fn: Callable[[Array, Array], Array]) -> Callable[[ir.Node, int, int], Array]:
     def evaluate(node: ir.Node, v: int, d: int) -> Array:
         a, b = _required(node, 0, v, d), _required(node, 1, v, d)
+        _bounded(node, np.broadcast_shapes(a.shape, b.shape))
         out = np.asarray(fn(a, b))
         return out.astype(a.dtype) if out.dtype != a.dtype else out
 
@@ -190,6 +216,7 @@ def _binary(fn: Callable[[Array, Array], Array]) -> Callable[[ir.Node, int, int]
 
 def _concat(node: ir.Node, v: int, d: int) -> Array:
     parts = [_required(node, i, v, d) for i in range(len(node.inputs))]
+    _bounded(node, [sum(int(p.size) for p in parts)])
     return np.concatenate(parts, axis=node.attributes.get_int("axis", 0))
 
 

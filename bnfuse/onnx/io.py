@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from bnfuse import outputs
 from bnfuse.errors import BnfuseError, InputError, ModelError, first_line
-from bnfuse.onnx import mapped, wire
+from bnfuse.onnx import mapped, validate, wire
 from bnfuse.onnx.light import INLINE, MAPPABLE, THRESHOLD, light_proto
 from bnfuse.onnx.mapped import MappedFile
 
@@ -92,8 +92,12 @@ def load(path: Path) -> LoadedModel:
         raise InputError(f"{path}: not a file")
     try:
         with _onnx_ir_quiet():
-            light = _load_light(path)
-            model = light.model if light is not None else ir.load(path)
+            proto, light = _read_proto(path)
+            validate.check_model(proto, path)
+            model = ir.serde.deserialize_model(proto)
+            ir.external_data.set_base_dir(model.graph, path.resolve().parent)
+    except InputError:
+        raise
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
     except Exception as exc:  # protobuf raises DecodeError, onnx-ir SerdeError...
@@ -110,7 +114,7 @@ def load(path: Path) -> LoadedModel:
     data_files: set[Path] = set()
     maps: dict[Path, MappedFile] = {}
     if light is not None:
-        maps[path.resolve()] = light.file
+        maps[path.resolve()] = light
     folder = path.resolve().parent
     for graph in all_graphs(model.graph):
         _check_graph(graph, path)
@@ -128,15 +132,12 @@ def load(path: Path) -> LoadedModel:
                     value.const_value = _mapped_tensor(tensor, maps[file], path)
             elif tensor is not None:
                 _check_tensor(tensor, path)
+        data_files.update(_attribute_data_files(graph, folder, path))
+    for function in model.functions.values():
+        data_files.update(_attribute_data_files(function, folder, path))
     # The weights are views of these files: keep them mapped as long as the model lives.
     model.meta["bnfuse.mapped_files"] = list(maps.values())
     return LoadedModel(model=model, path=path, data_files=data_files)
-
-
-@dataclass
-class _Light:
-    model: ir.Model
-    file: MappedFile
 
 
 @contextmanager
@@ -158,14 +159,24 @@ def _onnx_ir_quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
-def _load_light(path: Path) -> _Light | None:
-    """The model with each large inline weight a view of the memory-mapped file."""
-    proto = light_proto(path)
-    if proto is None:
-        return None
-    model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, path.resolve().parent)
-    return _Light(model=model, file=MappedFile(path))
+def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
+    """The ModelProto; with the file mapped where its large inline weights were left in it."""
+    try:
+        proto = light_proto(path)
+    except wire.WireError as exc:
+        raise InputError(
+            f"{path}: not a readable ONNX model (malformed protobuf: {exc})",
+            hint="expected an ONNX protobuf file (.onnx)",
+        ) from exc
+    if proto is not None:
+        return proto, MappedFile(path)
+    if path.stat().st_size >= PROTOBUF_LIMIT:  # protobuf would read it whole, then fail
+        raise InputError(
+            f"{path}: not a readable ONNX model (over 2 GB, and not in the layout of one)"
+        )
+    import onnx
+
+    return onnx.load(str(path), load_external_data=False), None
 
 
 def _open_mapped(file: Path, path: Path) -> MappedFile:
@@ -176,7 +187,7 @@ def _open_mapped(file: Path, path: Path) -> MappedFile:
 
 
 def _mapped_tensor(tensor: ir.ExternalTensor, file: MappedFile, path: Path) -> ir.TensorProtocol:
-    """An external (or inline, taken out by _load_light) tensor as a view of its mapped file."""
+    """An external (or inline, taken out by light_proto) tensor as a view of its mapped file."""
     shape = tuple(int(d) for d in tensor.shape.numpy())
     dtype = tensor.dtype.numpy()
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -199,6 +210,23 @@ def _mapped_tensor(tensor: ir.ExternalTensor, file: MappedFile, path: Path) -> i
         doc_string=tensor.doc_string,
         metadata_props=dict(tensor.metadata_props) or None,
     )
+
+
+def _attribute_data_files(nodes: Iterable[ir.Node], folder: Path, path: Path) -> set[Path]:
+    """External data of tensors in node attributes (a Constant's value): checked like weights."""
+    files = set()
+    for node in nodes:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR:
+                tensors = [attr.as_tensor()]
+            elif attr.type == ir.AttributeType.TENSORS:
+                tensors = list(attr.as_tensors())
+            else:
+                continue
+            for tensor in tensors:
+                if isinstance(tensor, ir.ExternalTensor):
+                    files.add(_check_external(tensor, folder, path))
+    return files
 
 
 def _check_opsets(model: ir.Model, path: Path) -> None:

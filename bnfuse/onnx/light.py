@@ -53,8 +53,10 @@ def light_proto(path: Path) -> Any:
     and not the values (the verifier's input and output lists). Only the
     top-level graph's initializers are taken out; everything else, subgraphs
     included, is parsed by protobuf as usual. None where the file is not
-    protobuf, or its outer levels are malformed: ``onnx.load`` then reads
-    it, and reports what is wrong in its own words.
+    protobuf (a text format) or has no single graph: ``onnx.load`` then reads
+    it, and reports what is wrong in its own words. Raises wire.WireError at
+    once where the outer levels are malformed, without reading the rest (a
+    corrupt 3 GB file is refused in milliseconds, not after reading it whole).
     """
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
     if fmt not in (None, "protobuf") or not LITTLE_ENDIAN or not hasattr(os, "pread"):
@@ -81,8 +83,6 @@ def light_proto(path: Path) -> Any:
                 graph_parts.append(buf[f.start : f.end])
             else:  # GraphProto.initializer, its raw_data replaced by a reference
                 graph_parts += [wire.len_prefix(5, len(light)), light]
-    except wire.WireError:
-        return None
     finally:
         os.close(fd)
     graph_bytes = b"".join(graph_parts)

@@ -222,6 +222,13 @@ def _bn_params(bn: ir.Node, ir_version: int) -> tuple[list[Array], float] | _Fai
         array = constant_array(value, ir_version)
         if isinstance(array, NotConstant):
             return _not_constant(f"BatchNorm {what}", array)
+        if not fold.is_float(array):
+            dtype = value.dtype or ir.DataType.from_numpy(array.dtype)
+            return _Fail(
+                Skip.BAD_PARAMETERS,
+                f"the BatchNorm {what} '{value.name}' is a {dtype} tensor; BatchNorm parameters "
+                "are floating point",
+            )
         params.append(array)
     return params, bn.attributes.get_float("epsilon", 1e-5)
 

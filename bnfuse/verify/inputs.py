@@ -104,6 +104,12 @@ def concrete_shapes(
             continue
         dims = []
         for axis, dim in enumerate(spec.shape):
+            if isinstance(dim, int) and dim < 0:
+                raise InputError(
+                    f"input '{spec.name}' declares dimension {dim} on axis {axis}, which is no "
+                    "size (ONNX dimensions are 0 or more, or named)",
+                    hint=f"pass --input-shape {spec.name}:... with the real shape",
+                )
             if isinstance(dim, int):
                 dims.append(dim)
             elif axis == 0:

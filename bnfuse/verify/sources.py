@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bnfuse.errors import InputError
+from bnfuse.errors import InputError, first_line
 from bnfuse.formats import Format, detect, require_torch
 from bnfuse.verify.inputs import InputSpec, onnx_input_specs
 from bnfuse.verify.runners import CPU, CUDA, OnnxRuntimeRunner, Runner
@@ -62,7 +62,10 @@ def open_source(path: Path, trust_pickle: bool = False) -> Source:
             light = light_proto(path) if path.stat().st_size > _LIGHT_FROM else None
             proto = light or onnx.load(str(path), load_external_data=False)
         except Exception as exc:
-            raise InputError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
+            why = f"{type(exc).__name__}: {first_line(exc)[:200]}" if first_line(exc) else ""
+            raise InputError(
+                f"{path}: not a readable ONNX model ({why or type(exc).__name__})"
+            ) from exc
         if not proto.graph.node and not proto.graph.output:
             raise InputError(f"{path}: not an ONNX model (an empty graph)")
         return Source(

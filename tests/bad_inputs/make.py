@@ -192,6 +192,112 @@ def text_named_pt(path: Path) -> None:
     path.write_text("def forward(x): return x\n")
 
 
+def _replace(m: onnx.ModelProto, name: str, new: onnx.TensorProto | None) -> onnx.ModelProto:
+    """``m`` with initializer ``name`` removed, and ``new`` appended if given."""
+    old = next(t for t in m.graph.initializer if t.name == name)
+    m.graph.initializer.remove(old)
+    if new is not None:
+        m.graph.initializer.append(new)
+    return m
+
+
+def expand_bomb(path: Path) -> None:
+    """2 KB whose BN variance is Expand(var, [2**26, 8]): gigabytes if evaluated."""
+    m = _valid()
+    var = next(t for t in m.graph.initializer if t.name == "bn.var")
+    var.name = "var_small"
+    m.graph.initializer.append(numpy_helper.from_array(np.array([2**26, 8], np.int64), "shape"))
+    m.graph.node.insert(0, helper.make_node("Expand", ["var_small", "shape"], ["bn.var"]))
+    path.write_bytes(m.SerializeToString())
+
+
+def duplicate_initializer(path: Path) -> None:
+    """Two 'bn.scale': onnxruntime takes the first, onnx-ir the last."""
+    m = _valid()
+    scale = next(t for t in m.graph.initializer if t.name == "bn.scale")
+    m.graph.initializer.append(
+        numpy_helper.from_array(numpy_helper.to_array(scale) * 3, "bn.scale")
+    )
+    path.write_bytes(m.SerializeToString())
+
+
+def shadowing_initializer(path: Path) -> None:
+    """An If branch whose initializer is named like the outer graph's 'bn.scale'."""
+    m = _valid()
+    out = helper.make_tensor_value_info("r", TensorProto.FLOAT, [8])
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["bn.scale"], ["r"])], "branch", [], [out],
+        [numpy_helper.from_array(np.zeros(8, np.float32), "bn.scale")],
+    )  # fmt: skip
+    m.graph.initializer.append(numpy_helper.from_array(np.array(True), "cond"))
+    m.graph.node.append(
+        helper.make_node("If", ["cond"], ["r_out"], then_branch=branch, else_branch=branch)
+    )
+    m.graph.output.append(helper.make_tensor_value_info("r_out", TensorProto.FLOAT, [8]))
+    path.write_bytes(m.SerializeToString())
+
+
+def sparse_initializer(path: Path) -> None:
+    m = _valid()
+    scale = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "bn.scale"))
+    _replace(m, "bn.scale", None)
+    values = numpy_helper.from_array(scale, "bn.scale")
+    indices = numpy_helper.from_array(np.arange(scale.size, dtype=np.int64), "indices")
+    m.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [scale.size]))
+    path.write_bytes(m.SerializeToString())
+
+
+def string_bn_parameter(path: Path) -> None:
+    m = _replace(
+        _valid(), "bn.scale", helper.make_tensor("bn.scale", TensorProto.STRING, [8], [b"a"] * 8)
+    )
+    path.write_bytes(m.SerializeToString())
+
+
+def unknown_elem_type(path: Path) -> None:
+    m = _valid()
+    next(t for t in m.graph.initializer if t.name == "bn.scale").data_type = 99
+    path.write_bytes(m.SerializeToString())
+
+
+def fp16_in_float_data(path: Path) -> None:
+    m = layer_bn("Conv", dtype=np.float16)
+    weight = next(t for t in m.graph.initializer if t.name == "layer.W")
+    values = numpy_helper.to_array(weight).astype(np.float32).ravel().tolist()
+    weight.ClearField("raw_data")
+    weight.float_data.extend(values)
+    path.write_bytes(m.SerializeToString())
+
+
+def dim_minus_one(path: Path) -> None:
+    m = _valid()
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    path.write_bytes(m.SerializeToString())
+
+
+def constant_external_outside(path: Path) -> None:
+    """A Constant node's tensor whose external data lies outside the model's folder."""
+    m = _valid()
+    _replace(m, "bn.scale", None)
+    value = onnx.TensorProto(name="bn.scale", data_type=TensorProto.FLOAT, dims=[8])
+    value.data_location = TensorProto.EXTERNAL
+    for key, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "32")):
+        entry = value.external_data.add()
+        entry.key, entry.value = key, v
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["bn.scale"], value=value))
+    path.write_bytes(m.SerializeToString())
+
+
+# Valid to protobuf and to bnfuse's reader, but rejected by onnxruntime: without
+# verification they are written as they are (their pair skipped), with it they exit 2.
+RUNTIME_REJECTS = {
+    "channel_mismatch.onnx",
+    "absurd_dims.onnx",
+    "expand_bomb.onnx",
+    "string_bn_parameter.onnx",
+    "dim_minus_one.onnx",
+}
+
 CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated.onnx": (truncated, "error"),
     "random_bytes.onnx": (random_bytes, "error"),
@@ -214,6 +320,15 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "truncated_archive.pt2": (truncated_archive, "error"),
     "unknown_zip.pt": (unknown_zip, "error"),
     "text_named.pt": (text_named_pt, "error"),
+    "expand_bomb.onnx": (expand_bomb, "error"),
+    "duplicate_initializer.onnx": (duplicate_initializer, "error"),
+    "shadowing_initializer.onnx": (shadowing_initializer, "error"),
+    "sparse_initializer.onnx": (sparse_initializer, "error"),
+    "string_bn_parameter.onnx": (string_bn_parameter, "error"),
+    "unknown_elem_type.onnx": (unknown_elem_type, "error"),
+    "fp16_in_float_data.onnx": (fp16_in_float_data, "error"),
+    "dim_minus_one.onnx": (dim_minus_one, "error"),
+    "constant_external_outside.onnx": (constant_external_outside, "error"),
 }
 
 
