@@ -10,13 +10,16 @@ worst of them (2 for an error, 1 for a failed verification, else 0).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bnfuse import outputs
 from bnfuse.errors import BnfuseError, InputError, OutputError
 from bnfuse.result import FuseResult, VerifyResult
 
@@ -138,11 +141,16 @@ def run_one(job: Job) -> Outcome:
             outcome.verification = verify_models(job.input, job.output, job.verify, opened=opened)
     except BnfuseError as exc:
         outcome.error = str(exc)
+    except MemoryError:
+        outcome.error = "not enough memory"
     except Exception as exc:  # one bad model must not stop the batch
         outcome.error = f"{type(exc).__name__}: {exc}"
+    except BaseException:  # SIGTERM or Ctrl-C: no unverified output is left
+        if outcome.fusion is not None:
+            outputs.remove(outcome.fusion.outputs)
+        raise
     if outcome.error is not None and outcome.fusion is not None:
-        for written in outcome.fusion.outputs:  # no output file on failure
-            written.unlink(missing_ok=True)
+        outputs.remove(outcome.fusion.outputs)  # no output file on failure
     return outcome
 
 
@@ -169,5 +177,14 @@ def run_batch(
     if jobs <= 1 or len(work) == 1:
         return BatchResult([run_one(job) for job in work])
     workers = min(jobs, len(work), os.cpu_count() or 1)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
         return BatchResult(list(pool.map(run_one, work)))
+    except BaseException:  # stopped: the workers stop too, and clean up after themselves
+        for process in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGTERM)
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)

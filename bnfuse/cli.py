@@ -169,7 +169,7 @@ def _verify_with_progress(
 ) -> VerifyResult:
     from bnfuse.verify.compare import verify_models
 
-    if quiet:
+    if quiet or not sys.stderr.isatty():  # a progress bar is for a person at a terminal
         return verify_models(original, candidate, options, opened=opened)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn

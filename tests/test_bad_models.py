@@ -138,3 +138,40 @@ def test_library_warnings_stay_off_stderr(tmp_path: Path) -> None:
     assert proc.stderr == "", proc.stderr
     assert "invalid BatchNorm parameters" in proc.stdout
     assert time.perf_counter() - start < 60
+
+
+def test_memory_error_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bnfuse import api
+
+    def out_of_memory(model: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(api, "fold_all", out_of_memory)
+    src = tmp_path / "m.onnx"
+    onnx.save(layer_bn("Conv"), src)
+    code, _, err = run_cli([str(src), "-o", str(tmp_path / "f.onnx"), "--no-verify"], capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"bnfuse: error: {src}: not enough memory; nothing was written"
+    ]
+    assert not (tmp_path / "f.onnx").exists()
+
+
+def test_torch_warnings_stay_off_stderr(tmp_path: Path) -> None:
+    """A TorchScript run (torch warns on load, save and .to(float64)) through the real command."""
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    src = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.trace(net, torch.randn(1, 3, 8, 8)), str(src))
+    from bnfuse.torch.files import load_script, script_input_names
+
+    shape = f"{script_input_names(load_script(src))[0]}:1x3x8x8"
+    args = [str(src), "-o", str(tmp_path / "f.pt"), "--input-shape", shape]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bnfuse", *args],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr
