@@ -4,6 +4,7 @@ Exit codes (stable; scripts rely on them):
   0  success
   1  verification failed (the fused model's outputs differ beyond tolerance)
   2  bad usage, or an unreadable or invalid input; nothing was written
+  128 + N  stopped by signal N (SIGTERM: 143), after cleaning up
 
 ``bnfuse IN -o OUT`` is short for ``bnfuse fuse IN -o OUT``.
 """
@@ -43,7 +44,8 @@ app = typer.Typer(
         "  bnfuse model.onnx --dry-run\n\n"
         "  bnfuse verify model.onnx fused.onnx --report junit.xml\n\n"
         "  bnfuse inspect model.onnx\n\n"
-        "Exit codes: 0 ok, 1 verification failed, 2 bad usage or unreadable input."
+        "Exit codes: 0 ok, 1 verification failed, 2 bad usage or unreadable input, "
+        "128+N stopped by signal N (143: SIGTERM)."
     ),
     add_completion=False,
     no_args_is_help=True,
