@@ -51,6 +51,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -301,7 +302,11 @@ def fuse_command(
       bnfuse models/ 'zoo/**/*.onnx' -o fused/ -j 4 --report batch.json
     """
     if output is None and not dry_run:
-        typer.echo("bnfuse: error: missing -o/--output (or pass --dry-run)", err=True)
+        if len(inputs) > 1:
+            message = "several inputs make a batch, which needs -o DIR (a folder for the models)"
+        else:
+            message = "missing -o/--output (or pass --dry-run)"
+        typer.echo(f"bnfuse: error: {message}", err=True)
         raise typer.Exit(EXIT_USAGE)
     reports = report or []
     single = (
@@ -487,6 +492,40 @@ def inspect_command(
 
 
 _COMMANDS = {"fuse", "verify", "inspect"}
+# Options of any command that take a value, so that the input can be found among them.
+_VALUED = {
+    "-o", "--output", "-j", "--jobs", "--device", "--seed", "--samples", "--input-shape",
+    "--inputs", "--atol", "--rtol", "--report",
+}  # fmt: skip
+
+
+def _route(args: list[str]) -> list[str] | str:
+    """``bnfuse [OPTIONS] IN ...`` is ``bnfuse fuse [OPTIONS] IN ...``; or a usage error.
+
+    Options may come before the input (``bnfuse -q m.onnx -o f.onnx``). A first
+    word that is no file but looks like a command (``verfy``) is a typo.
+    """
+    first = None
+    i = 0
+    while i < len(args):
+        word = args[i]
+        if word == "--":
+            first = i + 1 if i + 1 < len(args) else None
+            break
+        if not word.startswith("-") or word == "-":
+            first = i
+            break
+        i += 2 if word in _VALUED else 1
+    if first is None or args[first] in _COMMANDS:
+        return args
+    word = args[first]
+    if not os.path.exists(word) and not any(c in word for c in "*?["):
+        import difflib
+
+        close = difflib.get_close_matches(word, sorted(_COMMANDS), n=1, cutoff=0.6)
+        if close:
+            return f"unknown command '{word}'; did you mean '{close[0]}'?"
+    return ["fuse", *args]
 
 
 @app.callback()
@@ -503,8 +542,16 @@ def main(argv: list[str] | None = None) -> None:
     ``argv`` (tests, embedding) it runs here.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] not in _COMMANDS and not args[0].startswith("-"):
-        args.insert(0, "fuse")
+    if args in (["--version"], ["-V"]):
+        from bnfuse import __version__
+
+        typer.echo(f"bnfuse {__version__}")
+        raise SystemExit(EXIT_OK)
+    routed = _route(args)
+    if isinstance(routed, str):
+        typer.echo(f"bnfuse: error: {routed}", err=True)
+        raise SystemExit(EXIT_USAGE)
+    args = routed
     from bnfuse import supervise
 
     if argv is None and supervise.available() and not os.environ.get("BNFUSE_IN_PROCESS"):
