@@ -124,10 +124,27 @@ class Comparison:
     argmax_agreement: float | None
     value_range: float  # max - min of the reference's finite values: errors in context
     errors: tuple[float, ...] = ()  # a sample of |ref - got| for histograms
+    # The precision the model computes this output in (its tolerance comes from it).
+    compute_dtype: str = ""
+    # Elements where one side is NaN/Inf and the other is not the same: never excused.
+    nonfinite_mismatch: int = 0
+    # The largest error of the original against itself under a change that should not
+    # matter (the noise floor), where one was measured for this output and device.
+    floor_max_abs: float | None = None
+
+    @property
+    def within_floor(self) -> bool:
+        """The error is no larger than what the model's own runtime moves it by."""
+        return (
+            self.floor_max_abs is not None
+            and self.nonfinite_mismatch == 0
+            and self.max_abs <= self.floor_max_abs
+        )
 
     @property
     def passed(self) -> bool:
-        return self.failed == 0
+        """Every element within tolerance, or the whole error at or below the noise floor."""
+        return self.failed == 0 or self.within_floor
 
     def __bool__(self) -> bool:
         return self.passed

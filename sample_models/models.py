@@ -482,6 +482,45 @@ def conv_chain(*, dynamic_batch: bool = False, seed: int = 0) -> onnx.ModelProto
 # --- Beyond BN after a layer (issue 5 patterns) -------------------------------------
 
 
+def deep_chain(
+    depth: int = 40,
+    channels: int = 16,
+    dtype: Any = np.float32,
+    *,
+    cast_to_float32: bool = False,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """x -> depth x (1x1 Conv -> BN), no activations: outputs reach ~3e3 at depth 40.
+
+    Rounding errors grow with depth and with the values carried, so the
+    fusion's error here is of the size of onnxruntime's own optimised vs
+    unoptimised difference. ``cast_to_float32``: a final Cast to float32, as
+    mixed-precision exports end (the model still computes in ``dtype``).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i in range(depth):
+        w = rng.normal(0, 1 / np.sqrt(channels), (channels, channels, 1, 1)).astype(dtype)
+        inits.append(numpy_helper.from_array(w, f"conv{i}.W"))
+        inits += bn_params(channels, dtype, rng, prefix=f"bn{i}")
+        nodes += [
+            helper.make_node("Conv", [prev, f"conv{i}.W"], [f"conv{i}_out"], name=f"conv{i}"),
+            bn_node(f"conv{i}_out", f"bn{i}_out", prefix=f"bn{i}"),
+        ]
+        prev = f"bn{i}_out"
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    out_elem = TensorProto.FLOAT if cast_to_float32 else elem
+    last = "Cast" if cast_to_float32 else "Identity"
+    attrs = {"to": TensorProto.FLOAT} if cast_to_float32 else {}
+    nodes.append(helper.make_node(last, [prev], ["y"], name="out", **attrs))
+    shape = [1, channels, 16, 16]
+    graph = helper.make_graph(
+        nodes, "deep_chain", [helper.make_tensor_value_info("x", elem, shape)],
+        [helper.make_tensor_value_info("y", out_elem, shape)], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+
+
 def bn_then_conv(
     *,
     pads: list[int] | None = None,

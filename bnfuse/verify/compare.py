@@ -14,8 +14,9 @@ is exposed as an extra output and compared too, which names the worst layer.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from bnfuse.errors import BnfuseError, InputError
 from bnfuse.result import Comparison, VerifyResult
 from bnfuse.verify import inputs as inputs_mod
 from bnfuse.verify.metrics import compare, stack
+from bnfuse.verify.precision import lower, onnx_compute_dtypes, torch_compute_dtype
 from bnfuse.verify.runners import CPU, CUDA, Runner, onnx_devices, pick_devices
 from bnfuse.verify.sources import Source, open_source
 
@@ -144,7 +146,10 @@ def verify_models(
     def gathered(role: str, device: str, name: str) -> np.ndarray:
         return stack([r[name] for r in runs[(role, device)]])
 
-    def fusion_error(name: str, device: str) -> Comparison:
+    precision = _compute_dtypes(a, b, pairs)
+    lowest = functools.reduce(lower, precision.values(), "")
+
+    def fusion_error(name: str, device: str, dtype: str) -> Comparison:
         return compare(
             name,
             device,
@@ -153,10 +158,15 @@ def verify_models(
             opts.atol,
             opts.rtol,
             class_scores=first[name].ndim == 2,  # [N, C] per sample: class scores
+            compute_dtype=dtype,
         )
 
-    outputs = [fusion_error(name, device) for device in devices for name in a_names]
-    layers = [fusion_error(name, CPU) for name in layer_names]
+    outputs = [
+        fusion_error(name, device, precision.get(name, ""))
+        for device in devices
+        for name in a_names
+    ]
+    layers = [fusion_error(name, CPU, lowest) for name in layer_names]
     floor: list[Comparison] = []
     for name in a_names:
         ref = gathered("original", CPU, name)
@@ -166,6 +176,7 @@ def verify_models(
         if CUDA in devices:
             cuda_out = gathered("original", CUDA, name)
             floor.append(compare(name, "cpu vs cuda", ref, cuda_out, class_scores=scores))
+    outputs = [_with_floor(c, floor) for c in outputs]
     return VerifyResult(
         original=original,
         candidate=candidate,
@@ -178,6 +189,37 @@ def verify_models(
         samples=len(feeds),
         input_source=source,
     )
+
+
+def _compute_dtypes(a: Source, b: Source, pairs: dict[str, str]) -> dict[str, str]:
+    """Per output of ``a``: the lower of the two models' compute precisions ('' unknown)."""
+
+    def of(source: Source) -> dict[str, str] | str:
+        if source.proto is not None:
+            return onnx_compute_dtypes(source.proto)
+        if source._torch_model is not None:
+            return torch_compute_dtype(source._torch_model)
+        return ""
+
+    da, db = of(a), of(b)
+    out = {}
+    for name, other in pairs.items():
+        first = da.get(name, "") if isinstance(da, dict) else da
+        second = db.get(other, "") if isinstance(db, dict) else db
+        out[name] = lower(first, second)
+    return out
+
+
+def _with_floor(c: Comparison, floors: list[Comparison]) -> Comparison:
+    """``c`` with the noise floor it is weighed against: the largest measured for its output
+    on its device (the CPU floor for CPU; every floor, CPU vs CUDA included, for CUDA)."""
+    measured = [
+        f.max_abs
+        for f in floors
+        if f.name == c.name and (c.device != CPU or f.device.startswith(CPU))
+        and f.nonfinite_mismatch == 0
+    ]  # fmt: skip
+    return replace(c, floor_max_abs=max(measured)) if measured else c
 
 
 def available_devices(*sources: Source) -> dict[str, str | None]:
@@ -239,9 +281,29 @@ def _with_outputs(path: Path, names: list[str]) -> bytes:
             f"{path}: too large for --per-layer (over 2 GB once loaded)",
             hint="run without --per-layer",
         )
-    elem = model.graph.output[0].type.tensor_type.elem_type
+    types = _elem_types(model)
     known = {v.name: v for v in model.graph.value_info}
     for name in names:
-        info = known.get(name) or onnx.helper.make_tensor_value_info(name, elem, None)
+        info = known.get(name)
+        if info is None or not info.type.tensor_type.elem_type:
+            info = onnx.helper.make_tensor_value_info(name, types.get(name, 0), None)
         model.graph.output.append(info)
     return bytes(model.SerializeToString())
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """The element type of every main-graph tensor, as far as it follows from the graph.
+
+    A BatchNorm's (or a Conv's) output has the type of its first input; a Cast's is
+    its ``to``. Enough for the tensors --per-layer exposes, which are never the graph
+    output's type by assumption (an fp16 network that casts to float32 at the end).
+    """
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.input}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    types.update({v.name: v.type.tensor_type.elem_type for v in model.graph.value_info})
+    for node in model.graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        source = to if node.op_type == "Cast" and to else types.get(next(iter(node.input), ""), 0)
+        for out in node.output:
+            types.setdefault(out, source)
+    return types

@@ -1,10 +1,15 @@
 """Compare a reference output with a candidate's, element by element.
 
-An element fails when ``|ref - got| > atol + rtol * |ref|`` (numpy's
-``isclose`` rule, asymmetric: the reference is the unfused model), or when
-one side is NaN/Inf and the other is not the same NaN/Inf.
+An element fails when ``|ref - got| > atol * scale + rtol * |ref|``, where
+``scale`` is the output's largest finite magnitude (at least 1): rounding
+errors grow with the values a network carries, so an element near zero in an
+output that reaches 6e3 is judged against the output's range, not against 1.
+An element also fails when one side is NaN/Inf and the other is not the same
+NaN/Inf. (The verdict then also weighs the noise floor: compare.py.)
 
-Default tolerances by output dtype (``--atol``/``--rtol`` override both):
+Default tolerances by the precision the model computes the output in (the
+lowest float type on its path; the output's own dtype where that is not
+known); ``--atol``/``--rtol`` override both:
 
     dtype      atol    rtol
     float64    1e-9    1e-9
@@ -46,6 +51,7 @@ def compare(
     rtol: float | None = None,
     *,
     class_scores: bool | None = None,
+    compute_dtype: str = "",
 ) -> Comparison:
     """Compare ``got`` with the reference ``ref``.
 
@@ -54,7 +60,9 @@ def compare(
     """
     if ref.shape != got.shape:
         raise ValueError(f"output '{name}': shape {got.shape} differs from reference {ref.shape}")
-    d_atol, d_rtol = default_tolerance(ref.dtype)
+    d_atol, d_rtol = default_tolerance(np.dtype(ref.dtype))
+    if compute_dtype in DEFAULT_TOLERANCES:
+        d_atol, d_rtol = DEFAULT_TOLERANCES[compute_dtype]
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     a = np.asarray(ref, dtype=np.float64)
@@ -63,7 +71,10 @@ def compare(
     same_special = ~finite & ((a == b) | (np.isnan(a) & np.isnan(b)))
     with np.errstate(invalid="ignore"):
         diff = np.where(finite, np.abs(a - b), 0.0)
-    bad = (~finite & ~same_special) | (diff > atol + rtol * np.abs(np.where(finite, a, 0.0)))
+    magnitude = np.abs(np.where(finite, a, 0.0))
+    scale = max(1.0, float(magnitude.max(initial=0.0)))
+    special_bad = ~finite & ~same_special
+    bad = special_bad | (diff > atol * scale + rtol * magnitude)
     n = a.size
     if n == 0:
         return _empty(name, device, ref, atol, rtol)
@@ -105,6 +116,8 @@ def compare(
         ),
         value_range=float(np.ptp(fa)) if fa.size else 0.0,
         errors=tuple(sample.tolist()),
+        compute_dtype=compute_dtype or str(ref.dtype),
+        nonfinite_mismatch=int(special_bad.sum()),
     )
 
 

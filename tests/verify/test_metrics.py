@@ -29,10 +29,39 @@ def test_metrics_match_hand_computed_values() -> None:
 
 
 def test_tolerance_rule_is_atol_plus_rtol_times_reference() -> None:
-    ref = np.array([100.0, 1.0])
-    inside = compare("y", "cpu", ref, ref + np.array([0.0109, 0.0]), atol=0.01, rtol=1e-5)
-    outside = compare("y", "cpu", ref, ref + np.array([0.0111, 0.0]), atol=0.01, rtol=1e-5)
+    """Outputs within [-1, 1]: atol is absolute."""
+    ref = np.array([1.0, 0.5])
+    inside = compare("y", "cpu", ref, ref + np.array([0.0109, 0.0]), atol=0.01, rtol=1e-3)
+    outside = compare("y", "cpu", ref, ref + np.array([0.0111, 0.0]), atol=0.01, rtol=1e-3)
     assert inside.passed and not outside.passed and outside.worst_index == (0,)
+
+
+def test_atol_scales_with_the_outputs_largest_magnitude() -> None:
+    """An element near 0 in an output that reaches 100 is judged against 100, not 1."""
+    ref = np.array([100.0, 1e-3])
+    inside = compare("y", "cpu", ref, ref + np.array([0.0, 0.0099]), atol=1e-4, rtol=1e-4)
+    outside = compare("y", "cpu", ref, ref + np.array([0.0, 0.0101]), atol=1e-4, rtol=1e-4)
+    assert inside.passed and not outside.passed and outside.worst_index == (1,)
+
+
+def test_an_error_within_the_noise_floor_passes_and_one_beyond_fails() -> None:
+    from dataclasses import replace
+
+    ref = np.array([1.0, 2.0], dtype=np.float32)
+    c = compare("y", "cpu", ref, ref + np.array([0.0, 0.01], dtype=np.float32))
+    assert not c.passed and c.failed == 1
+    assert replace(c, floor_max_abs=0.02).passed  # the runtime itself moves it that much
+    assert not replace(c, floor_max_abs=0.005).passed
+    nan = compare("y", "cpu", ref, np.array([np.nan, 2.0], dtype=np.float32))
+    assert not replace(nan, floor_max_abs=1e9).passed  # a NaN is never excused
+
+
+def test_compute_precision_sets_the_tolerance() -> None:
+    ref = np.array([1.0, 1.0], dtype=np.float32)
+    got = ref + np.array([0.0, 2e-3], dtype=np.float32)
+    assert not compare("y", "cpu", ref, got).passed  # judged as float32
+    c = compare("y", "cpu", ref, got, compute_dtype="float16")
+    assert c.passed and c.atol == 1e-2 and c.compute_dtype == "float16"
 
 
 def test_nan_mismatch_fails_and_matching_inf_passes() -> None:

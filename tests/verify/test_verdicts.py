@@ -1,0 +1,88 @@
+"""The verdict on models outside plain fp32: no false FAIL, and a real defect still FAILs.
+
+Each correct fusion here was judged FAIL before the verdict weighed the
+precision the model computes in and its noise floor; each defect must FAIL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import bnfuse
+from bnfuse.verify.compare import VerifyOptions, verify_models
+from sample_models.models import deep_chain
+from tests.test_cli import run_cli
+
+
+def _fused(tmp_path: Path, model: onnx.ModelProto) -> tuple[Path, Path]:
+    src, out = tmp_path / "m.onnx", tmp_path / "f.onnx"
+    onnx.save(model, src)
+    bnfuse.fuse(src, out)
+    return src, out
+
+
+def _damaged(out: Path, weight: str, factor: float, row: int | None = None) -> Path:
+    """The fused model with one weight (or one output row of it) scaled by ``factor``."""
+    model = onnx.load(str(out))
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == weight:
+            w = numpy_helper.to_array(t).astype(np.float64)
+            if row is None:
+                w *= factor
+            else:
+                w[row] *= factor
+            model.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(w.astype(numpy_helper.to_array(t).dtype), t.name)
+            )
+    bad = out.with_name("damaged.onnx")
+    onnx.save(model, bad)
+    return bad
+
+
+def test_deep_fp32_chain_fusion_passes(tmp_path: Path) -> None:
+    """40 Conv+BN, outputs ~3e3: the fusion error is within onnxruntime's own."""
+    src, out = _fused(tmp_path, deep_chain(40))
+    result = verify_models(src, out, VerifyOptions(device="cpu"))
+    (c,) = result.outputs
+    assert result.passed, (c.max_abs, c.failed, c.floor_max_abs)
+    assert c.max_abs > 1e-4  # the case is real: a float32 absolute tolerance alone fails it
+    assert c.floor_max_abs is not None and c.floor_max_abs > 0
+
+
+def test_deep_fp32_chain_with_one_row_off_by_2_percent_fails(tmp_path: Path) -> None:
+    src, out = _fused(tmp_path, deep_chain(40))
+    bad = _damaged(out, "conv20.W", 1.02, row=3)
+    result = verify_models(src, bad, VerifyOptions(device="cpu"))
+    (c,) = result.outputs
+    assert not result.passed and c.failed > 0 and not c.within_floor
+
+
+@pytest.mark.parametrize("depth", [4, 16])
+def test_fp16_model_with_float32_output_passes(tmp_path: Path, depth: int) -> None:
+    src, out = _fused(tmp_path, deep_chain(depth, dtype=np.float16, cast_to_float32=True))
+    result = verify_models(src, out, VerifyOptions(device="cpu"))
+    (c,) = result.outputs
+    assert c.dtype == "float32" and c.compute_dtype == "float16"
+    assert result.passed, (c.max_abs, c.failed, c.floor_max_abs)
+
+
+def test_fp16_model_with_float32_output_and_a_weight_off_by_half_fails(tmp_path: Path) -> None:
+    src, out = _fused(tmp_path, deep_chain(4, dtype=np.float16, cast_to_float32=True))
+    bad = _damaged(out, "conv2.W", 1.5)
+    result = verify_models(src, bad, VerifyOptions(device="cpu"))
+    assert not result.passed
+
+
+def test_per_layer_on_fp16_model_with_float32_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Intermediate tensors are fp16 there, not the graph output's float32."""
+    src, out = _fused(tmp_path, deep_chain(4, dtype=np.float16, cast_to_float32=True))
+    code, text, err = run_cli(["verify", str(src), str(out), "--per-layer"], capsys)
+    assert code == 0, err
+    assert "layers compared" in text
