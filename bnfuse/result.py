@@ -154,7 +154,8 @@ class Comparison:
 class VerifyResult:
     """Before vs after, per output and device, with the noise floor beside it.
 
-    True when every output on every device is within tolerance.
+    True when every output on every device passes (within tolerance, or at or below
+    the noise floor).
     """
 
     original: Path
@@ -167,6 +168,7 @@ class VerifyResult:
     seed: int = 0
     samples: int = 1
     input_source: str = "generated"
+    runtime: str = ""  # what ran the models: onnxruntime, torch, or onnx reference evaluator
 
     @property
     def passed(self) -> bool:

@@ -13,41 +13,11 @@ from onnx.reference.op_run import OpRun
 
 import bnfuse
 from bnfuse.result import FuseResult
+from bnfuse.verify.reference import InferenceBatchNorm
 
-
-class _InferenceBatchNorm(OpRun):
-    """BatchNormalization in inference mode, for onnx's reference evaluator.
-
-    onnx's own BatchNormalization_9 runs the training formula whenever the
-    ``momentum`` attribute is set (it always is, by default), which is wrong
-    for a single-output BN; this replaces it for every version.
-    """
-
-    op_domain = ""
-
-    def _run(
-        self,
-        x,
-        scale,
-        bias,
-        mean,
-        var,
-        epsilon=None,
-        momentum=None,
-        spatial=None,
-        training_mode=None,
-        is_test=None,
-    ):  # type: ignore[no-untyped-def]
-        assert not training_mode, "reference BN: training mode is not a fold reference"
-        shape = (-1,) + (1,) * (x.ndim - 2)
-        eps = 1e-5 if epsilon is None else epsilon
-        y = scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(
-            var.reshape(shape) + eps
-        ) + bias.reshape(shape)
-        return (y.astype(x.dtype),)
-
-
-_InferenceBatchNorm.__name__ = "BatchNormalization"
+# onnx's BatchNormalization kernel runs the training formula whenever ``momentum`` is
+# set; bnfuse's verifier carries the inference one (a formula, not the code under test).
+_InferenceBatchNorm = InferenceBatchNorm
 
 
 class _TorchConvTranspose(OpRun):

@@ -12,6 +12,7 @@ from html import escape
 
 from bnfuse.report.fmt import db, num, pct
 from bnfuse.result import Comparison, FuseResult, VerifyResult
+from bnfuse.verify.metrics import VERDICT_RULE
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:72rem;color:#1f2328;padding:0 1rem}
@@ -140,8 +141,8 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
         body.append(
             f"<p class=muted>{escape(str(v.candidate))} against {escape(str(v.original))} on "
             f"{escape(', '.join(v.devices))}; {v.samples} sample(s) of {escape(v.input_source)} "
-            f"inputs, seed {v.seed}. An element fails when |after - before| &gt; atol + rtol "
-            f"&times; |before|.</p>"
+            f"inputs, seed {v.seed}, run with {escape(v.runtime or 'onnxruntime')}. "
+            f"{escape(VERDICT_RULE)}</p>"
         )
         header = (
             "<tr><th>output</th><th class=l>device</th><th class=l>verdict</th><th>max abs</th>"

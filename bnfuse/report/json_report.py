@@ -12,6 +12,7 @@ from typing import Any
 
 from bnfuse.health import BNHealth
 from bnfuse.result import Candidate, Comparison, FuseResult, VerifyResult
+from bnfuse.verify.metrics import VERDICT_RULE
 
 SCHEMA = "bnfuse-report"
 SCHEMA_VERSION = 1
@@ -27,6 +28,7 @@ def comparison_dict(c: Comparison) -> dict[str, Any]:
     d["shape"] = list(c.shape)
     d["worst_index"] = list(c.worst_index)
     d["passed"] = c.passed
+    d["within_floor"] = c.within_floor
     for key in (
         "max_abs",
         "max_rel",
@@ -104,6 +106,8 @@ def verification_dict(v: VerifyResult) -> dict[str, Any]:
         "seed": v.seed,
         "samples": v.samples,
         "input_source": v.input_source,
+        "runtime": v.runtime,
+        "rule": VERDICT_RULE,
         "outputs": [comparison_dict(c) for c in v.ordered_outputs()],
         "noise_floor": [comparison_dict(c) for c in v.noise_floor],
         "layers": [comparison_dict(c) for c in v.layers],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bnfuse.report.fmt import db, num, pct
 from bnfuse.result import FuseResult, VerifyResult
+from bnfuse.verify.metrics import VERDICT_RULE
 
 
 def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
@@ -44,7 +45,10 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
         v = verification
         lines += [
             f"Compared `{v.candidate}` with `{v.original}` on {', '.join(v.devices)}; "
-            f"{v.samples} sample(s), {v.input_source} inputs (seed {v.seed}).",
+            f"{v.samples} sample(s), {v.input_source} inputs (seed {v.seed}), "
+            f"run with {v.runtime or 'onnxruntime'}.",
+            "",
+            f"_{VERDICT_RULE}_",
             "",
             "| output | device | verdict | max abs | max rel | cosine | SNR | beyond tol | noise floor (max abs) |",
             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -59,7 +59,8 @@ def print_verify_summary(result: VerifyResult, console: Console) -> None:
     verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
     console.print(
         f"verify {verdict}: {result.candidate} against {result.original} "
-        f"on {', '.join(result.devices)} ({result.samples} sample(s), {result.input_source} inputs)"
+        f"on {', '.join(result.devices)} ({result.samples} sample(s), {result.input_source} inputs"
+        f"{', ' + result.runtime if result.runtime else ''})"
     )
     table = Table(title="Outputs (failing first)", title_justify="left")
     table.add_column("output", overflow="fold")

@@ -26,9 +26,10 @@ import onnx
 from bnfuse.errors import BnfuseError, InputError
 from bnfuse.result import Comparison, VerifyResult
 from bnfuse.verify import inputs as inputs_mod
+from bnfuse.verify import reference
 from bnfuse.verify.metrics import compare, stack
 from bnfuse.verify.precision import lower, onnx_compute_dtypes, torch_compute_dtype
-from bnfuse.verify.runners import CPU, CUDA, Runner, onnx_devices, pick_devices
+from bnfuse.verify.runners import CPU, CUDA, NoKernel, Runner, onnx_devices, pick_devices
 from bnfuse.verify.sources import Source, open_source
 
 # Protobuf cannot hold 2 GiB; a model with extra outputs is passed to onnxruntime as bytes.
@@ -124,18 +125,24 @@ def verify_models(
         for role, src, model in (("original", a, a_model), ("candidate", b, b_model))
     ]
     jobs.append(("floor", CPU, floor_runner))
-    total = len(jobs) * len(feeds)
-    runs: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {}
-    done = 0
-    for role, device, make in jobs:
-        runner = make()
-        results = runs.setdefault((role, device), [])
-        for sample in feeds:
-            report_step(f"{role} on {runner.label}", done, total)
-            results.append(runner.infer(sample))
-            done += 1
-        del runner  # one session (a copy of the model's weights) alive at a time
-    report_step("comparing", done, total)
+    runtime = "onnxruntime" if a.is_onnx else "torch"
+    try:
+        runs = _run_jobs(jobs, feeds, report_step)
+    except NoKernel as exc:
+        if not (a.is_onnx and b.is_onnx):
+            raise
+        # A real runtime still: onnx's reference evaluator, in the model's own types.
+        runtime = reference.LABEL
+        notes.append(
+            f"onnxruntime cannot run these models ({exc.reason}); they were run with "
+            f"{reference.LABEL} on the CPU, and no noise floor was measured"
+        )
+        devices = [CPU]
+        jobs = [
+            ("original", CPU, partial(_reference_runner, original, a_model)),
+            ("candidate", CPU, partial(_reference_runner, candidate, b_model)),
+        ]
+        runs = _run_jobs(jobs, feeds, report_step)
 
     first = runs[("original", devices[0])][0]
     a_names = a.outputs or list(first)
@@ -169,6 +176,8 @@ def verify_models(
     layers = [fusion_error(name, CPU, lowest) for name in layer_names]
     floor: list[Comparison] = []
     for name in a_names:
+        if ("floor", CPU) not in runs:
+            break
         ref = gathered("original", CPU, name)
         scores = first[name].ndim == 2
         floor_out = gathered("floor", CPU, name).astype(ref.dtype)
@@ -188,7 +197,41 @@ def verify_models(
         seed=opts.seed,
         samples=len(feeds),
         input_source=source,
+        runtime=runtime,
     )
+
+
+Runs = dict[tuple[str, str], list[dict[str, np.ndarray]]]
+
+
+def _run_jobs(
+    jobs: list[tuple[str, str, Callable[[], Runner]]],
+    feeds: list[dict[str, np.ndarray]],
+    report_step: Step,
+) -> Runs:
+    """Each (role, device, runner) on every sample; one runner alive at a time."""
+    total = len(jobs) * len(feeds)
+    runs: Runs = {}
+    done = 0
+    for role, device, make in jobs:
+        runner = make()
+        results = runs.setdefault((role, device), [])
+        for sample in feeds:
+            report_step(f"{role} on {runner.label}", done, total)
+            results.append(runner.infer(sample))
+            done += 1
+        del runner  # one session (a copy of the model's weights) alive at a time
+    report_step("comparing", done, total)
+    return runs
+
+
+def _reference_runner(path: Path, with_outputs: Path | bytes | None) -> Runner:
+    model = (
+        onnx.load_from_string(with_outputs)
+        if isinstance(with_outputs, bytes)
+        else onnx.load(str(path))
+    )
+    return reference.ReferenceRunner(model, path.name)
 
 
 def _compute_dtypes(a: Source, b: Source, pairs: dict[str, str]) -> dict[str, str]:

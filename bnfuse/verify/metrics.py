@@ -27,6 +27,13 @@ import numpy as np
 
 from bnfuse.result import Comparison
 
+VERDICT_RULE = (
+    "An output passes when every element has |after - before| <= atol * max(1, max|before|) "
+    "+ rtol * |before|, with atol and rtol set by the precision the model computes it in, "
+    "or when its largest error is no larger than the noise floor (the original itself under "
+    "a change that should not matter); a NaN or Inf where the original has none never passes."
+)
+
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-9, 1e-9),
     "float32": (1e-4, 1e-4),

@@ -55,6 +55,12 @@ def pick_devices(asked: str, available: dict[str, str | None]) -> tuple[list[str
     return devices, notes
 
 
+class NoKernel(InputError):
+    """onnxruntime has no kernel for an op of the model as typed (float64 Conv, say)."""
+
+    reason = ""
+
+
 class OnnxRuntimeRunner:
     """One onnxruntime session on one device."""
 
@@ -81,6 +87,10 @@ class OnnxRuntimeRunner:
             self._session = ort.InferenceSession(source, options, providers=[_PROVIDER[device]])
         except Exception as exc:
             first = first_line(exc) or type(exc).__name__
+            if "NOT_IMPLEMENTED" in first or "Could not find an implementation" in first:
+                error = NoKernel(f"{name}: onnxruntime cannot run it: {first}")
+                error.reason = first
+                raise error from exc
             raise InputError(f"{name}: onnxruntime cannot load it: {first}") from exc
         if _PROVIDER[device] not in self._session.get_providers():
             raise BnfuseError(f"{name}: onnxruntime did not place it on {device}")

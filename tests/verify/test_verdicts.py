@@ -86,3 +86,35 @@ def test_per_layer_on_fp16_model_with_float32_output(
     code, text, err = run_cli(["verify", str(src), str(out), "--per-layer"], capsys)
     assert code == 0, err
     assert "layers compared" in text
+
+
+def test_fp64_model_is_verified_with_the_reference_evaluator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """onnxruntime has no float64 Conv: the README's command must still verify (and keep) it."""
+    src = Path(__file__).resolve().parents[2] / "sample_models" / "conv_bn_fp64.onnx"
+    out = tmp_path / "f.onnx"
+    code, text, err = run_cli([str(src), "-o", str(out)], capsys)
+    assert code == 0, err
+    assert out.exists() and "onnx reference evaluator" in text
+    result = verify_models(src, out, VerifyOptions(device="cpu"))
+    assert result.passed and result.runtime == "onnx reference evaluator"
+    (c,) = result.outputs
+    assert c.dtype == "float64" and c.max_abs < 1e-12
+
+
+def test_fp64_defect_fails_under_the_reference_evaluator(tmp_path: Path) -> None:
+    src = Path(__file__).resolve().parents[2] / "sample_models" / "conv_bn_fp64.onnx"
+    out = tmp_path / "f.onnx"
+    bnfuse.fuse(src, out)
+    weight = next(t.name for t in onnx.load(str(out)).graph.initializer if len(t.dims) == 4)
+    bad = _damaged(out, weight, 1.0 + 1e-6, row=0)
+    assert not verify_models(src, bad, VerifyOptions(device="cpu")).passed
+
+
+def test_batch_over_the_sample_models_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    samples = Path(__file__).resolve().parents[2] / "sample_models"
+    code, _, err = run_cli([str(samples), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code == 0, err
