@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
 
-from bnfuse.errors import BnfuseError
+from bnfuse.errors import BnfuseError, first_line
 
 if TYPE_CHECKING:
     from bnfuse.batch import BatchResult
@@ -129,7 +129,7 @@ def _run(debug: bool, what: str, func: Callable[[], T]) -> T:
         if debug:
             raise
         typer.echo(
-            f"bnfuse: error: {what}: {type(exc).__name__}: {exc} "
+            f"bnfuse: error: {what}: {type(exc).__name__}: {first_line(exc)[:300]} "
             "(run with --debug for the traceback)",
             err=True,
         )

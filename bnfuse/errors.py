@@ -22,10 +22,18 @@ class BnfuseError(Exception):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message ("" when it has none): libraries'
-    messages run to tracebacks and dumps, and bnfuse reports on one line."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+    """The line of an exception's message that says what went wrong ("" when it has none).
+
+    Libraries' messages run to tracebacks and dumps, and bnfuse reports on one
+    line: the first, except for TorchScript's interpreter, whose first line is
+    "The following operation failed..." and whose last says what failed.
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].startswith("The following operation failed in the TorchScript interpreter"):
+        return lines[-1]
+    return lines[0]
 
 
 class InputError(BnfuseError):

@@ -93,14 +93,17 @@ def script_input_names(module: torch.jit.ScriptModule) -> list[str]:
 def script_example_inputs(
     module: torch.jit.ScriptModule, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[torch.Tensor, ...] | None:
-    """float32 zeros of the shapes given by name (``--input-shape``), or None.
+    """Zeros of the shapes given by name (``--input-shape``), in the module's input dtype.
 
     A saved TorchScript module records no input shapes, so they come from the user.
     """
     names = script_input_names(module)
     if not names or any(n not in input_shapes for n in names):
         return None
-    return tuple(torch.zeros(input_shapes[n]) for n in names)
+    from bnfuse.torch.tensors import input_dtype
+
+    dtype = input_dtype(module)
+    return tuple(torch.zeros(input_shapes[n], dtype=dtype) for n in names)
 
 
 def exported_dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
@@ -259,7 +262,9 @@ def _fuse_fx(
         module = load_pickle(input, trust_pickle)
         names = list(inspect.signature(module.forward).parameters)
         if names and all(n in input_shapes for n in names):
-            args = tuple(torch.zeros(input_shapes[n]) for n in names)
+            from bnfuse.torch.tensors import input_dtype
+
+            args = tuple(torch.zeros(input_shapes[n], dtype=input_dtype(module)) for n in names)
         gm = capture(module, args)
     before = op_counts(gm)
     candidates = fuse_graph_module(gm)

@@ -17,6 +17,31 @@ def numpy_dtype(dtype: torch.dtype) -> np.dtype[Any]:
     return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
 
 
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor of the array's values and dtype (bfloat16, which torch cannot take, included)."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(array)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """The tensor's values in its own dtype (bfloat16 as ml_dtypes.bfloat16)."""
+    t = t.detach().to("cpu")
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(numpy_dtype(torch.bfloat16))
+    return t.numpy()
+
+
+def input_dtype(module: Any) -> torch.dtype:
+    """The dtype a module's floating inputs take: that of its first floating parameter."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            dtype: torch.dtype = t.dtype
+            return dtype
+    return torch.float32
+
+
 def as_f64_or_none(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else as_f64(t)
 

@@ -114,14 +114,14 @@ def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
 def _open_torch(path: Path, fmt: Format, trust_pickle: bool) -> Source:
     import inspect
 
-    import torch
-
     from bnfuse.torch.files import load_exported, load_pickle, load_script, script_input_names
+    from bnfuse.torch.tensors import input_dtype, numpy_dtype
 
     if fmt is Format.TORCHSCRIPT:
         module = load_script(path).eval()
         # A saved TorchScript module records no input shapes: float32 of shapes the user gives.
-        specs = [InputSpec(n, np.dtype(np.float32), None) for n in script_input_names(module)]
+        dtype = numpy_dtype(input_dtype(module))  # the dtype its first layer computes in
+        specs = [InputSpec(n, dtype, None) for n in script_input_names(module)]
         return Source(path, fmt, specs, [], _torch_model=module)
     if fmt is Format.EXPORTED:
         program = load_exported(path, trust_pickle)
@@ -133,12 +133,12 @@ def _open_torch(path: Path, fmt: Format, trust_pickle: bool) -> Source:
                 shape = tuple(
                     int(d) if isinstance(d, int) else str(d) for d in getattr(val, "shape", ())
                 )
-                dtype = torch.empty((), dtype=val.dtype).numpy().dtype
+                dtype = numpy_dtype(val.dtype)
                 specs.append(InputSpec(node.name, np.dtype(dtype), shape))
         return Source(path, fmt, specs, [], _torch_model=program.module())
     pickled = load_pickle(path, trust_pickle).eval()  # refuses unless trusted
     names = list(inspect.signature(pickled.forward).parameters)
-    specs = [InputSpec(n, np.dtype(np.float32), None) for n in names]
+    specs = [InputSpec(n, numpy_dtype(input_dtype(pickled)), None) for n in names]
     return Source(path, fmt, specs, [], _torch_model=pickled)
 
 
@@ -165,16 +165,18 @@ class TorchRunner:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        from bnfuse.torch.tensors import from_numpy, to_numpy
+
         args = []
         for name in self._names:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[name])).to(self._target)
+            t = from_numpy(feeds[name]).to(self._target)
             if self._dtype is not None and t.is_floating_point():
                 t = t.to(self._dtype)
             args.append(t)
         with torch.no_grad():
             out = self._model(*args)
         flat = _flatten(out)
-        return {f"output_{i}": t.detach().to("cpu").numpy() for i, t in enumerate(flat)}
+        return {f"output_{i}": to_numpy(t) for i, t in enumerate(flat)}
 
 
 def _cast(model: Any, dtype: Any) -> Any:

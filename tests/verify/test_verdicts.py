@@ -118,3 +118,31 @@ def test_batch_over_the_sample_models_passes(
     samples = Path(__file__).resolve().parents[2] / "sample_models"
     code, _, err = run_cli([str(samples), "-o", str(tmp_path / "out"), "-q"], capsys)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_torch_models_verify(
+    dtype: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bf16 .pt2 crashed the verifier; an fp16 TorchScript was fed float32 inputs."""
+    torch = pytest.importorskip("torch")
+    tdtype = getattr(torch, dtype)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval().to(tdtype)
+    x = torch.randn(1, 3, 8, 8, dtype=tdtype)
+    pt2, script = tmp_path / "m.pt2", tmp_path / "m.pt"
+    torch.export.save(torch.export.export(net, (x,)), str(pt2))
+    traced = torch.jit.trace(net, x)
+    torch.jit.save(traced, str(script))
+    name = [v.debugName() for v in traced.graph.inputs()][1].split(".")[0]
+    for src, extra in ((pt2, []), (script, ["--input-shape", f"{name}:1x3x8x8"])):
+        out = tmp_path / f"f{src.suffix}"
+        code, text, err = run_cli(
+            [str(src), "-o", str(out), *extra, "--report", str(tmp_path / "r.json"), "--force"],
+            capsys,
+        )
+        assert code == 0, err
+        assert "verify PASS" in text
+    import json
+
+    (c,) = json.loads((tmp_path / "r.json").read_text())["verification"]["outputs"]
+    assert c["dtype"] == dtype and c["compute_dtype"] == dtype
