@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
@@ -53,16 +53,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def _fail(exc: BnfuseError, debug: bool) -> NoReturn:
-    if debug:
-        raise exc
-    message = f"bnfuse: error: {exc.message}"
-    if exc.hint:
-        message += f" ({exc.hint})"
-    typer.echo(message, err=True)
-    raise typer.Exit(exc.exit_code)
 
 
 # Options shared by `fuse` (which verifies after writing) and `verify`.
@@ -112,28 +102,39 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only (f
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
 
 
-def _run(debug: bool, what: str, func: Callable[[], T]) -> T:
-    """Call the library; a BnfuseError (or a crash) becomes one line and exit 2."""
+def _run(
+    debug: bool,
+    what: str,
+    func: Callable[[], T],
+    on_error: Callable[[str], None] | None = None,
+) -> T:
+    """Call the library; a BnfuseError (or a crash) becomes one line and exit 2.
+
+    ``on_error`` is told the line first (to write it into the reports).
+    """
     try:
         return func()
     except typer.Exit:
         raise
-    except BnfuseError as exc:
-        _fail(exc, debug)
-    except MemoryError:
+    except Exception as exc:
         if debug:
             raise
-        typer.echo(f"bnfuse: error: {what}: not enough memory; nothing was written", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    except Exception as exc:  # a bug, or a model no check foresaw: one line, exit 2
-        if debug:
-            raise
-        typer.echo(
-            f"bnfuse: error: {what}: {type(exc).__name__}: {first_line(exc)[:300]} "
-            "(run with --debug for the traceback)",
-            err=True,
-        )
-        raise typer.Exit(EXIT_USAGE) from None
+        if isinstance(exc, BnfuseError):
+            message = exc.message + (f" ({exc.hint})" if exc.hint else "")
+            code = exc.exit_code
+        elif isinstance(exc, MemoryError):
+            message, code = f"{what}: not enough memory; nothing was written", EXIT_USAGE
+        else:  # a bug, or a model no check foresaw: one line, exit 2
+            message = (
+                f"{what}: {type(exc).__name__}: {first_line(exc)[:300]} "
+                "(run with --debug for the traceback)"
+            )
+            code = EXIT_USAGE
+        if on_error is not None:
+            with contextlib.suppress(Exception):  # the error itself is what must be said
+                on_error(message)
+        typer.echo(f"bnfuse: error: {message}", err=True)
+        raise typer.Exit(code) from None
 
 
 def _verify_options(
@@ -193,7 +194,15 @@ def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool, force: 
     from bnfuse.report.batch import print_batch_summary, write_batch_reports
 
     write_batch_reports(reports, result, force=force)
-    if not quiet:
+    for o in result.outcomes:  # each error once, path once, where CI logs look for them
+        if o.error is not None:
+            message = o.error.removeprefix(f"{o.input}: ")
+            typer.echo(f"bnfuse: error: {o.input}: {message}", err=True)
+    if quiet:
+        from bnfuse.report.line import batch_line
+
+        typer.echo(batch_line(result))
+    else:
         from rich.console import Console
 
         console = Console(soft_wrap=True)
@@ -220,7 +229,11 @@ def _finish(
         if fusion is not None:  # the run ends in an error: its model goes too
             outputs.remove(fusion.outputs)
         raise
-    if not quiet:
+    if quiet:
+        from bnfuse.report.line import one_line
+
+        typer.echo(one_line(fusion, verification))
+    else:
         from rich.console import Console
 
         from bnfuse.report.terminal import print_fuse_summary, print_verify_summary
@@ -367,6 +380,7 @@ def fuse_command(
         )
         raise typer.Exit(EXIT_USAGE)
     out = Path(output) if output is not None else None
+    state: dict[str, FuseResult | None] = {}  # what error reports can say: checked, fused
 
     def work() -> tuple[FuseResult, VerifyResult | None]:
         from bnfuse.api import fuse_file
@@ -386,6 +400,7 @@ def fuse_command(
             input_shapes=options.input_shapes, also_writes=targets,
             also_reads=[("the --inputs file", inputs_file)] if inputs_file is not None else [],
         )  # fmt: skip
+        state["fusion"] = result  # the report paths passed their checks with the output
         if dry_run or no_verify or out is None:
             return result, None
         try:
@@ -394,10 +409,46 @@ def fuse_command(
             from bnfuse import outputs
 
             outputs.remove(result.outputs)
+            result.outputs = []
             raise
 
-    fusion, verification = _run(debug, str(input), work)
+    def error_reports(message: str) -> None:
+        reads = [("the input model", input)]
+        if inputs_file is not None:
+            reads.append(("the --inputs file", inputs_file))
+        also = [("output", out)] if out is not None else []
+        _error_reports(reports, state.get("fusion"), message, force, reads, also)
+
+    fusion, verification = _run(debug, str(input), work, error_reports)
     _run(debug, "report", lambda: _finish(fusion, verification, reports, quiet, force))
+
+
+def _error_reports(
+    reports: list[Path],
+    fusion: FuseResult | None,
+    message: str,
+    force: bool,
+    reads: list[tuple[str, Path]],
+    also_writes: list[tuple[str, Path]] = [],  # noqa: B006 (read only)
+) -> None:
+    """Reports for a run that ended in an error (exit 2), so CI's always() finds them.
+
+    Under the same rules as ever (checked again here, since the error may have
+    come before the check): nothing the run reads, nothing it wrote, no
+    existing file without --force.
+    """
+    from bnfuse import outputs
+    from bnfuse.report import SUFFIXES, write_reports
+    from bnfuse.verify.sources import files_read
+
+    paths = [p for p in reports if p.suffix.lower() in SUFFIXES]
+    if not paths:
+        return
+    all_reads = [r for label, path in reads for r in files_read(path, label)]
+    written = [("output", p) for p in (fusion.outputs if fusion is not None else [])]
+    targets = [*also_writes, *written, *(("--report", p) for p in paths)]
+    outputs.check_targets(targets, all_reads, force=force)
+    write_reports(paths, fusion, None, force=force, error=message)
 
 
 _MODEL_SUFFIXES = (".onnx", ".pt", ".pt2", ".pth")
@@ -449,7 +500,13 @@ def verify_command(
         options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
         return _verify_with_progress(original, candidate, options, quiet)
 
-    verification = _run(debug, str(candidate), work)
+    def error_reports(message: str) -> None:
+        reads = [("the original model", original), ("the candidate model", candidate)]
+        if inputs is not None:
+            reads.append(("the --inputs file", inputs))
+        _error_reports(reports, None, message, force, reads)
+
+    verification = _run(debug, str(candidate), work, error_reports)
     _run(debug, "report", lambda: _finish(None, verification, reports, quiet, force))
 
 

@@ -122,11 +122,66 @@ def test_missing_output_option_exits_2(
     assert code == 2 and "-o/--output" in err
 
 
-def test_quiet_prints_nothing(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli(
-        [str(model_path), "-o", str(model_path.with_name("q.onnx")), "-q"], capsys
-    )
-    assert code == 0 and out == "" and err == ""
+def test_quiet_prints_one_line(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fused = model_path.with_name("q.onnx")
+    code, out, err = run_cli([str(model_path), "-o", str(fused), "-q"], capsys)
+    assert code == 0 and err == ""
+    assert out.splitlines() == [
+        f"PASS: {fused} against {model_path} (0 folded, 1 skipped; worst output 'y' on cpu: "
+        "max abs 0)"
+    ] or (len(out.splitlines()) == 1 and out.startswith(f"PASS: {fused} against {model_path}"))
+
+
+def test_quiet_failing_verify_prints_its_verdict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failing verify -q used to print nothing at all."""
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(layer_bn("Conv"), a)
+    model = layer_bn("Conv")
+    for t in model.graph.initializer:
+        if t.name == "bn.bias":
+            arr = onnx.numpy_helper.to_array(t) + 1
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    onnx.save(model, b)
+    code, out, err = run_cli(["verify", str(a), str(b), "-q"], capsys)
+    assert code == 1 and err == ""
+    (line,) = out.splitlines()
+    assert line.startswith(f"FAIL: {b} against {a} (worst output 'y' on cpu: max abs ")
+    assert "beyond tolerance" in line
+
+
+def test_quiet_batch_prints_its_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    onnx.save(layer_bn("Conv"), tmp_path / "a.onnx")
+    (tmp_path / "broken.onnx").write_bytes(b"garbage")
+    code, out, err = run_cli([str(tmp_path), "-o", str(tmp_path / "out"), "-q"], capsys)
+    assert code == 2
+    assert out.splitlines() == [
+        f"ERROR: 1 of 2 could not be fused or verified (first: {tmp_path / 'broken.onnx'})"
+    ]
+    assert len(err.splitlines()) == 1 and err.startswith("bnfuse: error: ")
+
+
+def test_reports_are_written_on_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """So that CI's `if: always()` upload finds them, with the error in them."""
+    import xml.etree.ElementTree as ET
+
+    src = tmp_path / "m.onnx"
+    onnx.save(layer_bn("Conv"), src)
+    reports = [tmp_path / f"r.{s}" for s in ("json", "md", "xml", "html")]
+    import numpy as np
+
+    np.savez(tmp_path / "in.npz", not_an_input=np.zeros(3, np.float32))  # refused: exit 2
+    args = [str(src), "-o", str(tmp_path / "f.onnx"), "--inputs", str(tmp_path / "in.npz")]
+    code, _, _ = run_cli([*args, *(a for r in reports for a in ("--report", str(r)))], capsys)
+    assert code == 2
+    data = json.loads(reports[0].read_text())
+    assert data["passed"] is False and "not inputs of the model" in data["error"]
+    assert "ERROR" in reports[1].read_text()
+    root = ET.parse(reports[2]).getroot()
+    assert root.get("errors") == "1" and root.find(".//error") is not None
+    assert "ERROR" in reports[3].read_text()
+    assert not (tmp_path / "f.onnx").exists()
 
 
 def test_python_dash_m_and_help(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from bnfuse import outputs
 from bnfuse.errors import BnfuseError
 from bnfuse.result import FuseResult, VerifyResult
 
-Renderer = Callable[[FuseResult | None, VerifyResult | None], str]
+Renderer = Callable[[FuseResult | None, VerifyResult | None, str | None], str]
 SUFFIXES = (".json", ".md", ".xml", ".html")
 
 
@@ -53,11 +53,16 @@ def write_reports(
     verification: VerifyResult | None,
     *,
     force: bool = False,
+    error: str | None = None,
 ) -> None:
-    """Write each report; a .md report is also appended to $GITHUB_STEP_SUMMARY when set."""
+    """Write each report; a .md report is also appended to $GITHUB_STEP_SUMMARY when set.
+
+    ``error``: the run ended in this error (exit 2); the reports say so, with
+    whatever was done before it.
+    """
     write_texts(
         paths,
-        lambda path: _renderer(path.suffix.lower())(fusion, verification),
+        lambda path: _renderer(path.suffix.lower())(fusion, verification, error),
         force=force,
     )
 

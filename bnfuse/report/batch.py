@@ -43,9 +43,6 @@ def print_batch_summary(result: BatchResult, console: Console) -> None:
             style=style,
         )
     console.print(table)
-    for o in result.outcomes:
-        if o.error is not None:
-            console.print(f"[red]error[/]: {o.input}: {o.error}", highlight=False)
 
 
 def _outcome_dict(o: Outcome) -> dict[str, Any]:

@@ -106,9 +106,13 @@ def _layer_chart(layers: list[Comparison]) -> str:
     return "".join(parts)
 
 
-def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
+def render(
+    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+) -> str:
     v = verification
-    if v is None:
+    if error is not None:
+        badge = '<span class="verdict fail">ERROR</span>'
+    elif v is None:
         badge = '<span class="verdict none">not verified</span>'
     elif v.passed:
         badge = '<span class="verdict pass">PASS</span>'
@@ -118,6 +122,8 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
         str(v.candidate if v is not None else (fusion.input if fusion is not None else "bnfuse"))
     )
     body = [f"<h1>bnfuse report {badge}</h1>", f'<div class="muted">{title}</div>']
+    if error is not None:
+        body.append(f'<p class="error">{escape(error)}</p>')
     if fusion is not None:
         body.append("<h2>Fusion</h2>")
         body.append(f"<p>{escape(fusion.headline())}.</p>")

@@ -116,21 +116,28 @@ def verification_dict(v: VerifyResult) -> dict[str, Any]:
     }
 
 
-def report_dict(fusion: FuseResult | None, verification: VerifyResult | None) -> dict[str, Any]:
+def report_dict(
+    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+) -> dict[str, Any]:
     from bnfuse import __version__
 
+    passed = verification.passed if verification is not None else None
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "bnfuse_version": __version__,
-        "passed": verification.passed if verification is not None else None,
+        "passed": False if error is not None else passed,
+        "error": error,
         "fusion": fusion_dict(fusion) if fusion is not None else None,
         "verification": verification_dict(verification) if verification is not None else None,
     }
 
 
-def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
-    return json.dumps(report_dict(fusion, verification), indent=2, allow_nan=False) + "\n"
+def render(
+    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+) -> str:
+    data = report_dict(fusion, verification, error)
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
 
 
 INSPECT_SCHEMA = "bnfuse-inspect"

@@ -13,19 +13,30 @@ from bnfuse.result import Comparison, FuseResult, VerifyResult
 
 
 def _metrics(c: Comparison) -> str:
+    """The metrics; the worst element's values in full (repr: the shortest that round-trips),
+    so that two values that differ print differently."""
     return (
         f"max_abs={num(c.max_abs)} max_rel={num(c.max_rel)} mean_abs={num(c.mean_abs)} "
         f"rmse={num(c.rmse)} cosine={num(c.cosine, 8)} snr={db(c.snr_db)} "
         f"beyond_tolerance={c.failed}/{c.total} atol={c.atol:g} rtol={c.rtol:g} "
-        f"worst_index={list(c.worst_index)} worst_ref={num(c.worst_ref)} worst_got={num(c.worst_got)} "
+        f"compute_dtype={c.compute_dtype} noise_floor={num(c.floor_max_abs)} "
+        f"worst_index={list(c.worst_index)} worst_ref={c.worst_ref!r} worst_got={c.worst_got!r} "
         f"nan={c.nan_ref}/{c.nan_got} inf={c.inf_ref}/{c.inf_got}"
     )
 
 
-def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
+def render(
+    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+) -> str:
     cases = verification.ordered_outputs() if verification is not None else []
     failures = sum(not c.passed for c in cases)
-    counts = {"tests": str(len(cases)), "failures": str(failures), "errors": "0", "skipped": "0"}
+    errors = int(error is not None)
+    counts = {
+        "tests": str(len(cases) + errors),
+        "failures": str(failures),
+        "errors": str(errors),
+        "skipped": "0",
+    }
     suites = ET.Element("testsuites", {"name": "bnfuse", **counts})
     target = (
         verification.candidate.name
@@ -41,6 +52,9 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
             ("bn_skipped", len(fusion.skipped)),
         ):
             ET.SubElement(props, "property", name=key, value=str(value))
+    if error is not None:
+        case = ET.SubElement(suite, "testcase", classname="bnfuse", name="run", time="0")
+        ET.SubElement(case, "error", message=error, type="BnfuseError")
     for c in cases:
         case = ET.SubElement(
             suite, "testcase", classname=f"bnfuse.verify.{c.device}", name=c.name, time="0"
@@ -53,7 +67,7 @@ def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
             "failure",
             message=(
                 f"output '{c.name}' on {c.device}: {c.failed} of {c.total} elements beyond "
-                f"tolerance (max abs {num(c.max_abs)})"
+                f"tolerance (max abs {c.max_abs!r}, noise floor {num(c.floor_max_abs)})"
             ),
             type="ToleranceExceeded",
         )

@@ -7,9 +7,14 @@ from bnfuse.result import FuseResult, VerifyResult
 from bnfuse.verify.metrics import VERDICT_RULE
 
 
-def render(fusion: FuseResult | None, verification: VerifyResult | None) -> str:
+def render(
+    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+) -> str:
     lines: list[str] = []
-    if verification is not None:
+    if error is not None:
+        text = error.replace("`", "'")
+        lines += ["## bnfuse: :x: ERROR", "", f"`{text}`", ""]
+    elif verification is not None:
         mark = "PASS" if verification.passed else "FAIL"
         icon = ":white_check_mark:" if verification.passed else ":x:"
         lines += [f"## bnfuse: {icon} {mark}", ""]

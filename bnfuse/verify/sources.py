@@ -81,7 +81,10 @@ def files_read(path: Path, label: str) -> list[tuple[str, Path]]:
     For checking that no report overwrites one of them; a model that cannot
     be read here is reported later, when it is opened.
     """
-    if not path.is_file() or detect(path) is not Format.ONNX:
+    try:
+        if not path.is_file() or detect(path) is not Format.ONNX:
+            return [(label, path)]
+    except InputError:  # not a model: just the file itself
         return [(label, path)]
     from bnfuse.onnx.light import light_proto
 
