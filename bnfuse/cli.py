@@ -203,9 +203,9 @@ def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool, force: 
 
         typer.echo(batch_line(result))
     else:
-        from rich.console import Console
+        from bnfuse.report.terminal import console as terminal_console
 
-        console = Console(soft_wrap=True)
+        console = terminal_console()
         print_batch_summary(result, console)
         for path in reports:
             console.print(f"report: {path}", highlight=False)
@@ -234,11 +234,10 @@ def _finish(
 
         typer.echo(one_line(fusion, verification))
     else:
-        from rich.console import Console
-
+        from bnfuse.report.terminal import console as terminal_console
         from bnfuse.report.terminal import print_fuse_summary, print_verify_summary
 
-        console = Console(soft_wrap=True)
+        console = terminal_console()
         if fusion is not None:
             print_fuse_summary(fusion, console)
         if verification is not None:
@@ -541,11 +540,10 @@ def inspect_command(
 
         typer.echo(render_inspect(result), nl=False)
         return
-    from rich.console import Console
-
+    from bnfuse.report.terminal import console as terminal_console
     from bnfuse.report.terminal import print_inspect
 
-    print_inspect(result, Console(soft_wrap=True))
+    print_inspect(result, terminal_console())
 
 
 _COMMANDS = {"fuse", "verify", "inspect"}

@@ -279,3 +279,22 @@ def test_onnx_ir_warnings_stay_off_stderr(
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
+
+
+def test_names_are_printed_whole_when_stdout_is_no_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CI log is no 80-column terminal: node names and paths come out whole."""
+    model = layer_bn("Conv")
+    long = "_and_a_node_name_that_goes_on_well_beyond_eighty_columns_of_a_terminal"
+    for node in model.graph.node:
+        node.name += long
+    folder = tmp_path / "a_folder_with_a_name_long_enough_to_be_cut_in_a_narrow_table"
+    folder.mkdir()
+    onnx.save(model, folder / "model_with_a_long_name_as_well.onnx")
+    code, out, _ = run_cli(
+        [str(folder / "model_with_a_long_name_as_well.onnx"), "--dry-run"], capsys
+    )
+    assert code == 0 and f"'bn{long}'" in out and f"'layer{long}'" in out
+    code, out, _ = run_cli([str(tmp_path), "-o", str(tmp_path / "out"), "--no-verify"], capsys)
+    assert code == 0 and str(folder / "model_with_a_long_name_as_well.onnx") in out

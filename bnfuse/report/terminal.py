@@ -10,6 +10,20 @@ from bnfuse.result import FuseResult, VerifyResult
 _MAX_LISTED = 10
 
 
+# Width when the output is no terminal (a CI log, a pipe): wide enough that no name or
+# path is ever cut or folded; tables still take only the width their contents need.
+UNBOUNDED = 100_000
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A console for bnfuse's output: the terminal's width at a terminal, else unbounded."""
+    import sys
+
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else UNBOUNDED
+    return Console(soft_wrap=True, stderr=stderr, width=width)
+
+
 def print_fuse_summary(result: FuseResult, console: Console) -> None:
     console.print(f"[bold]{result.input}[/]: {result.headline()}", highlight=False)
     groups = result.skipped_by_reason()
