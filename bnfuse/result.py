@@ -88,6 +88,10 @@ class FuseResult:
             text += f"; {found} {op} by a constant: {folded} {verb}, {skipped} skipped"
         return text
 
+    def health_flags(self) -> list[tuple[str, str]]:
+        """(BatchNorm, flag) for every candidate whose parameters look unhealthy."""
+        return [(c.bn, flag) for c in self.candidates if c.health for flag in c.health.flags]
+
     def skipped_by_reason(self) -> dict[Skip, list[Candidate]]:
         groups: dict[Skip, list[Candidate]] = {}
         for cand in self.skipped:

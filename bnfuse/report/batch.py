@@ -133,13 +133,36 @@ def render_html(result: BatchResult) -> str:
             sections.append(f'<section id="m{i}">{body}</section>')
     page = html.render(None, None)
     head, _ = page.split("<body>", 1)
+    n = len(result.outcomes)
+    failed = sum(o.exit_code == 1 for o in result.outcomes)
+    errors = sum(o.exit_code == 2 for o in result.outcomes)
+    verdict, css = ("ERROR", "fail") if errors else ("FAIL", "fail") if failed else ("PASS", "pass")
     summary = (
-        f"<h1>bnfuse batch: {len(result.outcomes)} models</h1>"
+        f'<h1>bnfuse batch: {n} models <span class="verdict {css}">{verdict}</span></h1>'
+        f"<p>{n - failed - errors} passed, {failed} failed verification, {errors} errors. "
+        f'<span class="muted">{escape(_provenance())}</span></p>'
         "<table><tr><th>model</th><th>max abs err</th><th class=l>result</th></tr>"
         + "".join(rows)
         + "</table>"
     )
     return head + "<body>" + summary + "<hr>".join(sections) + "</body></html>\n"
+
+
+def _provenance() -> str:
+    """When and with what the report was made: the date and the versions that decide results."""
+    import datetime
+    import importlib.metadata as metadata
+
+    from bnfuse import __version__
+
+    versions = [f"bnfuse {__version__}"]
+    for package in ("onnx", "onnx-ir", "onnxruntime", "onnxruntime-gpu", "torch"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"Made {when} with {', '.join(versions)}."
 
 
 RENDERERS = {

@@ -19,6 +19,7 @@ body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2r
 h1{font-size:1.5rem;margin:0 0 .25rem} h2{font-size:1.15rem;margin:2rem 0 .5rem;border-bottom:1px solid #d0d7de;padding-bottom:.25rem}
 .verdict{display:inline-block;padding:.15rem .6rem;border-radius:1rem;font-weight:600;color:#fff}
 .pass{background:#1a7f37} .fail{background:#cf222e} .none{background:#6e7781}
+.error{color:#cf222e;font-weight:600}
 table{border-collapse:collapse;width:100%;margin:.5rem 0} th,td{padding:.35rem .6rem;border-bottom:1px solid #d8dee4;text-align:right;white-space:nowrap}
 th{background:#f6f8fa;font-weight:600} td:first-child,th:first-child,td.l,th.l{text-align:left}
 tr.bad td{background:#ffebe9} code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;background:#f6f8fa;padding:0 .25rem;border-radius:4px}
@@ -86,16 +87,21 @@ def _layer_chart(layers: list[Comparison]) -> str:
         f'<svg viewBox="0 0 {width} {height}" width="100%" style="max-width:{width}px" '
         'role="img" aria-label="per-layer error">'
     ]
-    for i, (name, value) in enumerate(rows):
+    for i, ((name, value), c) in enumerate(zip(rows, layers, strict=True)):
         v = max(value, floor)
         frac = (math.log10(v) - math.log10(floor)) / (0 - math.log10(floor))
         w = max(1.0, (width - label_w - 80) * min(frac, 1.0))
         y = i * row_h
+        # Long names: the end shows (it tells layers apart), the whole name in the tooltip.
+        label = name if len(name) <= 40 else "\u2026" + name[-39:]
+        mark, fill = ("\u2717 ", "#cf222e") if not c.passed else ("", "#0969da")
+        verdict = "pass" if c.passed else "FAIL"
+        style = ' fill="#cf222e" font-weight="600"' if not c.passed else ""
         parts.append(
-            f'<text x="{label_w - 6}" y="{y + 13}" font-size="11" text-anchor="end">'
-            f"{escape(name[-40:])}</text>"
-            f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" fill="#0969da">'
-            f"<title>{escape(name)}: {num(value)}</title></rect>"
+            f'<text x="{label_w - 6}" y="{y + 13}" font-size="11" text-anchor="end"{style}>'
+            f"<title>{escape(name)}</title>{escape(mark + label)}</text>"
+            f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" fill="{fill}">'
+            f"<title>{escape(name)}: {num(value)} ({verdict})</title></rect>"
             f'<text x="{label_w + w + 4:.1f}" y="{y + 13}" font-size="10" fill="#656d76">'
             f"{num(value)}</text>"
         )
@@ -132,6 +138,12 @@ def render(
                 f"<li><code>{escape(c.bn)}</code>: {escape(c.reason or '')}</li>" for c in cands
             )
             body.append(f"<p>Skipped {len(cands)}: {escape(skip.value)}</p><ul>{items}</ul>")
+        flags = fusion.health_flags()
+        if flags:
+            items = "".join(
+                f"<li><code>{escape(bn)}</code>: {escape(flag)}</li>" for bn, flag in flags
+            )
+            body.append(f"<p>Health: {len(flags)} flag(s)</p><ul>{items}</ul>")
         ops = sorted(set(fusion.ops_before) | set(fusion.ops_after))
         rows = "".join(
             f"<tr><td>{escape(op)}</td><td>{fusion.ops_before[op]}</td><td>{fusion.ops_after[op]}</td></tr>"

@@ -32,6 +32,13 @@ def render(
                 lines.append(f"  - ... and {len(cands) - 10} more")
         if fusion.skipped:
             lines.append("")
+        flags = fusion.health_flags()
+        if flags:
+            lines.append(f"- health: {len(flags)} flag(s)")
+            lines += [f"  - `{bn}`: {flag}" for bn, flag in flags[:10]]
+            if len(flags) > 10:
+                lines.append(f"  - ... and {len(flags) - 10} more")
+            lines.append("")
         changed = sorted(
             op
             for op in set(fusion.ops_before) | set(fusion.ops_after)

@@ -33,6 +33,13 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
             console.print(f"  {cand.bn}: {cand.reason}", highlight=False, markup=False)
         if len(cands) > _MAX_LISTED:
             console.print(f"  ... and {len(cands) - _MAX_LISTED} more")
+    flags = result.health_flags()
+    if flags:
+        console.print(f"[yellow]health: {len(flags)} flag(s)[/] (bnfuse inspect shows each BN)")
+        for bn, flag in flags[:_MAX_LISTED]:
+            console.print(f"  {bn}: {flag}", highlight=False, markup=False)
+        if len(flags) > _MAX_LISTED:
+            console.print(f"  ... and {len(flags) - _MAX_LISTED} more")
     if result.dry_run:
         if result.folded:
             table = Table(title="Would fold", title_justify="left")
