@@ -122,10 +122,14 @@ def render_html(result: BatchResult) -> str:
     rows = []
     sections = []
     for i, o in enumerate(result.outcomes):
-        status = STATUS[o.exit_code] if o.error is None else f"ERROR: {o.error}"
+        status = (
+            STATUS[o.exit_code]
+            if o.error is None
+            else f"ERROR: {o.error.removeprefix(f'{o.input}: ')}"
+        )
         rows.append(
             f'<tr class="{"bad" if o.exit_code else ""}"><td><a href="#m{i}">{escape(str(o.input))}</a></td>'
-            f"<td>{num(_worst_error(o))}</td><td class=l>{escape(status)}</td></tr>"
+            f'<td>{num(_worst_error(o))}</td><td class="l wrap">{escape(status)}</td></tr>'
         )
         if o.error is None:
             page = html.render(o.fusion, o.verification)
@@ -139,7 +143,7 @@ def render_html(result: BatchResult) -> str:
     verdict, css = ("ERROR", "fail") if errors else ("FAIL", "fail") if failed else ("PASS", "pass")
     summary = (
         f'<h1>bnfuse batch: {n} models <span class="verdict {css}">{verdict}</span></h1>'
-        f"<p>{n - failed - errors} passed, {failed} failed verification, {errors} errors. "
+        f"<p>{n - failed - errors} passed, {failed} failed verification, {errors} error(s). "
         f'<span class="muted">{escape(_provenance())}</span></p>'
         "<table><tr><th>model</th><th>max abs err</th><th class=l>result</th></tr>"
         + "".join(rows)

@@ -22,6 +22,7 @@ h1{font-size:1.5rem;margin:0 0 .25rem} h2{font-size:1.15rem;margin:2rem 0 .5rem;
 .error{color:#cf222e;font-weight:600}
 table{border-collapse:collapse;width:100%;margin:.5rem 0} th,td{padding:.35rem .6rem;border-bottom:1px solid #d8dee4;text-align:right;white-space:nowrap}
 th{background:#f6f8fa;font-weight:600} td:first-child,th:first-child,td.l,th.l{text-align:left}
+td.wrap{white-space:normal;overflow-wrap:anywhere}
 tr.bad td{background:#ffebe9} code{font:12px ui-monospace,SFMono-Regular,Menlo,monospace;background:#f6f8fa;padding:0 .25rem;border-radius:4px}
 .muted{color:#656d76} .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(22rem,1fr));gap:1rem}
 figure{margin:0;border:1px solid #d8dee4;border-radius:6px;padding:.5rem} figcaption{font-size:12px;color:#656d76;margin-bottom:.25rem}

@@ -59,7 +59,7 @@ def test_batch_html_has_verdict_counts_date_and_versions(
     assert code == 2
     page = report.read_text()
     assert '<span class="verdict fail">ERROR</span>' in page
-    assert "1 passed, 0 failed verification, 1 errors" in page
+    assert "1 passed, 0 failed verification, 1 error(s)" in page
     assert re.search(r"Made \d{4}-\d\d-\d\d \d\d:\d\d UTC with bnfuse \S+, onnx \S+", page)
 
 
