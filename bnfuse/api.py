@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -16,6 +16,9 @@ from bnfuse.result import Candidate, FuseResult
 if TYPE_CHECKING:
     import onnx_ir as ir
     from torch import fx, nn
+
+    from bnfuse.result import VerifyResult
+    from bnfuse.verify.compare import Step, VerifyOptions
 
 
 @overload
@@ -99,6 +102,56 @@ def fuse_file(
     return fuse_onnx(
         path, out, force=force, dry_run=dry_run, also_writes=also_writes, also_reads=also_reads
     )
+
+
+def fuse_and_verify(
+    input: Path,
+    output: Path | None,
+    *,
+    verify: VerifyOptions | None,
+    force: bool = False,
+    dry_run: bool = False,
+    trust_pickle: bool = False,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    also_writes: Sequence[tuple[str, Path]] = (),
+    also_reads: Sequence[tuple[str, Path]] = (),
+    on_fused: Callable[[FuseResult], None] | None = None,
+    on_step: Step | None = None,
+) -> tuple[FuseResult, VerifyResult | None]:
+    """Preflight, fuse, write, verify: what ``bnfuse IN -o OUT`` and batch mode do per model.
+
+    The preflight opens the original and resolves its inputs and devices
+    before anything is written, so that a verification that cannot run fails
+    first. If verification fails to run, or the run is interrupted (Ctrl-C,
+    SIGTERM), the output just written is removed: no unverified output is
+    left. A verification that runs and finds a difference is a result, not an
+    error: the output stays, and the VerifyResult says FAIL. ``on_fused`` is
+    told the fusion result as soon as there is one.
+    """
+    checking = verify is not None and not dry_run and output is not None
+    opened = None
+    if checking:
+        from bnfuse.verify.compare import preflight
+
+        assert verify is not None
+        opened = preflight(input, verify)
+    result = fuse_file(
+        input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle,
+        input_shapes=input_shapes, also_writes=also_writes, also_reads=also_reads,
+    )  # fmt: skip
+    if on_fused is not None:
+        on_fused(result)
+    if not checking or result.dry_run:
+        return result, None
+    from bnfuse.verify.compare import verify_models
+
+    assert verify is not None and output is not None
+    try:
+        return result, verify_models(input, output, verify, on_step, opened=opened)
+    except BaseException:
+        outputs.remove(result.outputs)
+        result.outputs = []
+        raise
 
 
 MAX_ROUNDS = 16

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from bnfuse import outputs
 from bnfuse.errors import BnfuseError, InputError, OutputError
 from bnfuse.result import FuseResult, VerifyResult
 
@@ -117,40 +116,25 @@ class Job:
 
 def run_one(job: Job) -> Outcome:
     """Fuse and verify one model; every error becomes the outcome's one-line message."""
-    from bnfuse.api import fuse_file
+    from bnfuse.api import fuse_and_verify
 
     outcome = Outcome(job.input, job.output)
     try:
         job.output.parent.mkdir(parents=True, exist_ok=True)
-        shapes = job.verify.input_shapes if job.verify is not None else {}
-        opened = None
-        if job.verify is not None:
-            from bnfuse.verify.compare import preflight
-
-            opened = preflight(job.input, job.verify)
-        outcome.fusion = fuse_file(
+        outcome.fusion, outcome.verification = fuse_and_verify(
             job.input,
             job.output,
+            verify=job.verify,
             force=job.force,
             trust_pickle=job.trust_pickle,
-            input_shapes=shapes,
+            input_shapes=job.verify.input_shapes if job.verify is not None else {},
         )
-        if job.verify is not None:
-            from bnfuse.verify.compare import verify_models
-
-            outcome.verification = verify_models(job.input, job.output, job.verify, opened=opened)
     except BnfuseError as exc:
         outcome.error = str(exc)
     except MemoryError:
         outcome.error = "not enough memory"
     except Exception as exc:  # one bad model must not stop the batch
         outcome.error = f"{type(exc).__name__}: {exc}"
-    except BaseException:  # SIGTERM or Ctrl-C: no unverified output is left
-        if outcome.fusion is not None:
-            outputs.remove(outcome.fusion.outputs)
-        raise
-    if outcome.error is not None and outcome.fusion is not None:
-        outputs.remove(outcome.fusion.outputs)  # no output file on failure
     return outcome
 
 

@@ -25,8 +25,7 @@ from bnfuse.errors import BnfuseError, first_line
 if TYPE_CHECKING:
     from bnfuse.batch import BatchResult
     from bnfuse.result import FuseResult, VerifyResult
-    from bnfuse.verify.compare import VerifyOptions
-    from bnfuse.verify.sources import Source
+    from bnfuse.verify.compare import Step, VerifyOptions
 
 T = TypeVar("T")
 
@@ -164,17 +163,12 @@ def _verify_options(
     )
 
 
-def _verify_with_progress(
-    original: Path,
-    candidate: Path,
-    options: VerifyOptions,
-    quiet: bool,
-    opened: Source | None = None,
-) -> VerifyResult:
-    from bnfuse.verify.compare import verify_models
-
-    if quiet or not sys.stderr.isatty():  # a progress bar is for a person at a terminal
-        return verify_models(original, candidate, options, opened=opened)
+@contextlib.contextmanager
+def _progress(quiet: bool) -> Iterator[Step | None]:
+    """A progress bar on stderr for verification, for a person at a terminal; else None."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -187,7 +181,7 @@ def _verify_with_progress(
         def on_step(what: str, done: int, total: int) -> None:
             progress.update(task, description=what, completed=done, total=total)
 
-        return verify_models(original, candidate, options, on_step=on_step, opened=opened)
+        yield on_step
 
 
 def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool, force: bool) -> None:
@@ -382,34 +376,21 @@ def fuse_command(
     state: dict[str, FuseResult | None] = {}  # what error reports can say: checked, fused
 
     def work() -> tuple[FuseResult, VerifyResult | None]:
-        from bnfuse.api import fuse_file
+        from bnfuse.api import fuse_and_verify
         from bnfuse.report import check_report_paths
 
         targets = check_report_paths(reports)
         options = _verify_options(
             device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle
         )
-        opened = None
-        if not (dry_run or no_verify):
-            from bnfuse.verify.compare import preflight
-
-            opened = preflight(input, options)
-        result = fuse_file(
-            input, out, force=force, dry_run=dry_run, trust_pickle=trust_pickle,
-            input_shapes=options.input_shapes, also_writes=targets,
-            also_reads=[("the --inputs file", inputs_file)] if inputs_file is not None else [],
-        )  # fmt: skip
-        state["fusion"] = result  # the report paths passed their checks with the output
-        if dry_run or no_verify or out is None:
-            return result, None
-        try:
-            return result, _verify_with_progress(input, out, options, quiet, opened)
-        except BaseException:  # an error, Ctrl-C or SIGTERM: no unverified output is left
-            from bnfuse import outputs
-
-            outputs.remove(result.outputs)
-            result.outputs = []
-            raise
+        with _progress(quiet) as on_step:
+            return fuse_and_verify(
+                input, out, verify=None if no_verify else options, force=force,
+                dry_run=dry_run, trust_pickle=trust_pickle, input_shapes=options.input_shapes,
+                also_writes=targets,
+                also_reads=[("the --inputs file", inputs_file)] if inputs_file else [],
+                on_fused=lambda result: state.update(fusion=result), on_step=on_step,
+            )  # fmt: skip
 
     def error_reports(message: str) -> None:
         reads = [("the input model", input)]
@@ -497,7 +478,10 @@ def verify_command(
             ]
             outputs.check_targets(targets, reads, force=force)
         options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
-        return _verify_with_progress(original, candidate, options, quiet)
+        from bnfuse.verify.compare import verify_models
+
+        with _progress(quiet) as on_step:
+            return verify_models(original, candidate, options, on_step)
 
     def error_reports(message: str) -> None:
         reads = [("the original model", original), ("the candidate model", candidate)]

@@ -44,13 +44,33 @@ def available() -> bool:
     return hasattr(os, "fork") and os.name == "posix"
 
 
+_FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def run(work: Callable[[], int]) -> int:
-    """``work()`` in a child process; its exit code, or 2 (after cleaning up) if it crashed."""
+    """``work()`` in a child process; its exit code, or 2 (after cleaning up) if it crashed.
+
+    The parent's forwarding handlers are in place before the fork, so a signal
+    that comes at any moment reaches the child (held until its pid is known).
+    """
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
+    child: list[int] = []
+    pending: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        if not child:
+            pending.append(signum)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child[0], signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
     pid = os.fork()
-    if pid == 0:  # the child
+    if pid == 0:  # the child: bnfuse.cli installs its own handlers (outputs.Terminated)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
         os.close(read_fd)
         code = EXIT_USAGE
         try:
@@ -63,8 +83,15 @@ def run(work: Callable[[], int]) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(code)
+    child.append(pid)
+    for signum in pending:
+        forward(signum, None)
     os.close(write_fd)
-    return _wait(pid, read_fd)
+    try:
+        return _wait(pid, read_fd)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _reporter(fd: int) -> Callable[[str, Path], None]:
@@ -84,26 +111,19 @@ def _identity(path: Path) -> str:
 
 
 def _wait(pid: int, read_fd: int) -> int:
-    def forward(signum: int, _frame: FrameType | None) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
-
-    previous = {}
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-        previous[sig] = signal.signal(sig, forward)
-    try:
-        data = b""
-        with os.fdopen(read_fd, "rb") as pipe:
-            for chunk in iter(lambda: pipe.read(65536), b""):
-                data += chunk
-        _, status = os.waitpid(pid, 0)
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    data = b""
+    with os.fdopen(read_fd, "rb") as pipe:
+        for chunk in iter(lambda: pipe.read(65536), b""):
+            data += chunk
+    _, status = os.waitpid(pid, 0)
     if os.WIFEXITED(status):
         return os.WEXITSTATUS(status)
     signum = os.WTERMSIG(status)
     _clean_up(data)
+    if signum in _FORWARDED:  # it came before the child could take it: stopped, cleaned up
+        name = signal.Signals(signum).name
+        print(f"bnfuse: error: stopped by {name}; nothing partial was left behind", file=sys.stderr)
+        return 128 + signum
     why = _WHY.get(signum, f"stopped by signal {signal.Signals(signum).name}")
     print(f"bnfuse: error: {why}; nothing was left behind", file=sys.stderr)
     return EXIT_USAGE
