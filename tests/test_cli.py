@@ -298,3 +298,36 @@ def test_names_are_printed_whole_when_stdout_is_no_terminal(
     assert code == 0 and f"'bn{long}'" in out and f"'layer{long}'" in out
     code, out, _ = run_cli([str(tmp_path), "-o", str(tmp_path / "out"), "--no-verify"], capsys)
     assert code == 0 and str(folder / "model_with_a_long_name_as_well.onnx") in out
+
+
+def test_version_and_short_help(capsys: pytest.CaptureFixture[str]) -> None:
+    from bnfuse import __version__
+
+    code, out, _ = run_cli(["--version"], capsys)
+    assert code == 0 and out.strip() == f"bnfuse {__version__}"
+    code, out, _ = run_cli(["-h"], capsys)
+    assert code == 0 and "Usage: bnfuse" in out
+    code, out, _ = run_cli(["fuse", "-h"], capsys)
+    assert code == 0 and "--output" in out
+
+
+def test_options_may_come_before_the_input(
+    model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = model_path.with_name("early.onnx")
+    code, text, err = run_cli(["-q", "--seed", "3", str(model_path), "-o", str(out)], capsys)
+    assert code == 0, err
+    assert out.exists() and text.startswith("PASS: ")
+
+
+def test_a_mistyped_command_names_the_one_meant(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["verfy", "a.onnx", "b.onnx"], capsys)
+    assert code == 2
+    assert err.strip() == "bnfuse: error: unknown command 'verfy'; did you mean 'verify'?"
+
+
+def test_several_inputs_without_output_say_batch_needs_a_folder(
+    model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli([str(model_path), str(model_path.with_name("gemm.onnx"))], capsys)
+    assert code == 2 and "needs -o DIR" in err

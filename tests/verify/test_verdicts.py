@@ -146,3 +146,8 @@ def test_low_precision_torch_models_verify(
 
     (c,) = json.loads((tmp_path / "r.json").read_text())["verification"]["outputs"]
     assert c["dtype"] == dtype and c["compute_dtype"] == dtype
+    if dtype == "float16":  # the user's own fp16 arrays are taken (they were refused)
+        np.savez(tmp_path / "in.npz", **{name: np.ones((1, 3, 8, 8), np.float16)})
+        args = ["verify", str(script), str(tmp_path / "f.pt"), "--inputs", str(tmp_path / "in.npz")]
+        code, _, err = run_cli(args, capsys)
+        assert code == 0, err
