@@ -43,7 +43,16 @@ def load_pickle(path: Path, trust_pickle: bool) -> nn.Module:
                 hint="pass --trust-pickle if you trust it, or save it with torch.jit.save / "
                 "torch.export.save",
             ) from safe_exc
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except (ModuleNotFoundError, AttributeError) as exc:
+            # the pickle names a class by its module: that module must be importable
+            raise InputError(
+                f"{path}: the pickled model needs code that is not importable here "
+                f"({type(exc).__name__}: {first_line(exc)})",
+                hint="put the module that defines its classes on PYTHONPATH, or load the "
+                "model in your own code and call bnfuse.fuse(module)",
+            ) from exc
     if isinstance(obj, Mapping):
         raise InputError(
             f"{path}: a state_dict (weights without the architecture), nothing to fuse",

@@ -8,6 +8,7 @@ torch.export with the example inputs. The original module is never touched
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,17 @@ def fuse_module(module: nn.Module, example_inputs: Sequence[Any] | None = None) 
     gm = capture(module, example_inputs)
     before = op_counts(gm)
     candidates = fuse_graph_module(gm)
+    for cand in candidates:  # a BatchNorm left in place is never silent
+        if not cand.fusable:
+            warnings.warn(
+                f"bnfuse: {cand.op} '{cand.bn}' was not folded: {cand.reason}",
+                NotFoldedWarning,
+                stacklevel=2,
+            )
     return FusedModule(
         gm, FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(gm))
     )
+
+
+class NotFoldedWarning(UserWarning):
+    """A BatchNorm (or constant Mul/Add) of the module stays; the message says which and why."""

@@ -160,6 +160,7 @@ class TorchRunner:
             f" ({str(dtype).replace('torch.', '')})" if dtype else ""
         )
         self._names = input_names
+        self._file = name
         self._dtype = dtype
         target = "cuda" if device == CUDA else "cpu"
         self._model = model.to(target) if dtype is None else _cast(model, dtype).to(target)
@@ -176,8 +177,15 @@ class TorchRunner:
             if self._dtype is not None and t.is_floating_point():
                 t = t.to(self._dtype)
             args.append(t)
-        with torch.no_grad():
-            out = self._model(*args)
+        try:
+            with torch.no_grad():
+                out = self._model(*args)
+        except Exception as exc:  # a guard, a shape the model cannot take...
+            raise InputError(
+                f"{self._file}: torch cannot run it on these inputs "
+                f"({type(exc).__name__}: {first_line(exc)[:300]})",
+                hint="check --input-shape (or --inputs) against what the model takes",
+            ) from exc
         flat = _flatten(out)
         return {f"output_{i}": to_numpy(t) for i, t in enumerate(flat)}
 

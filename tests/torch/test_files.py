@@ -304,3 +304,56 @@ def test_zip_that_zipfile_cannot_parse_is_a_damaged_archive(
     monkeypatch.setattr(zipfile, "ZipFile", Broken)
     with pytest.raises(bnfuse.BnfuseError, match="a damaged zip archive"):
         fuse_file(src, tmp_path / "f.pt")
+
+
+def test_pickle_of_a_class_from_user_code_says_where_the_code_must_be(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The class lives in a module only the user's process had: a hint, not a bare error."""
+    (tmp_path / "usernet.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(3, 4, 3)\n"
+        "        self.bn = torch.nn.BatchNorm2d(4)\n"
+        "    def forward(self, x):\n"
+        "        return self.bn(self.conv(x))\n"
+    )
+    src = tmp_path / "full.pt"
+    code = (
+        f"import sys, torch; sys.path.insert(0, {str(tmp_path)!r}); import usernet; "
+        f"torch.save(usernet.Net().eval(), {str(src)!r})"
+    )
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", code], check=True)
+    args = [str(src), "-o", str(tmp_path / "f.pt2"), "--trust-pickle", "--no-verify"]
+    code_, _, err = run_cli(args, capsys)
+    assert code_ == 2
+    assert "No module named 'usernet'" in err and "PYTHONPATH" in err
+
+
+def test_a_torch_model_that_cannot_run_on_the_inputs_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong --input-shape for TorchScript, a failing guard of a .pt2: one line, exit 2."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    script = tmp_path / "m.pt"
+    traced = torch.jit.trace(net, x)
+    torch.jit.save(traced, str(script))
+    name = [v.debugName() for v in traced.graph.inputs()][1].split(".")[0]
+    side = torch.export.Dim("side", min=8, max=64)
+    program = tmp_path / "m.pt2"
+    torch.export.save(
+        torch.export.export(net, (x,), dynamic_shapes=({2: side, 3: side},)), str(program)
+    )
+    for src, shape in ((script, f"{name}:1x5x16x16"), (program, f"{name}:1x3x16x20")):
+        out = tmp_path / f"f{src.suffix}"
+        code, _, err = run_cli([str(src), "-o", str(out), "--input-shape", shape], capsys)
+        assert code == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "--debug" not in lines[0], err
+        assert not out.exists()

@@ -199,3 +199,23 @@ def test_low_precision_weights_are_rounded_once(dtype: Any, bits: int) -> None:
     x = torch.randn(2, 3, 9, 9).to(dtype)
     with torch.no_grad():
         assert max_rel_error(model(x), fused.module(x)) < 2e-2
+
+
+def test_a_bn_left_unfolded_by_the_python_api_is_said() -> None:
+    """Linear -> BatchNorm1d without example inputs: the rank is unknown, so it stays; said."""
+    import warnings as w
+
+    from bnfuse.torch.module import NotFoldedWarning
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8)).eval()
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        bnfuse.fuse(net)
+    messages = [str(c.message) for c in caught if issubclass(c.category, NotFoldedWarning)]
+    assert len(messages) == 1
+    assert "BatchNormalization '1' was not folded" in messages[0]
+    assert "pass example inputs" in messages[0]
+    with w.catch_warnings(record=True) as caught:
+        w.simplefilter("always")
+        bnfuse.fuse(net, example_inputs=(torch.randn(2, 4),))
+    assert not [c for c in caught if issubclass(c.category, NotFoldedWarning)]
