@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from bnfuse.errors import BnfuseError, first_line
+from bnfuse.errors import BnfuseError, first_line, printable
 
 if TYPE_CHECKING:
     from bnfuse.batch import BatchResult
@@ -132,7 +132,7 @@ def _run(
         if on_error is not None:
             with contextlib.suppress(Exception):  # the error itself is what must be said
                 on_error(message)
-        typer.echo(f"bnfuse: error: {message}", err=True)
+        typer.echo(f"bnfuse: error: {printable(message)}", err=True)
         raise typer.Exit(code) from None
 
 
@@ -191,7 +191,7 @@ def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool, force: 
     for o in result.outcomes:  # each error once, path once, where CI logs look for them
         if o.error is not None:
             message = o.error.removeprefix(f"{o.input}: ")
-            typer.echo(f"bnfuse: error: {o.input}: {message}", err=True)
+            typer.echo(f"bnfuse: error: {printable(f'{o.input}: {message}')}", err=True)
     if quiet:
         from bnfuse.report.line import batch_line
 

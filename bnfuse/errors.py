@@ -36,6 +36,14 @@ def first_line(exc: BaseException) -> str:
     return lines[0]
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` on one line: control characters (a newline in a node name) escaped."""
+    return text.translate(_CONTROL)
+
+
 class InputError(BnfuseError):
     """The input file is missing, unreadable, or not a model bnfuse can read."""
 
