@@ -148,8 +148,28 @@ class _Layer:
         return int(self.weight.shape[self.axis]) * (self.groups if self.kind == "convT" else 1)
 
 
+# The module classes whose own op a node is: such a node is named by the module's path.
+_OWN_OP = {"batch_norm": "BatchNorm", "conv": "Conv", "linear": "Linear"}
+
+
 def _name(node: fx.Node) -> str:
-    return str(node.target) if node.op == "call_module" else node.name
+    """The module path a node comes from (``layer1.0.bn1``), as reports name layers.
+
+    A call_module node is its target; an aten op of a torch.export graph carries
+    the stack of modules that called it, and when the innermost one is the op's
+    own kind (a BatchNorm2d for batch_norm) it is named by that module's path.
+    Other nodes (functional calls) keep their node name.
+    """
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack and node.op == "call_function":
+        path, cls = list(stack.values())[-1]
+        kind = str(getattr(node.target, "__name__", node.target))
+        own = next((c for op, c in _OWN_OP.items() if op in kind), None)
+        if path and own is not None and own in str(getattr(cls, "__name__", cls)):
+            return str(path)
+    return node.name
 
 
 def _constant(gm: fx.GraphModule, arg: Any, what: str) -> torch.Tensor | _Fail | None:
@@ -476,8 +496,9 @@ def _op_label(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 def op_counts(gm: fx.GraphModule) -> Counter[str]:
+    """Ops by kind; torch.export's input-guard module (``_guards_fn``) is no op of the model."""
     return Counter(
         _op_label(gm, n)
         for n in gm.graph.nodes
-        if n.op in ("call_module", "call_function", "call_method")
+        if n.op in ("call_module", "call_function", "call_method") and n.target != "_guards_fn"
     )

@@ -62,6 +62,16 @@ def _const(value: Any) -> Any:
 
 
 def _label(node: Any) -> str:
+    """The module path the node comes from (``layer1.0.bn1``), where its scope records it.
+
+    A module traced in this process keeps its scope
+    (``__module.layer1/__module.layer1.0.bn1``); otherwise the op and its output value.
+    """
+    scope = str(node.scopeName()).rsplit("/", 1)[-1]
+    if scope.startswith("__module.") and len(scope) > len("__module."):
+        return scope[len("__module.") :]
+    # (A module loaded from a file keeps no scope; the names of a frozen graph's
+    # constants are no guide either: freezing merges equal constants under one name.)
     out = node.output() if node.outputsSize() == 1 else None
     return f"{node.kind()} %{out.debugName()}" if out is not None else node.kind()
 

@@ -357,3 +357,31 @@ def test_a_torch_model_that_cannot_run_on_the_inputs_leaves_nothing(
         lines = err.strip().splitlines()
         assert len(lines) == 1 and "--debug" not in lines[0], err
         assert not out.exists()
+
+
+class _Block(nn.Module):
+    def __init__(self, cin: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, 4, 3)
+        self.bn1 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv1(x))
+
+
+def test_batchnorms_are_named_by_module_path(tmp_path: Path) -> None:
+    """.pt2: layer1.0.bn1, not batch_norm_11; no GuardsFn op."""
+    net = nn.Sequential()
+    net.add_module("layer1", nn.Sequential(_Block(3), _Block(4)))
+    net.eval()
+    x = torch.randn(1, 3, 16, 16)
+    pt2 = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(net, (x,)), str(pt2))
+    for src in (pt2,):
+        result = bnfuse.fuse(src, tmp_path / f"f{src.suffix}")
+        assert sorted(c.bn for c in result.candidates) == ["layer1.0.bn1", "layer1.1.bn1"], src
+        assert sorted(c.producer or "" for c in result.candidates) == [
+            "layer1.0.conv1",
+            "layer1.1.conv1",
+        ]
+        assert not any("guards" in op.lower() for op in result.ops_before), result.ops_before
