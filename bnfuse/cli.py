@@ -623,14 +623,17 @@ def _quiet_libraries(debug: bool) -> Iterator[None]:
 
 def _exit_code(args: list[str]) -> int:
     """Run the app; SIGTERM, SIGHUP and Ctrl-C end it after cleanup, with 128 + the signal."""
+    from bnfuse import outputs
     from bnfuse.outputs import Terminated, terminate_on_signals
 
+    outputs.published.clear()  # this run's files only
     try:
         with terminate_on_signals(), _quiet_libraries("--debug" in args):
             app(args=args, prog_name="bnfuse")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Terminated as exc:
+        outputs.remove_published()  # a stopped run leaves nothing, not even a complete output
         typer.echo(f"bnfuse: error: stopped by {exc}; nothing partial was left behind", err=True)
         return 128 + exc.signum
     return 0

@@ -217,8 +217,23 @@ def publish(tmp: Path, final: Path, *, force: bool) -> None:
                     hint="pass --force to replace it",
                 ) from None
             os.rename(tmp, final)
+    published.append((final, file_id(final)))
     if on_event is not None:
         on_event("published", final)
+
+
+# Every file this process published, with its identity then: a run stopped by a signal
+# removes them (``remove_published``), so that a stopped run leaves nothing, complete or not.
+published: list[tuple[Path, _FileId | None]] = []
+
+
+def remove_published() -> None:
+    """Remove the files this process published that are still the ones it wrote."""
+    for path, ident in published:
+        if ident is not None and file_id(path) == ident:
+            with contextlib.suppress(OSError):
+                path.unlink()
+    published.clear()
 
 
 _WRITE_ERRORS = {

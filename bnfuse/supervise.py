@@ -58,8 +58,10 @@ def run(work: Callable[[], int]) -> int:
     sys.stderr.flush()
     child: list[int] = []
     pending: list[int] = []
+    received: list[int] = []
 
     def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
         if not child:
             pending.append(signum)
             return
@@ -88,7 +90,7 @@ def run(work: Callable[[], int]) -> int:
         forward(signum, None)
     os.close(write_fd)
     try:
-        return _wait(pid, read_fd)
+        return _wait(pid, read_fd, received)
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -110,23 +112,34 @@ def _identity(path: Path) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def _wait(pid: int, read_fd: int) -> int:
+def _wait(pid: int, read_fd: int, received: list[int]) -> int:
+    """The child's exit code; after a signal or a crash, what it published is removed."""
     data = b""
     with os.fdopen(read_fd, "rb") as pipe:
         for chunk in iter(lambda: pipe.read(65536), b""):
             data += chunk
     _, status = os.waitpid(pid, 0)
     if os.WIFEXITED(status):
-        return os.WEXITSTATUS(status)
+        code = os.WEXITSTATUS(status)
+        if code > 128:  # stopped by a signal: what any of its processes published goes too
+            _clean_up(data)
+        elif received:  # the signal came as the child finished: the run was stopped all the same
+            _clean_up(data)
+            return _stopped(received[0])
+        return code
     signum = os.WTERMSIG(status)
     _clean_up(data)
     if signum in _FORWARDED:  # it came before the child could take it: stopped, cleaned up
-        name = signal.Signals(signum).name
-        print(f"bnfuse: error: stopped by {name}; nothing partial was left behind", file=sys.stderr)
-        return 128 + signum
+        return _stopped(signum)
     why = _WHY.get(signum, f"stopped by signal {signal.Signals(signum).name}")
     print(f"bnfuse: error: {why}; nothing was left behind", file=sys.stderr)
     return EXIT_USAGE
+
+
+def _stopped(signum: int) -> int:
+    name = signal.Signals(signum).name
+    print(f"bnfuse: error: stopped by {name}; nothing partial was left behind", file=sys.stderr)
+    return 128 + signum
 
 
 def _clean_up(data: bytes) -> None:

@@ -275,6 +275,27 @@ def test_signal_while_writing_leaves_nothing(sig: str, target: str, folder: Path
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
+_AFTER_PUBLISHING = """
+from bnfuse import outputs
+real = outputs.publish
+def publish(tmp, final, *, force):
+    real(tmp, final, force=force)
+    os.kill({target}, signal.SIGTERM)  # the output is complete and in place
+outputs.publish = publish
+"""
+
+
+@pytest.mark.parametrize("target", ["os.getpid()", "os.getppid()"], ids=["child", "supervisor"])
+def test_signal_after_the_output_is_in_place_removes_it(target: str, folder: Path) -> None:
+    """A stopped run leaves nothing, not even a complete output (a signal's timing decides
+    nothing); the supervisor removes what any of its processes published."""
+    before = sorted(p.name for p in folder.iterdir())
+    fault = _AFTER_PUBLISHING.format(target=target)
+    proc = _bnfuse(fault, [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "--no-verify"])
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
 def test_signal_while_verifying_removes_the_unverified_output(folder: Path) -> None:
     before = sorted(p.name for p in folder.iterdir())
     proc = _bnfuse(_WHILE_VERIFYING, [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "-q"])
