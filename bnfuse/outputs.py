@@ -159,6 +159,29 @@ def staging(folder: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+Staged = list[tuple[Path, Path]]  # (temporary file, where it goes), in publishing order
+
+
+def write_new(folder: Path, write: Callable[[Path], Staged], *, force: bool) -> list[Path]:
+    """The one way bnfuse writes files: ``write(tmpdir)`` in a staging folder in ``folder``
+    returns the (temporary, final) pairs it made, which are then published in order.
+
+    All or none: if one cannot be published, those already published are removed.
+    Returns the final paths, in publishing order.
+    """
+    done: list[Path] = []
+    with staging(folder) as tmpdir:
+        staged = write(tmpdir)
+        try:
+            for tmp, final in staged:
+                publish(tmp, final, force=force)
+                done.append(final)
+        except BaseException:
+            remove(done)
+            raise
+    return done
+
+
 def sweep(folder: Path) -> list[Path]:
     """Remove the temporary folders of runs that no longer live; returns what was removed."""
     removed: list[Path] = []

@@ -328,34 +328,29 @@ def needs_external_data(source: LoadedModel) -> bool:
 
 def save(model: ir.Model, output: Path, *, external_data: bool, force: bool = False) -> list[Path]:
     """Write atomically (bnfuse.outputs' rules); returns the files written (model first)."""
-    written: list[Path] = []
+
+    def write(tmpdir: Path) -> outputs.Staged:
+        tmp_model, data = tmpdir / output.name, external_data_path(output)
+        staged = []
+        with _onnx_ir_quiet():
+            if not external_data:
+                _write_inline(model, tmp_model)
+            elif _write_external(model, tmp_model, tmpdir / data.name, data.name):
+                staged.append((tmpdir / data.name, data))  # the data first: no model without it
+        return [*staged, (tmp_model, output)]
+
     try:
-        with outputs.staging(output.parent) as tmpdir:
-            tmp_model = tmpdir / output.name
-            data = external_data_path(output)
-            with _onnx_ir_quiet():
-                if external_data:
-                    has_data = _write_external(model, tmp_model, tmpdir / data.name, data.name)
-                else:
-                    _write_inline(model, tmp_model)
-                    has_data = False
-            if has_data:
-                outputs.publish(tmpdir / data.name, data, force=force)
-                written.append(data)
-            outputs.publish(tmp_model, output, force=force)
-            written.insert(0, output)
-            return written
-    except BaseException as exc:
-        outputs.remove(written)  # the data file alone is no model
-        if isinstance(exc, OSError):
-            raise outputs.write_error(output, exc) from exc
-        if isinstance(exc, (BnfuseError, MemoryError)) or not isinstance(exc, Exception):
-            raise
-        # onnx-ir cannot serialise what it read (e.g. text not UTF-8)
+        written = outputs.write_new(output.parent, write, force=force)
+    except OSError as exc:
+        raise outputs.write_error(output, exc) from exc
+    except (BnfuseError, MemoryError):
+        raise
+    except Exception as exc:  # onnx-ir cannot serialise what it read (e.g. text not UTF-8)
         raise ModelError(
             f"{output}: cannot write the model: {_root_cause(exc)}",
             hint="the input holds fields ONNX cannot store; check it with onnx.checker",
         ) from exc
+    return [output, *(p for p in written if p != output)]
 
 
 @dataclass

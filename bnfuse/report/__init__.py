@@ -78,11 +78,12 @@ def write_texts(paths: list[Path], render: Callable[[Path], str], *, force: bool
     try:
         for path in paths:
             text = render(path)
-            with outputs.staging(path.parent) as tmpdir:
-                tmp = tmpdir / path.name
-                tmp.write_text(text, encoding="utf-8")
-                outputs.publish(tmp, path, force=force)
-            written.append(path)
+
+            def staged(tmpdir: Path, path: Path = path, text: str = text) -> outputs.Staged:
+                (tmpdir / path.name).write_text(text, encoding="utf-8")
+                return [(tmpdir / path.name, path)]
+
+            written += outputs.write_new(path.parent, staged, force=force)
     except OSError as exc:
         outputs.remove(written)
         raise outputs.write_error(path, exc, "--report") from exc

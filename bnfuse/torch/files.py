@@ -133,11 +133,12 @@ def exported_dynamic_shapes(ep: torch.export.ExportedProgram) -> tuple[Any, ...]
 
 
 def _atomic(output: Path, write: Callable[[Path], None], *, force: bool) -> None:
+    def staged(tmpdir: Path) -> outputs.Staged:
+        write(tmpdir / output.name)
+        return [(tmpdir / output.name, output)]
+
     try:
-        with outputs.staging(output.parent) as tmpdir:
-            tmp = tmpdir / output.name
-            write(tmp)
-            outputs.publish(tmp, output, force=force)
+        outputs.write_new(output.parent, staged, force=force)
     except OSError as exc:
         raise outputs.write_error(output, exc) from exc
     except (BnfuseError, MemoryError):
