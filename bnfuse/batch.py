@@ -14,11 +14,13 @@ import contextlib
 import glob
 import os
 import signal
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bnfuse import outputs
 from bnfuse.errors import BnfuseError, InputError, OutputError
 from bnfuse.result import FuseResult, VerifyResult
 
@@ -146,10 +148,20 @@ def run_batch(
     force: bool = False,
     verify: VerifyOptions | None = None,
     trust_pickle: bool = False,
+    also_writes: Sequence[tuple[str, Path]] = (),
+    also_reads: Sequence[tuple[str, Path]] = (),
 ) -> BatchResult:
+    """Fuse (and verify) every model ``items`` name into ``outdir``.
+
+    ``also_writes`` (the caller's reports) are checked against every input model
+    and ``also_reads`` (bnfuse.outputs' rules) before anything is written.
+    """
     if outdir.exists() and not outdir.is_dir():
         raise OutputError(f"{outdir}: exists and is not a folder; -o names a folder in batch mode")
     models = expand(items)
+    if also_writes:
+        reads = [("an input model", src) for src, _ in models]
+        outputs.check_targets(also_writes, [*reads, *also_reads], force=force)
     outdir_resolved = outdir.resolve()
     for src, _ in models:
         if src.resolve().is_relative_to(outdir_resolved):

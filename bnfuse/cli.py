@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -315,6 +315,7 @@ def fuse_command(
         typer.echo(f"bnfuse: error: {message}", err=True)
         raise typer.Exit(EXIT_USAGE)
     reports = report or []
+    data_read = [("the --inputs file", inputs_file)] if inputs_file is not None else []
     single = (
         len(inputs) == 1 and not Path(inputs[0]).is_dir() and not any(c in inputs[0] for c in "*?[")
     )
@@ -323,7 +324,7 @@ def fuse_command(
             typer.echo("bnfuse: error: batch mode needs -o OUTDIR (and no --dry-run)", err=True)
             raise typer.Exit(EXIT_USAGE)
         outdir = Path(output)
-        if Path(output).suffix.lower() in _MODEL_SUFFIXES and not outdir.is_dir():
+        if outdir.suffix.lower() in _MODEL_SUFFIXES and not outdir.is_dir():
             typer.echo(
                 f"bnfuse: error: -o {output}: batch mode writes each model into a folder, and "
                 "this names a file (give a folder, e.g. -o fused/)",
@@ -332,16 +333,10 @@ def fuse_command(
             raise typer.Exit(EXIT_USAGE)
 
         def batch() -> BatchResult:
-            from bnfuse import outputs
-            from bnfuse.batch import expand, run_batch
+            from bnfuse.batch import run_batch
             from bnfuse.report import check_report_paths
 
             targets = check_report_paths(reports)
-            if targets:
-                reads = [("an input model", src) for src, _ in expand(inputs)]
-                if inputs_file is not None:
-                    reads.append(("the --inputs file", inputs_file))
-                outputs.check_targets(targets, reads, force=force)
             options = (
                 None
                 if no_verify
@@ -358,8 +353,10 @@ def fuse_command(
                 )
             )
             return run_batch(
-                inputs, outdir, jobs=jobs, force=force, verify=options, trust_pickle=trust_pickle
-            )
+                inputs, outdir, jobs=jobs, force=force, verify=options, trust_pickle=trust_pickle,
+                also_writes=targets,
+                also_reads=data_read,
+            )  # fmt: skip
 
         result = _run(debug, "batch", batch)
         _run(debug, "report", lambda: _finish_batch(result, reports, quiet, force))
@@ -373,7 +370,7 @@ def fuse_command(
         )
         raise typer.Exit(EXIT_USAGE)
     out = Path(output) if output is not None else None
-    state: dict[str, FuseResult | None] = {}  # what error reports can say: checked, fused
+    state: dict[str, FuseResult] = {}  # the fusion result, for the reports of a failed run
 
     def work() -> tuple[FuseResult, VerifyResult | None]:
         from bnfuse.api import fuse_and_verify
@@ -388,15 +385,13 @@ def fuse_command(
                 input, out, verify=None if no_verify else options, force=force,
                 dry_run=dry_run, trust_pickle=trust_pickle, input_shapes=options.input_shapes,
                 also_writes=targets,
-                also_reads=[("the --inputs file", inputs_file)] if inputs_file else [],
+                also_reads=data_read,
                 on_fused=lambda result: state.update(fusion=result), on_step=on_step,
             )  # fmt: skip
 
     def error_reports(message: str) -> None:
-        reads = [("the input model", input)]
-        if inputs_file is not None:
-            reads.append(("the --inputs file", inputs_file))
         also = [("output", out)] if out is not None else []
+        reads = [("the input model", input), *data_read]
         _error_reports(reports, state.get("fusion"), message, force, reads, also)
 
     fusion, verification = _run(debug, str(input), work, error_reports)
@@ -409,26 +404,35 @@ def _error_reports(
     message: str,
     force: bool,
     reads: list[tuple[str, Path]],
-    also_writes: list[tuple[str, Path]] = [],  # noqa: B006 (read only)
+    also_writes: Sequence[tuple[str, Path]] = (),
 ) -> None:
     """Reports for a run that ended in an error (exit 2), so CI's always() finds them.
 
     Under the same rules as ever (checked again here, since the error may have
-    come before the check): nothing the run reads, nothing it wrote, no
+    come before the check): nothing the run reads, not the output's path, no
     existing file without --force.
     """
-    from bnfuse import outputs
     from bnfuse.report import SUFFIXES, write_reports
-    from bnfuse.verify.sources import files_read
 
     paths = [p for p in reports if p.suffix.lower() in SUFFIXES]
     if not paths:
         return
-    all_reads = [r for label, path in reads for r in files_read(path, label)]
-    written = [("output", p) for p in (fusion.outputs if fusion is not None else [])]
-    targets = [*also_writes, *written, *(("--report", p) for p in paths)]
-    outputs.check_targets(targets, all_reads, force=force)
+    _check_reports([*also_writes, *(("--report", p) for p in paths)], reads, force)
     write_reports(paths, fusion, None, force=force, error=message)
+
+
+def _check_reports(
+    targets: Sequence[tuple[str, Path]], reads: list[tuple[str, Path]], force: bool
+) -> None:
+    """bnfuse.outputs' rules for reports, against the given models and their external data."""
+    if not targets:
+        return
+    from bnfuse import outputs
+    from bnfuse.verify.sources import files_read
+
+    outputs.check_targets(
+        targets, [r for label, p in reads for r in files_read(p, label)], force=force
+    )
 
 
 _MODEL_SUFFIXES = (".onnx", ".pt", ".pt2", ".pth")
@@ -464,19 +468,14 @@ def verify_command(
     """
     reports = report or []
 
-    def work() -> VerifyResult:
-        from bnfuse import outputs
-        from bnfuse.report import check_report_paths
-        from bnfuse.verify.sources import files_read
+    reads = [("the original model", original), ("the candidate model", candidate)]
+    if inputs is not None:
+        reads.append(("the --inputs file", inputs))
 
-        targets = check_report_paths(reports)
-        if targets:
-            reads = [
-                *files_read(original, "the original model"),
-                *files_read(candidate, "the candidate model"),
-                *([("the --inputs file", inputs)] if inputs is not None else []),
-            ]
-            outputs.check_targets(targets, reads, force=force)
+    def work() -> VerifyResult:
+        from bnfuse.report import check_report_paths
+
+        _check_reports(check_report_paths(reports), reads, force)
         options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
         from bnfuse.verify.compare import verify_models
 
@@ -484,9 +483,6 @@ def verify_command(
             return verify_models(original, candidate, options, on_step)
 
     def error_reports(message: str) -> None:
-        reads = [("the original model", original), ("the candidate model", candidate)]
-        if inputs is not None:
-            reads.append(("the --inputs file", inputs))
         _error_reports(reports, None, message, force, reads)
 
     verification = _run(debug, str(candidate), work, error_reports)

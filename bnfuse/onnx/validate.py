@@ -85,6 +85,18 @@ def _subgraphs(attr: Any) -> Iterator[onnx.GraphProto]:
     yield from attr.graphs
 
 
+def all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in _subgraphs(attr):
+                yield from all_tensors(sub)
+
+
 def _check_node_tensors(node: onnx.NodeProto, path: Path) -> None:
     for attr in node.attribute:
         if attr.HasField("t"):

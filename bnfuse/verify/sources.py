@@ -87,31 +87,18 @@ def files_read(path: Path, label: str) -> list[tuple[str, Path]]:
     except InputError:  # not a model: just the file itself
         return [(label, path)]
     from bnfuse.onnx.light import light_proto
+    from bnfuse.onnx.validate import all_tensors
 
     try:
         proto = light_proto(path) or onnx.load(str(path), load_external_data=False)
     except Exception:
         return [(label, path)]
     found = [(label, path)]
-    for tensor in _tensors(proto.graph):
+    for tensor in all_tensors(proto.graph):
         for entry in tensor.external_data:
             if entry.key == "location" and entry.value and "\0" not in entry.value:
                 found.append((f"the external data of {label}", path.parent / entry.value))
     return found
-
-
-def _tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    """Initializers and Constant-node tensors of a graph and its subgraphs."""
-    out = list(graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                out.append(attr.t)
-            if attr.HasField("g"):
-                out += _tensors(attr.g)
-            for sub in attr.graphs:
-                out += _tensors(sub)
-    return out
 
 
 def _open_torch(path: Path, fmt: Format, trust_pickle: bool) -> Source:
