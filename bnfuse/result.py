@@ -28,16 +28,17 @@ class Skip(str, Enum):
 
 @dataclass(frozen=True)
 class Candidate:
-    """One BatchNorm the matcher looked at: fusable, or skipped with a reason."""
+    """One node the matcher looked at (a BatchNorm, or a Mul/Add by a constant after a
+    layer): fusable, or skipped with a reason."""
 
-    bn: str
+    node: str  # the node that would be folded away
     graph: str
-    producer: str | None = None
-    producer_op: str | None = None
+    layer: str | None = None  # the layer it folds into (or would): before it, or after it
+    layer_op: str | None = None
     skip: Skip | None = None
     reason: str | None = None
     op: str = "BatchNormalization"  # what folds: BatchNormalization, Mul or Add
-    into: str = "preceding"  # the layer it folds into: "preceding" or "following"
+    into: str = "preceding"  # where ``layer`` stands: "preceding" or "following" the node
     consumers: tuple[str, ...] = ()  # nodes that read the folded node's output
     health: BNHealth | None = None  # BatchNorm parameter health (bnfuse inspect)
 
@@ -47,7 +48,7 @@ class Candidate:
 
     @property
     def pattern(self) -> str:
-        layer = self.producer_op or "?"
+        layer = self.layer_op or "?"
         return f"{self.op} -> {layer}" if self.into == "following" else f"{layer} -> {self.op}"
 
 
@@ -90,7 +91,7 @@ class FuseResult:
 
     def health_flags(self) -> list[tuple[str, str]]:
         """(BatchNorm, flag) for every candidate whose parameters look unhealthy."""
-        return [(c.bn, flag) for c in self.candidates if c.health for flag in c.health.flags]
+        return [(c.node, flag) for c in self.candidates if c.health for flag in c.health.flags]
 
     def skipped_by_reason(self) -> dict[Skip, list[Candidate]]:
         groups: dict[Skip, list[Candidate]] = {}

@@ -27,7 +27,7 @@ def inspect_json(
     code, out, err = run_cli(["inspect", str(src), "--json"], capsys)
     assert code == 0, err
     data = json.loads(out)
-    assert data["schema"] == "bnfuse-inspect" and data["schema_version"] == 1
+    assert data["schema"] == "bnfuse-inspect" and data["schema_version"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]  # nothing written
     return data
 
@@ -38,7 +38,7 @@ def test_never_updated_statistics_are_flagged(
     model = with_initializer(layer_bn("Conv"), "bn.mean", np.zeros(8, np.float32))
     model = with_initializer(model, "bn.var", np.ones(8, np.float32))
     (cand,) = inspect_json(model, tmp_path, capsys)["candidates"]
-    assert cand["fused"] is True and cand["producer"] == "layer" and cand["consumers"] == ["relu"]
+    assert cand["fused"] is True and cand["layer"] == "layer" and cand["consumers"] == ["relu"]
     assert cand["health"]["never_updated"] is True
     assert any("never updated" in f for f in cand["health"]["flags"])
 

@@ -42,7 +42,7 @@ def test_exported_network_loses_every_foldable_bn(
     assert len(result.skipped) == spec.bn_not_after_layer
     for cand in result.skipped:
         assert cand.skip is Skip.NO_LAYER, cand
-        assert cand.producer_op in ("Concat", "MaxPool", "AveragePool"), cand
+        assert cand.layer_op in ("Concat", "MaxPool", "AveragePool"), cand
     fused = onnx.load(str(out))
     onnx.checker.check_model(fused, full_check=True)
     assert (

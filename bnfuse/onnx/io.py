@@ -63,21 +63,9 @@ class LoadedModel:
         return bool(self.data_files)
 
 
-def all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
-    """The graph and every subgraph inside it, depth first."""
-    yield graph
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield from all_graphs(attr.as_graph())
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for sub in attr.as_graphs():
-                    yield from all_graphs(sub)
-
-
 def initializer_bytes(model: ir.Model) -> int:
     total = 0
-    for graph in all_graphs(model.graph):
+    for graph in model.graphs():
         for value in graph.initializers.values():
             if value.const_value is not None:
                 total += value.const_value.nbytes
@@ -116,7 +104,7 @@ def load(path: Path) -> LoadedModel:
     if light is not None:
         maps[path.resolve()] = light
     folder = path.resolve().parent
-    for graph in all_graphs(model.graph):
+    for graph in model.graphs():
         _check_graph(graph, path)
         for value in graph.initializers.values():
             tensor = value.const_value
@@ -135,8 +123,6 @@ def load(path: Path) -> LoadedModel:
         data_files.update(_attribute_data_files(graph, folder, path))
     for function in model.functions.values():
         data_files.update(_attribute_data_files(function, folder, path))
-    # The weights are views of these files: keep them mapped as long as the model lives.
-    model.meta["bnfuse.mapped_files"] = list(maps.values())
     return LoadedModel(model=model, path=path, data_files=data_files)
 
 
@@ -203,7 +189,9 @@ def _mapped_tensor(tensor: ir.ExternalTensor, file: MappedFile, path: Path) -> i
         array = file.array(offset, dtype, shape)
     except ValueError as exc:
         raise InputError(f"{path}: initializer '{tensor.name}': {exc}") from exc
-    return ir.Tensor(
+    return mapped.MappedTensor(
+        file,
+        offset,
         array,
         dtype=tensor.dtype,
         name=tensor.name,
@@ -436,7 +424,7 @@ def _write_inline(model: ir.Model, path: Path) -> None:
 
 def _write_external(model: ir.Model, path: Path, data_path: Path, location: str) -> bool:
     """The model and its data file; False when no weight was large enough to go there."""
-    streamed = _streamed(all_graphs(model.graph), all_types=True)
+    streamed = _streamed(model.graphs(), all_types=True)
     offset = 0
     for item in streamed:
         if item.tensor.nbytes >= ALIGN_FROM:
@@ -469,12 +457,11 @@ def _write_file(
 def _write_tensor(fd: int, tensor: ir.TensorProtocol) -> None:
     """Append the tensor's raw bytes: copied in the kernel if it is unchanged from a file."""
     n = tensor.nbytes
+    if isinstance(tensor, mapped.MappedTensor):
+        tensor.copy_to(fd)
+        return
     if isinstance(tensor, (ir.Tensor, ir.LazyTensor)) and tensor.dtype in MAPPABLE:
         array = tensor.numpy()  # ir.Tensor: its array, no copy; LazyTensor: computed now
-        found = mapped.locate(array) if isinstance(tensor, ir.Tensor) else None
-        if found is not None and array.nbytes == n:
-            mapped.copy_to(found[0], found[1], n, fd)
-            return
         data: bytes | memoryview = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
     else:
         data = tensor.tobytes()

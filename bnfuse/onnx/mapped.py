@@ -4,12 +4,14 @@ Every large weight of a model (inline in the .onnx or in external data) is a
 read-only numpy view of a memory-mapped file: loading copies nothing, and the
 kernel reads a page when something touches it. Touched pages count toward the
 process's resident memory until they are unmapped, so whoever has finished
-with a weight calls ``release`` on it: MADV_DONTNEED drops those pages from
-this process (they stay in the page cache, and a later read maps them again).
-That keeps peak memory near one layer, not one model, however large the model.
+with a weight calls ``release`` on its tensor: MADV_DONTNEED drops those pages
+from this process (they stay in the page cache, and a later read maps them
+again). That keeps peak memory near one layer, not one model, however large
+the model.
 
-An unchanged weight is written out with ``copy_to``: copy_file_range, a copy
-inside the kernel that never passes through this process's memory.
+Such a weight is a ``MappedTensor``: an onnx-ir tensor that knows its file and
+offset. An unchanged one is written out with ``copy_to``: copy_file_range, a
+copy inside the kernel that never passes through this process's memory.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ import os
 import sys
 import weakref
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import onnx_ir as ir
 
 PAGE = mmap.PAGESIZE
 LITTLE_ENDIAN = sys.byteorder == "little"  # ONNX stores raw data little-endian
-
-_live: weakref.WeakSet[MappedFile] = weakref.WeakSet()
 
 
 class MappedFile:
@@ -38,10 +40,6 @@ class MappedFile:
         weakref.finalize(self, os.close, self._fd)
         self.size = os.fstat(self._fd).st_size
         self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ) if self.size else None
-        self._base = 0
-        if self._map is not None:
-            self._base = np.frombuffer(self._map, np.uint8, count=1).ctypes.data
-        _live.add(self)
 
     @property
     def buffer(self) -> memoryview:
@@ -66,15 +64,6 @@ class MappedFile:
             return np.zeros(shape, dt)
         return np.frombuffer(self._map, dt, count=count, offset=offset).reshape(shape)
 
-    def offset_of(self, array: npt.NDArray[np.generic]) -> int | None:
-        """Where ``array``'s bytes start in this file, if it is a contiguous view of it."""
-        if self._map is None or not array.flags.c_contiguous or array.nbytes == 0:
-            return None
-        address = int(array.ctypes.data) - self._base
-        if address >= 0 and address + array.nbytes <= self.size:
-            return address
-        return None
-
     def release(self, offset: int, length: int) -> None:
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
@@ -82,23 +71,25 @@ class MappedFile:
         self._map.madvise(mmap.MADV_DONTNEED, start, min(self.size, offset + length) - start)
 
 
-def locate(array: npt.NDArray[np.generic]) -> tuple[MappedFile, int] | None:
-    """The mapped file and offset ``array`` is a view of, if any."""
-    for mapped in list(_live):
-        offset = mapped.offset_of(array)
-        if offset is not None:
-            return mapped, offset
-    return None
+class MappedTensor(ir.Tensor):  # type: ignore[type-arg]
+    """A weight that is a view of a mapped file, and knows which file and where."""
+
+    def __init__(self, file: MappedFile, offset: int, array: npt.NDArray[Any], **kwargs: Any):
+        super().__init__(array, **kwargs)
+        self.file = file  # keeps the file mapped as long as the tensor lives
+        self.offset = offset
+
+    def release(self) -> None:
+        self.file.release(self.offset, self.nbytes)
+
+    def copy_to(self, fd: int) -> None:
+        copy_to(self.file, self.offset, self.nbytes, fd)
 
 
-def release(array: npt.NDArray[np.generic] | None) -> None:
-    """Drop the pages of a mapped weight from this process (a no-op for other arrays)."""
-    if array is None:
-        return
-    found = locate(np.asarray(array))
-    if found is not None:
-        mapped, offset = found
-        mapped.release(offset, array.nbytes)
+def release(tensor: ir.TensorProtocol | None) -> None:
+    """Drop the pages of a mapped weight from this process (a no-op for other tensors)."""
+    if isinstance(tensor, MappedTensor):
+        tensor.release()
 
 
 def copy_to(mapped: MappedFile, offset: int, length: int, fd: int) -> None:

@@ -18,10 +18,10 @@ Handled producers (the "site" the fold lands in):
   Gemm           B [K, N] (transB=0) or [N, K] (transB=1); C scaled by beta
   MatMul         constant 2-D W [K, N] on a 2-D input, optionally then Add(bias)
 
-Legality (DESIGN.md section 4), each failure a Skip with a sentence: inference
-mode; constant, non-overridable parameters; the intermediate tensor used only
-by the BN and not a graph output; channels matching on the right axis; a
-result finite in the layer's dtype.
+This module reads the facts (bnfuse.legality's Norm, Layer, Use) out of the
+graph; bnfuse.legality decides, with the same rules and sentences as the
+PyTorch paths. What only ONNX has is checked here: constants behind
+Constant/Identity chains and overridable initializers, subgraph boundaries.
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx_ir as ir
 
-from bnfuse import fold
+from bnfuse import fold, legality
 from bnfuse.errors import ModelError
-from bnfuse.fold import Affine, Array, FoldError
-from bnfuse.health import BNHealth, bn_health
+from bnfuse.fold import Affine, Array
+from bnfuse.legality import Refusal
 from bnfuse.onnx import mapped
 from bnfuse.onnx.constants import NotConstant, constant_array
-from bnfuse.onnx.io import all_graphs
 from bnfuse.result import Candidate, Skip
 
 FLOAT_TYPES = {
@@ -59,6 +58,11 @@ class Site:
     groups: int  # > 1 only for grouped ConvTranspose
     bias: Array | None  # float64-ready bias (Gemm: already times beta)
     bias_index: int | None  # input index of the bias on ``tail``; None: there is none yet
+    source: ir.TensorProtocol | None = None  # the tensor ``weight`` is read from
+
+    def release(self) -> None:
+        """The weight was read (for its peak): drop its pages until it is folded."""
+        mapped.release(self.source)
 
     @property
     def channels(self) -> int:
@@ -84,12 +88,6 @@ class Match:
     plan: Plan | None = None
 
 
-@dataclass(frozen=True)
-class _Fail:
-    skip: Skip
-    reason: str
-
-
 def is_batchnorm(node: ir.Node) -> bool:
     return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
 
@@ -97,7 +95,7 @@ def is_batchnorm(node: ir.Node) -> bool:
 def find(model: ir.Model) -> list[Match]:
     """Every candidate in the model, in graph order (subgraphs after their parent)."""
     matches = []
-    for graph in all_graphs(model.graph):
+    for graph in model.graphs():
         graph_name = graph.name or "main"
         for node in graph:
             try:
@@ -127,10 +125,10 @@ def _in_functions(model: ir.Model) -> list[Match]:
             if is_batchnorm(node):
                 producer = node.inputs[0].producer() if node.inputs and node.inputs[0] else None
                 candidate = Candidate(
-                    bn=_name(node),
+                    node=_name(node),
                     graph=f"function {where}",
-                    producer=producer.name if producer is not None else None,
-                    producer_op=producer.op_type if producer is not None else None,
+                    layer=producer.name if producer is not None else None,
+                    layer_op=producer.op_type if producer is not None else None,
                     skip=Skip.UNSUPPORTED,
                     reason=(
                         f"it is inside the model-local function '{where}', whose weights are "
@@ -147,129 +145,146 @@ def _name(node: ir.Node) -> str:
 
 
 def _match_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
-    match = _decide_bn(bn, graph_name, ir_version)
-    health = _health(bn, match.plan, ir_version)
-    return replace(match, candidate=replace(match.candidate, health=health))
-
-
-def _decide_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
     x = bn.inputs[0]
     producer = x.producer() if x is not None else None
     candidate = Candidate(
-        bn=_name(bn),
+        node=_name(bn),
         graph=graph_name,
-        producer=producer.name if producer is not None else None,
-        producer_op=producer.op_type if producer is not None else None,
+        layer=producer.name if producer is not None else None,
+        layer_op=producer.op_type if producer is not None else None,
         consumers=_consumers(bn),
     )
-    result = _check(bn, producer, ir_version)
-    if not isinstance(result, _Fail):
-        return Match(candidate, result)
+    norm = _norm(bn, ir_version)
+    site = _site_before(bn, producer, ir_version)
+    layer = _layer(site) if isinstance(site, Site) else site
+    decided = legality.decide(norm, layer, _uses(site) if isinstance(site, Site) else ())
+    candidate = replace(candidate, health=legality.health(norm, layer, decided))
+    if isinstance(site, Site):
+        site.release()  # read for its peak; folded when written
+    if isinstance(decided, legality.Fold):
+        assert isinstance(site, Site)
+        return Match(candidate, _plan(bn, site, decided))
     follower = _following_conv(bn)
-    if follower is not None and result.skip not in (Skip.TRAINING_MODE, Skip.STATS_OUTPUTS):
-        forward = _check_before_conv(bn, follower, ir_version)
-        into = replace(
-            candidate, producer=follower.name, producer_op=follower.op_type, into="following"
-        )
-        if not isinstance(forward, _Fail):
-            return Match(into, forward)
-        reason = f"{result.reason}; nor can it fold into the following Conv: {forward.reason}"
-        return Match(replace(candidate, skip=result.skip, reason=reason))
-    return Match(replace(candidate, skip=result.skip, reason=result.reason))
+    if follower is not None and decided.skip not in (Skip.TRAINING_MODE, Skip.STATS_OUTPUTS):
+        into = replace(candidate, layer=follower.name, layer_op=follower.op_type, into="following")
+        forward = _following(bn, follower, ir_version)
+        conv = forward if isinstance(forward, Refusal) else forward[0]
+        ahead = legality.decide_following(norm, conv)
+        if isinstance(forward, tuple):
+            forward[1].release()
+        if isinstance(ahead, legality.Fold):
+            assert isinstance(forward, tuple)
+            into = replace(into, health=legality.health(norm, layer, ahead))
+            return Match(into, _plan(bn, forward[1], ahead, direction=BEFORE))
+        reason = f"{decided.reason}; nor can it fold into the following Conv: {ahead.reason}"
+        return Match(replace(candidate, skip=decided.skip, reason=reason))
+    return Match(replace(candidate, skip=decided.skip, reason=decided.reason))
 
 
-def _check(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Plan | _Fail:
-    mode = _check_inference_mode(bn)
-    if mode is not None:
-        return mode
+def _plan(node: ir.Node, site: Site, decided: legality.Fold, direction: str = AFTER) -> Plan:
+    return Plan(
+        bn=node, site=site, affine=decided.affine, dtype=decided.dtype, direction=direction,
+        peak=decided.peak,
+    )  # fmt: skip
+
+
+def _norm(bn: ir.Node, ir_version: int) -> legality.Norm:
+    """The facts about a BatchNormalization node."""
+    training = (
+        bn.attributes.get_int("training_mode", 0) != 0 or bn.attributes.get_int("is_test", 1) == 0
+    )
+    used = [v.name for v in bn.outputs[1:] if v.uses() or v.is_graph_output()]
+    spatial = bn.attributes.get_int("spatial", 1) != 1
+    return legality.Norm(
+        params=_bn_params(bn, ir_version),
+        batch_statistics="training_mode=1 (or is_test=0)" if training else None,
+        stats_output=used[0] if used else None,
+        variant="spatial=0 (per-element statistics, opset 7/8)" if spatial else None,
+    )
+
+
+def _site_before(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Site | Refusal:
+    """The layer whose output the BatchNorm reads, with constant weights, in its graph."""
     if producer is None:
-        return _Fail(Skip.NO_LAYER, "its input is a graph input, not a layer's output")
+        return Refusal(Skip.NO_LAYER, "its input is a graph input, not a layer's output")
     site = _site(producer, ir_version)
-    if isinstance(site, _Fail):
+    if isinstance(site, Refusal):
         return site
     if site.layer.graph is not bn.graph or site.tail.graph is not bn.graph:
-        return _Fail(
+        return Refusal(
             Skip.UNSUPPORTED,
             f"{site.layer.op_type} '{site.layer.name}' is in an enclosing graph, outside the "
             "subgraph that holds the BatchNorm",
         )
-    chain = (
-        [(site.tail, bn)] if site.layer is site.tail else [(site.layer, site.tail), (site.tail, bn)]
+    return site
+
+
+def _uses(site: Site) -> list[legality.Use]:
+    """The values from the layer to the folded node: the layer's output, and its bias Add's."""
+    chain = [site.layer] if site.layer is site.tail else [site.layer, site.tail]
+    return [_use(node, site.tail if node is not site.tail else None) for node in chain]
+
+
+def _use(node: ir.Node, next_in_chain: ir.Node | None) -> legality.Use:
+    """``node``'s output; every reader but ``next_in_chain`` (the folded node: None) is other."""
+    out = node.outputs[0]
+    readers = [u.node for u in out.uses()]
+    if next_in_chain is None:  # the last value: its one reader is the folded node itself
+        others = readers[1:] if readers else []
+    else:
+        others = [r for r in readers if r is not next_in_chain]
+    return legality.Use(
+        value=f"the output '{out.name}' of {node.op_type} '{node.name}'",
+        others=tuple(r.name or r.op_type for r in others),
+        graph_output=out.is_graph_output(),
     )
-    for node, consumer in chain:
-        alone = _check_single_use(node, consumer)
-        if alone is not None:
-            return alone
-    affine = _bn_affine(bn, ir_version)
-    if isinstance(affine, _Fail):
-        return affine
-    if affine.channels != site.channels:
-        return _Fail(
-            Skip.SHAPE_MISMATCH,
-            f"the BatchNorm has {affine.channels} channels but {site.layer.op_type} "
-            f"'{site.layer.name}' has {site.channels} output channels",
-        )
-    return _check_fits(bn, site, affine)
 
 
-def _bn_params(bn: ir.Node, ir_version: int) -> tuple[list[Array], float] | _Fail:
+def _layer(site: Site) -> legality.Layer:
+    """The legality facts of a site."""
+    layer = site.layer
+    dtype = _dtype_of(layer, site.weight)
+    rank: int | None = None
+    channel_axis: int | None = 1
+    if layer.op_type == "Gemm":
+        rank = 2
+    elif layer.op_type == "MatMul":
+        rank = _known_rank(layer.inputs[0], layer.outputs[0], site.tail.outputs[0])
+        channel_axis = None if rank is None else rank - 1
+    return legality.Layer(
+        label=f"{layer.op_type} '{layer.name}'",
+        weight=site.weight,
+        bias=site.bias,
+        axis=site.axis,
+        groups=site.groups,
+        channel_axis=channel_axis,
+        rank=rank,
+        rank_hint="run onnx shape inference first",
+        dtype=dtype.numpy() if dtype in FLOAT_TYPES else None,
+        dtype_name=str(dtype),
+    )
+
+
+def _bn_params(bn: ir.Node, ir_version: int) -> legality.Params | Refusal:
     """(scale, bias, mean, var) as constants, and epsilon."""
     params = []
     for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
         value = bn.inputs[index] if index < len(bn.inputs) else None
         if value is None:
-            return _Fail(Skip.BAD_PARAMETERS, f"the BatchNorm has no {what} input")
+            return Refusal(Skip.BAD_PARAMETERS, f"the BatchNorm has no {what} input")
         array = constant_array(value, ir_version)
         if isinstance(array, NotConstant):
             return _not_constant(f"BatchNorm {what}", array)
         if not fold.is_float(array):
             dtype = value.dtype or ir.DataType.from_numpy(array.dtype)
-            return _Fail(
+            return Refusal(
                 Skip.BAD_PARAMETERS,
                 f"the BatchNorm {what} '{value.name}' is a {dtype} tensor; BatchNorm parameters "
                 "are floating point",
             )
         params.append(array)
-    return params, bn.attributes.get_float("epsilon", 1e-5)
-
-
-def _bn_affine(bn: ir.Node, ir_version: int) -> Affine | _Fail:
-    params = _bn_params(bn, ir_version)
-    if isinstance(params, _Fail):
-        return params
-    (gamma, beta, mean, var), eps = params
-    try:
-        return fold.bn_affine(gamma, beta, mean, var, eps)
-    except FoldError as exc:
-        return _Fail(Skip.BAD_PARAMETERS, str(exc))
-
-
-def _health(bn: ir.Node, plan: Plan | None, ir_version: int) -> BNHealth | None:
-    """Parameter health, with the folded weight's peak where the layer is known."""
-    params = _bn_params(bn, ir_version)
-    if isinstance(params, _Fail):
-        return None
-    (gamma, beta, mean, var), eps = params
-    peak, dtype = None, None
-    if plan is not None:
-        peak, dtype = plan.peak, plan.dtype
-    else:  # skipped: the peak it would have had, where the layer before it is known
-        producer = bn.inputs[0].producer() if bn.inputs[0] is not None else None
-        site = _site(producer, ir_version) if producer is not None else None
-        if isinstance(site, Site):
-            try:
-                affine = fold.bn_affine(gamma, beta, mean, var, eps)
-                if affine.channels == site.channels:
-                    dtype = _dtype_of(site.layer, site.weight).numpy()
-                    peaks = fold.max_abs_per_channel(site.weight, site.axis, site.groups)
-                    mapped.release(site.weight)
-                    peak = float((peaks * np.abs(affine.scale)).max())
-            except (FoldError, ValueError, TypeError):
-                peak = None
-    try:
-        return bn_health(gamma, beta, mean, var, eps, folded_weight_peak=peak, dtype=dtype)
-    except ValueError:  # parameters of different lengths: the skip reason says so
-        return None
+    gamma, beta, mean, var = params
+    return legality.Params(gamma, beta, mean, var, bn.attributes.get_float("epsilon", 1e-5))
 
 
 def _consumers(node: ir.Node) -> tuple[str, ...]:
@@ -290,62 +305,40 @@ def _following_conv(bn: ir.Node) -> ir.Node | None:
     return user
 
 
-def _check_before_conv(bn: ir.Node, conv: ir.Node, ir_version: int) -> Plan | _Fail:
+def _following(
+    bn: ir.Node, conv: ir.Node, ir_version: int
+) -> tuple[legality.Following, Site] | Refusal:
+    """The facts of the Conv after ``bn``, and the site its fold would land in."""
     if conv.graph is not bn.graph:
-        return _Fail(Skip.UNSUPPORTED, "the Conv is in another graph")
+        return Refusal(Skip.UNSUPPORTED, "the Conv is in another graph")
     params = _weight_and_bias(conv, ("weight", "bias"), ir_version)
-    if isinstance(params, _Fail):
+    if isinstance(params, Refusal):
         return params
     weight, bias = params
-    padding = _padding_problem(conv, weight)
-    if padding is not None:
-        return _Fail(Skip.UNSUPPORTED, padding)
-    affine = _bn_affine(bn, ir_version)
-    if isinstance(affine, _Fail):
-        return affine
     groups = conv.attributes.get_int("group", 1)
-    if weight.shape[1] * groups != affine.channels:
-        return _Fail(
-            Skip.SHAPE_MISMATCH,
-            f"Conv '{conv.name}' reads {weight.shape[1] * groups} channels, the BatchNorm has "
-            f"{affine.channels}",
-        )
-    dtype_enum = _dtype_of(conv, weight)
-    if dtype_enum not in FLOAT_TYPES:
-        return _Fail(Skip.UNSUPPORTED, f"Conv '{conv.name}' has {dtype_enum} weights")
-    dtype = dtype_enum.numpy()
-    w = fold.round_to(fold.fold_weight_into_following(weight, affine.scale, groups), dtype)
-    b = fold.round_to(fold.fold_bias_into_following(weight, bias, affine.shift, groups), dtype)
-    mapped.release(weight)
-    if not (
-        np.all(np.isfinite(w.astype(np.float64))) and np.all(np.isfinite(b.astype(np.float64)))
-    ):
-        return _Fail(Skip.NOT_FINITE, f"the folded values are beyond the range of {dtype_enum}")
+    dtype = _dtype_of(conv, weight)
+    facts = legality.Following(
+        label=f"Conv '{conv.name}'",
+        weight=weight,
+        bias=bias,
+        groups=groups,
+        padding=_padding(conv, weight),
+        dtype=dtype.numpy() if dtype in FLOAT_TYPES else None,
+        dtype_name=str(dtype),
+    )
     site = Site(conv, conv, weight, axis=1, groups=groups, bias=bias, bias_index=2)
-    peak = float(np.abs(w.astype(np.float64)).max(initial=0.0))
-    return Plan(bn=bn, site=site, affine=affine, dtype=dtype, direction=BEFORE, peak=peak)
+    return facts, replace(site, source=_source(conv.inputs[1]))
 
 
-def _padding_problem(conv: ir.Node, weight: Array) -> str | None:
-    """Why padding makes the fold inexact, or None when the conv reads no padding."""
+def _padding(conv: ir.Node, weight: Array) -> str | None:
+    """The padding the conv reads, in its attribute's words; None when it reads none."""
     auto_pad = conv.attributes.get_string("auto_pad", "NOTSET")
-    kernel = weight.shape[2:]
     if auto_pad == "VALID":
         return None
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        if all(k == 1 for k in kernel):
-            return None  # a 1x1 kernel never needs padding
-        return (
-            f"Conv '{conv.name}' pads its input ({auto_pad}); the padding would read 0 where "
-            "the BatchNorm's shift should be"
-        )
+        return None if all(k == 1 for k in weight.shape[2:]) else auto_pad  # 1x1 never pads
     pads = list(conv.attributes.get_ints("pads", []) or [])
-    if any(p != 0 for p in pads):
-        return (
-            f"Conv '{conv.name}' pads its input (pads={pads}); the padding would read 0 where "
-            "the BatchNorm's shift should be"
-        )
-    return None
+    return f"pads={pads}" if any(p != 0 for p in pads) else None
 
 
 # --- Conv / ConvTranspose / Gemm -> Mul or Add by a constant -----------------------
@@ -371,124 +364,33 @@ def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match
     if node.op_type == "Add" and isinstance(const, NotConstant):
         return None  # Add(layer, something computed): a residual connection, not a candidate
     candidate = Candidate(
-        bn=_name(node),
+        node=_name(node),
         graph=graph_name,
-        producer=layer.name,
-        producer_op=layer.op_type,
+        layer=layer.name,
+        layer_op=layer.op_type,
         op=node.op_type,
     )
-    result = _check_scale_shift(node, layer, const, ir_version)
-    if isinstance(result, _Fail):
-        return Match(replace(candidate, skip=result.skip, reason=result.reason))
-    return Match(candidate, result)
-
-
-def _check_scale_shift(
-    node: ir.Node, layer: ir.Node, const: Array | NotConstant, ir_version: int
-) -> Plan | _Fail:
+    label = f"{node.op_type} '{node.name}'"
     if isinstance(const, NotConstant):
-        return _Fail(
-            Skip.NOT_CONSTANT,
-            f"the other factor of {node.op_type} '{node.name}' is computed at run time: {const.reason}",
+        return Match(
+            replace(
+                candidate,
+                skip=Skip.NOT_CONSTANT,
+                reason=f"the other factor of {label} is computed at run time: {const.reason}",
+            )
         )
     site = _site(layer, ir_version)
-    if isinstance(site, _Fail):
-        return site
-    if layer.graph is not node.graph:
-        return _Fail(Skip.UNSUPPORTED, f"{layer.op_type} '{layer.name}' is in another graph")
-    alone = _check_single_use(layer, node)
-    if alone is not None:
-        return alone
-    rank = 2 if layer.op_type == "Gemm" else site.weight.ndim
-    vector = _channel_vector(const, rank, site.channels, node)
-    if isinstance(vector, _Fail):
-        return vector
-    try:
-        affine = fold.channel_affine([(node.op_type.lower(), vector)], site.channels)
-    except FoldError as exc:
-        return _Fail(Skip.BAD_PARAMETERS, str(exc))
-    return _check_fits(node, site, affine)
-
-
-def _channel_vector(const: Array, rank: int, channels: int, node: ir.Node) -> Array | _Fail:
-    """The constant as one value per output channel, if it broadcasts along channels only."""
-    shape = tuple(const.shape)
-    if len(shape) > rank:
-        return _Fail(
-            Skip.SHAPE_MISMATCH,
-            f"the constant of {node.op_type} '{node.name}' has shape {list(shape)}, which would "
-            f"change the rank of the {rank}-D output",
-        )
-    aligned = (1,) * (rank - len(shape)) + shape  # numpy/ONNX broadcasting aligns on the right
-    others = [i for i, d in enumerate(aligned) if d != 1 and i != 1]
-    if others or aligned[1] not in (1, channels):
-        axes = ", ".join(str(i) for i in others) or "1"
-        return _Fail(
-            Skip.SHAPE_MISMATCH,
-            f"the constant of {node.op_type} '{node.name}' has shape {list(shape)}; on the "
-            f"{rank}-D output it broadcasts along axis {axes}, not only along the channel axis 1 "
-            f"(use shape [{channels}, 1, ...] or [1, {channels}, 1, ...])",
-        )
-    return const.reshape(-1) if aligned[1] == channels else const.reshape(-1)[:1]
-
-
-def _check_inference_mode(bn: ir.Node) -> _Fail | None:
-    if bn.attributes.get_int("training_mode", 0) != 0 or bn.attributes.get_int("is_test", 1) == 0:
-        return _Fail(
-            Skip.TRAINING_MODE,
-            "training_mode=1 (or is_test=0): it normalises with the batch's own statistics, "
-            "which change with every input",
-        )
-    for extra in bn.outputs[1:]:
-        if extra.uses() or extra.is_graph_output():
-            return _Fail(
-                Skip.STATS_OUTPUTS,
-                f"its statistics output '{extra.name}' is used, so it runs as in training",
-            )
-    if bn.attributes.get_int("spatial", 1) != 1:
-        return _Fail(
-            Skip.UNSUPPORTED, "spatial=0 (per-element statistics, opset 7/8) is not folded"
-        )
-    return None
-
-
-def _check_single_use(node: ir.Node, consumer: ir.Node) -> _Fail | None:
-    out = node.outputs[0]
-    if out.is_graph_output():
-        return _Fail(
-            Skip.GRAPH_OUTPUT,
-            f"the output '{out.name}' of {node.op_type} '{node.name}' is also a graph output, "
-            "and folding would change it",
-        )
-    uses = out.uses()
-    if len(uses) != 1:
-        others = sorted({u.node.name or u.node.op_type for u in uses if u.node is not consumer})
-        return _Fail(
-            Skip.OTHER_CONSUMERS,
-            f"the output '{out.name}' of {node.op_type} '{node.name}' is also read by "
-            f"{len(uses) - 1} other node(s) ({', '.join(others)}), which need the unfolded values",
-        )
-    return None
-
-
-def _check_fits(bn: ir.Node, site: Site, affine: Affine) -> Plan | _Fail:
-    dtype_enum = _dtype_of(site.layer, site.weight)
-    if dtype_enum not in FLOAT_TYPES:
-        return _Fail(
-            Skip.UNSUPPORTED,
-            f"{site.layer.op_type} '{site.layer.name}' has {dtype_enum} weights; "
-            "only floating-point layers are folded",
-        )
-    dtype = dtype_enum.numpy()
-    try:
-        peak = fold.check_fits(
-            site.weight, site.bias, affine, site.axis, site.groups, dtype, str(dtype_enum)
-        )
-    except FoldError as exc:
-        return _Fail(Skip.NOT_FINITE, str(exc))
-    finally:
-        mapped.release(site.weight)  # read once for its peak; folded when written
-    return Plan(bn=bn, site=site, affine=affine, dtype=dtype, peak=peak)
+    if isinstance(site, Site) and layer.graph is not node.graph:
+        site = Refusal(Skip.UNSUPPORTED, f"{layer.op_type} '{layer.name}' is in another graph")
+    facts = _layer(site) if isinstance(site, Site) else site
+    uses = [_use(layer, None)] if isinstance(site, Site) else []
+    decided = legality.decide_scale_shift(node.op_type, const, facts, uses, label)
+    if isinstance(site, Site):
+        site.release()
+    if isinstance(decided, Refusal):
+        return Match(replace(candidate, skip=decided.skip, reason=decided.reason))
+    assert isinstance(site, Site)
+    return Match(candidate, _plan(node, site, decided))
 
 
 def _dtype_of(layer: ir.Node, weight: Array) -> ir.DataType:
@@ -498,12 +400,12 @@ def _dtype_of(layer: ir.Node, weight: Array) -> ir.DataType:
     return ir.DataType.from_numpy(weight.dtype)
 
 
-def _not_constant(what: str, why: NotConstant) -> _Fail:
+def _not_constant(what: str, why: NotConstant) -> Refusal:
     skip = Skip.OVERRIDABLE if why.overridable else Skip.NOT_CONSTANT
-    return _Fail(skip, f"{what}: {why.reason}")
+    return Refusal(skip, f"{what}: {why.reason}")
 
 
-def _const_input(node: ir.Node, index: int, what: str, ir_version: int) -> Array | _Fail | None:
+def _const_input(node: ir.Node, index: int, what: str, ir_version: int) -> Array | Refusal | None:
     """The constant at ``node.inputs[index]``; None if the input is absent."""
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
@@ -514,9 +416,26 @@ def _const_input(node: ir.Node, index: int, what: str, ir_version: int) -> Array
     return array
 
 
-def _site(producer: ir.Node, ir_version: int) -> Site | _Fail:
+def _source(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The stored tensor a constant input reads, through Identity nodes."""
+    while value is not None and value.const_value is None:
+        node = value.producer()
+        if node is None or node.op_type != "Identity" or not node.inputs:
+            return None
+        value = node.inputs[0]
+    return value.const_value if value is not None else None
+
+
+def _site(producer: ir.Node, ir_version: int) -> Site | Refusal:
+    site = _layer_site(producer, ir_version)
+    if isinstance(site, Site):
+        return replace(site, source=_source(site.layer.inputs[1]))
+    return site
+
+
+def _layer_site(producer: ir.Node, ir_version: int) -> Site | Refusal:
     if producer.domain not in ("", "ai.onnx"):
-        return _Fail(Skip.NO_LAYER, f"its input comes from {producer.domain}.{producer.op_type}")
+        return Refusal(Skip.NO_LAYER, f"its input comes from {producer.domain}.{producer.op_type}")
     if producer.op_type in ("Conv", "ConvTranspose"):
         return _conv_site(producer, ir_version)
     if producer.op_type == "Gemm":
@@ -525,47 +444,47 @@ def _site(producer: ir.Node, ir_version: int) -> Site | _Fail:
         return _matmul_site(producer, producer, None, None, ir_version)
     if producer.op_type == "Add":
         return _matmul_add_site(producer, ir_version)
-    return _Fail(
+    return Refusal(
         Skip.NO_LAYER,
         f"its input comes from {producer.op_type} '{producer.name}', which has no weight "
         "to fold into",
     )
 
 
-def _required_const(node: ir.Node, index: int, what: str, ir_version: int) -> Array | _Fail:
+def _required_const(node: ir.Node, index: int, what: str, ir_version: int) -> Array | Refusal:
     array = _const_input(node, index, what, ir_version)
     if array is None:
-        return _Fail(Skip.NOT_CONSTANT, f"{node.op_type} '{node.name}' has no {what}")
+        return Refusal(Skip.NOT_CONSTANT, f"{node.op_type} '{node.name}' has no {what}")
     return array
 
 
 def _weight_and_bias(
     node: ir.Node, names: tuple[str, str], ir_version: int
-) -> tuple[Array, Array | None] | _Fail:
+) -> tuple[Array, Array | None] | Refusal:
     """The layer's constant weight (input 1) and optional constant bias (input 2)."""
     weight = _required_const(node, 1, names[0], ir_version)
-    if isinstance(weight, _Fail):
+    if isinstance(weight, Refusal):
         return weight
     bias = _const_input(node, 2, names[1], ir_version)
-    if isinstance(bias, _Fail):
+    if isinstance(bias, Refusal):
         return bias
     return weight, bias
 
 
-def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
+def _conv_site(node: ir.Node, ir_version: int) -> Site | Refusal:
     params = _weight_and_bias(node, ("weight", "bias"), ir_version)
-    if isinstance(params, _Fail):
+    if isinstance(params, Refusal):
         return params
     weight, bias = params
     if weight.ndim < 3:
-        return _Fail(
+        return Refusal(
             Skip.SHAPE_MISMATCH,
             f"{node.op_type} '{node.name}' weight has shape {list(weight.shape)}",
         )
     groups_t = node.attributes.get_int("group", 1) if node.op_type == "ConvTranspose" else 1
     cout = weight.shape[0] if node.op_type == "Conv" else weight.shape[1] * groups_t
     if bias is not None and bias.shape != (cout,):
-        return _Fail(
+        return Refusal(
             Skip.SHAPE_MISMATCH,
             f"{node.op_type} '{node.name}' bias has shape {list(bias.shape)}, expected [{cout}]",
         )
@@ -573,7 +492,7 @@ def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
         return Site(node, node, weight, axis=0, groups=1, bias=bias, bias_index=2)
     groups = node.attributes.get_int("group", 1)
     if groups < 1 or weight.shape[0] % groups:
-        return _Fail(
+        return Refusal(
             Skip.SHAPE_MISMATCH,
             f"ConvTranspose '{node.name}' has group={groups}, which does not divide "
             f"its {weight.shape[0]} input channels",
@@ -581,18 +500,18 @@ def _conv_site(node: ir.Node, ir_version: int) -> Site | _Fail:
     return Site(node, node, weight, axis=1, groups=groups, bias=bias, bias_index=2)
 
 
-def _gemm_site(node: ir.Node, ir_version: int) -> Site | _Fail:
+def _gemm_site(node: ir.Node, ir_version: int) -> Site | Refusal:
     params = _weight_and_bias(node, ("B", "C"), ir_version)
-    if isinstance(params, _Fail):
+    if isinstance(params, Refusal):
         return params
     weight, c = params
     if weight.ndim != 2:
-        return _Fail(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' B has shape {list(weight.shape)}")
+        return Refusal(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' B has shape {list(weight.shape)}")
     axis = 0 if node.attributes.get_int("transB", 0) else 1
     bias = None
     if c is not None:
         if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, weight.shape[axis])):
-            return _Fail(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' C has shape {list(c.shape)}")
+            return Refusal(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' C has shape {list(c.shape)}")
         bias = c.astype(np.float64) * node.attributes.get_float("beta", 1.0)
     return Site(node, node, weight, axis=axis, groups=1, bias=bias, bias_index=2)
 
@@ -603,44 +522,30 @@ def _matmul_site(
     bias: Array | None,
     bias_index: int | None,
     ir_version: int,
-) -> Site | _Fail:
+) -> Site | Refusal:
     weight = _required_const(matmul, 1, "weight (second input)", ir_version)
-    if isinstance(weight, _Fail):
+    if isinstance(weight, Refusal):
         return weight
     if weight.ndim != 2:
-        return _Fail(
+        return Refusal(
             Skip.SHAPE_MISMATCH,
             f"MatMul '{matmul.name}' weight has shape {list(weight.shape)}, "
             "only a 2-D [K, N] weight is folded",
         )
-    rank = _known_rank(matmul.inputs[0], matmul.outputs[0], tail.outputs[0])
-    if rank is None:
-        return _Fail(
-            Skip.SHAPE_MISMATCH,
-            f"the rank of MatMul '{matmul.name}' output is unknown; BatchNorm normalises "
-            "axis 1, which is the MatMul's output channel only for 2-D inputs "
-            "(run onnx shape inference first)",
-        )
-    if rank != 2:
-        return _Fail(
-            Skip.SHAPE_MISMATCH,
-            f"MatMul '{matmul.name}' output is {rank}-D: BatchNorm normalises axis 1, "
-            "but the MatMul's output channels are on the last axis",
-        )
     return Site(matmul, tail, weight, axis=1, groups=1, bias=bias, bias_index=bias_index)
 
 
-def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | _Fail:
+def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | Refusal:
     for bias_index in (1, 0):
         other = add.inputs[1 - bias_index]
         matmul = other.producer() if other is not None else None
         if matmul is None or matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
             continue
         bias = _required_const(add, bias_index, "bias", ir_version)
-        if isinstance(bias, _Fail):
+        if isinstance(bias, Refusal):
             return bias
         if bias.ndim > 2:
-            return _Fail(
+            return Refusal(
                 Skip.SHAPE_MISMATCH,
                 f"Add '{add.name}' bias has shape {list(bias.shape)}, which would change "
                 "the output's rank",
@@ -648,9 +553,11 @@ def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | _Fail:
         weight_value = matmul.inputs[1]
         n = weight_value.shape[-1] if weight_value is not None and weight_value.shape else None
         if bias.ndim >= 1 and n is not None and bias.shape[-1] not in (1, n):
-            return _Fail(Skip.SHAPE_MISMATCH, f"Add '{add.name}' bias has shape {list(bias.shape)}")
+            return Refusal(
+                Skip.SHAPE_MISMATCH, f"Add '{add.name}' bias has shape {list(bias.shape)}"
+            )
         return _matmul_site(matmul, add, bias, bias_index, ir_version)
-    return _Fail(
+    return Refusal(
         Skip.NO_LAYER,
         f"its input comes from Add '{add.name}', which is not a MatMul plus a constant bias",
     )

@@ -24,15 +24,13 @@ import onnx_ir as ir
 
 from bnfuse import fold
 from bnfuse.fold import Array
-from bnfuse.onnx import mapped
 from bnfuse.onnx.constants import OVERRIDABLE_SINCE_IR
-from bnfuse.onnx.io import all_graphs
 from bnfuse.onnx.match import BEFORE, Plan
 
 
 def op_counts(model: ir.Model) -> Counter[str]:
     counts: Counter[str] = Counter()
-    for graph in all_graphs(model.graph):
+    for graph in model.graphs():
         for node in graph:
             key = (
                 node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
@@ -66,7 +64,7 @@ def _folded_weight(plan: Plan, name: str) -> ir.TensorProtocol:
             folded = fold.fold_weight_rounded(
                 site.weight, scale, site.axis, site.groups, plan.dtype
             )
-        mapped.release(site.weight)
+        site.release()
         return ir.tensor(folded, name=name)
 
     return ir.LazyTensor(
@@ -82,7 +80,7 @@ class _Names:
 
     def __init__(self, model: ir.Model) -> None:
         self._taken: set[str] = set()
-        for graph in all_graphs(model.graph):
+        for graph in model.graphs():
             self._taken.update(v.name for v in graph.inputs if v.name)
             self._taken.update(graph.initializers)
             for node in graph:

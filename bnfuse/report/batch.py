@@ -63,7 +63,7 @@ def render_json(result: BatchResult) -> str:
 
     data = {
         "schema": "bnfuse-batch",
-        "schema_version": 1,
+        "schema_version": json_report.SCHEMA_VERSION,
         "bnfuse_version": __version__,
         "exit_code": result.exit_code,
         "models": [_outcome_dict(o) for o in result.outcomes],

@@ -136,7 +136,7 @@ def render(
         body.append(f"<p>{escape(fusion.headline())}.</p>")
         for skip, cands in fusion.skipped_by_reason().items():
             items = "".join(
-                f"<li><code>{escape(c.bn)}</code>: {escape(c.reason or '')}</li>" for c in cands
+                f"<li><code>{escape(c.node)}</code>: {escape(c.reason or '')}</li>" for c in cands
             )
             body.append(f"<p>Skipped {len(cands)}: {escape(skip.value)}</p><ul>{items}</ul>")
         flags = fusion.health_flags()

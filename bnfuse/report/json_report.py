@@ -15,7 +15,7 @@ from bnfuse.result import Candidate, Comparison, FuseResult, VerifyResult
 from bnfuse.verify.metrics import VERDICT_RULE
 
 SCHEMA = "bnfuse-report"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _num(x: float) -> float | None:
@@ -63,12 +63,12 @@ def health_dict(h: BNHealth | None) -> dict[str, Any] | None:
 
 def candidate_dict(c: Candidate) -> dict[str, Any]:
     return {
-        "bn": c.bn,
+        "node": c.node,
         "op": c.op,
         "into": c.into,
         "graph": c.graph,
-        "producer": c.producer,
-        "producer_op": c.producer_op,
+        "layer": c.layer,
+        "layer_op": c.layer_op,
         "consumers": list(c.consumers),
         "fused": c.fusable,
         "skip_code": c.skip.name.lower() if c.skip else None,

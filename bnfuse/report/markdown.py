@@ -27,7 +27,7 @@ def render(
         ]
         for skip, cands in fusion.skipped_by_reason().items():
             lines.append(f"- skipped {len(cands)}: {skip.value}")
-            lines += [f"  - `{c.bn}`: {c.reason}" for c in cands[:10]]
+            lines += [f"  - `{c.node}`: {c.reason}" for c in cands[:10]]
             if len(cands) > 10:
                 lines.append(f"  - ... and {len(cands) - 10} more")
         if fusion.skipped:

@@ -30,7 +30,7 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
     for skip, cands in groups.items():
         console.print(f"[yellow]skipped {len(cands)}[/]: {skip.value}")
         for cand in cands[:_MAX_LISTED]:
-            console.print(f"  {cand.bn}: {cand.reason}", highlight=False, markup=False)
+            console.print(f"  {cand.node}: {cand.reason}", highlight=False, markup=False)
         if len(cands) > _MAX_LISTED:
             console.print(f"  ... and {len(cands) - _MAX_LISTED} more")
     flags = result.health_flags()
@@ -49,8 +49,8 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
             for cand in result.folded:
                 where = "the following" if cand.into == "following" else ""
                 table.add_row(
-                    f"{cand.op} '{cand.bn}'",
-                    f"{where} {cand.producer_op} '{cand.producer}'".strip(),
+                    f"{cand.op} '{cand.node}'",
+                    f"{where} {cand.layer_op} '{cand.layer}'".strip(),
                     cand.graph,
                 )
             console.print(table)
@@ -129,17 +129,17 @@ def print_inspect(result: FuseResult, console: Console) -> None:
     console.print(f"[bold]{result.input}[/]: {result.headline()}", highlight=False)
     for c in result.candidates:
         console.print()
-        console.print(f"[bold]{c.op}[/] '{c.bn}' [dim]({c.graph})[/]", highlight=False)
+        console.print(f"[bold]{c.op}[/] '{c.node}' [dim]({c.graph})[/]", highlight=False)
         feeds = ", ".join(c.consumers) or "(a graph output)"
         if c.into == "following":
-            console.print(f"  feeds {c.producer_op} '{c.producer}'", highlight=False)
+            console.print(f"  feeds {c.layer_op} '{c.layer}'", highlight=False)
         else:
             console.print(
-                f"  reads {c.producer_op or 'a graph input'} '{c.producer or '-'}'; feeds {feeds}",
+                f"  reads {c.layer_op or 'a graph input'} '{c.layer or '-'}'; feeds {feeds}",
                 highlight=False,
             )
         if c.fusable:
-            console.print(f"  [green]folds[/] into the {c.into} {c.producer_op}", highlight=False)
+            console.print(f"  [green]folds[/] into the {c.into} {c.layer_op}", highlight=False)
         else:
             console.print(f"  [yellow]stays[/]: {c.reason}", highlight=False)
         if c.health is None:

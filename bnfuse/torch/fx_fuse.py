@@ -9,11 +9,9 @@ ExportedProgram's ``module()`` (aten calls with get_attr parameters). Handled:
   norms   nn.BatchNorm1d/2d/3d, F.batch_norm, aten.batch_norm and
           aten._native_batch_norm_legit_no_training (its output 0)
 
-Legality, each failure a Skip with its reason: the BN in eval mode with
-running statistics (train mode or track_running_stats=False use batch
-statistics); constant parameters; the layer's output read only by the BN;
-channels matching; Linear only on a 2-D input (BatchNorm1d normalises axis 1);
-the fold finite in the layer's dtype.
+This module reads the facts (the BN's mode and parameters, the layer, who
+else reads the layer's output) out of the graph; bnfuse.legality decides,
+with the same rules and sentences as the ONNX and TorchScript paths.
 
 A module called in two places, once before a BN and once not, is copied for
 the folded call, so the other call keeps its weights (torch.fx's own fuse
@@ -29,16 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from bnfuse import fold
-from bnfuse.fold import FoldError
-from bnfuse.health import BNHealth, bn_health
+from bnfuse import legality
+from bnfuse.legality import Refusal
 from bnfuse.result import Candidate, Skip
-from bnfuse.torch.tensors import as_f64, as_f64_or_none, numpy_dtype, to_torch
+from bnfuse.torch import facts
 
 aten = torch.ops.aten
 
@@ -111,23 +107,12 @@ def _bind(node: fx.Node, names: Sequence[str]) -> dict[str, Any]:
     return bound
 
 
-@dataclass(frozen=True)
-class _Fail:
-    skip: Skip
-    reason: str
-
-
 @dataclass
 class _BatchNorm:
     out: fx.Node  # the node whose value is the normalised tensor
     calls: list[fx.Node]  # nodes to erase (the BN call, and its getitem)
-    input: fx.Node
-    gamma: torch.Tensor | None
-    beta: torch.Tensor | None
-    mean: torch.Tensor
-    var: torch.Tensor
-    eps: float
-    name: str
+    input: Any  # the normalised value: a node, or whatever else the call was given
+    norm: legality.Norm
 
 
 @dataclass
@@ -139,13 +124,11 @@ class _Layer:
     groups: int
     module: nn.Module | None  # for call_module layers
 
-    @property
-    def axis(self) -> int:
-        return 1 if self.kind == "convT" else 0
-
-    @property
-    def channels(self) -> int:
-        return int(self.weight.shape[self.axis]) * (self.groups if self.kind == "convT" else 1)
+    def facts(self, name: str) -> legality.Layer:
+        return facts.layer(
+            name, self.kind, self.weight, self.bias, self.groups, _output_rank(self.node),
+            "pass example inputs",
+        )  # fmt: skip
 
 
 # The module classes whose own op a node is: such a node is named by the module's path.
@@ -172,7 +155,7 @@ def _name(node: fx.Node) -> str:
     return node.name
 
 
-def _constant(gm: fx.GraphModule, arg: Any, what: str) -> torch.Tensor | _Fail | None:
+def _constant(gm: fx.GraphModule, arg: Any, what: str) -> torch.Tensor | Refusal | None:
     """The tensor behind a get_attr node (None stays None)."""
     if arg is None:
         return None
@@ -181,7 +164,7 @@ def _constant(gm: fx.GraphModule, arg: Any, what: str) -> torch.Tensor | _Fail |
         if isinstance(value, torch.Tensor):
             return value
     shown = arg.name if isinstance(arg, fx.Node) else repr(arg)
-    return _Fail(
+    return Refusal(
         Skip.NOT_CONSTANT, f"{what} '{shown}' is computed in the graph, not a stored constant"
     )
 
@@ -193,59 +176,64 @@ def _fetch(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def _batchnorm(gm: fx.GraphModule, node: fx.Node) -> _BatchNorm | _Fail | None:
-    """A BN view of ``node``, why it cannot fold, or None when it is no BN."""
+def _batchnorm(gm: fx.GraphModule, node: fx.Node) -> _BatchNorm | None:
+    """The facts of ``node`` as a BatchNorm, or None when it is no BatchNorm."""
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
             return None
+        why = None
         if mod.training:
-            return _Fail(
-                Skip.TRAINING_MODE,
-                "the module is in train mode: it normalises with batch statistics",
-            )
-        if not mod.track_running_stats or mod.running_mean is None or mod.running_var is None:
-            return _Fail(
-                Skip.TRAINING_MODE,
-                "track_running_stats=False: it normalises with batch statistics even in eval mode",
-            )
-        return _BatchNorm(
-            out=node, calls=[node], input=node.args[0],  # type: ignore[arg-type]
-            gamma=mod.weight, beta=mod.bias, mean=mod.running_mean, var=mod.running_var,
-            eps=float(mod.eps), name=_name(node),
-        )  # fmt: skip
+            why = "the module is in train mode"
+        elif not mod.track_running_stats:
+            why = "track_running_stats=False (even in eval mode)"
+        mean, var = mod.running_mean, mod.running_var
+        found: legality.Params | Refusal = (
+            facts.params(mod.weight, mod.bias, mean, var, mod.eps)
+            if mean is not None and var is not None
+            else Refusal(Skip.TRAINING_MODE, "no running statistics")
+        )
+        norm = legality.Norm(found, batch_statistics=why)
+        return _BatchNorm(out=node, calls=[node], input=node.args[0], norm=norm)
     if node.op != "call_function" or node.target not in BN_FUNCTIONS:
         return None
     args = _bind(node, BN_FUNCTIONS[node.target])
-    out, calls = node, [node]
+    out, calls, stats_output, why = node, [node], None, None
     if node.target is aten._native_batch_norm_legit_no_training.default:
         users = list(node.users)
-        if (
-            not all(u.target is operator.getitem and u.args[1] == 0 for u in users)
-            or len(users) != 1
-        ):
-            return _Fail(Skip.STATS_OUTPUTS, "its batch-statistics outputs are used")
-        out, calls = users[0], [users[0], node]
+        stats = [u for u in users if not (u.target is operator.getitem and u.args[1] == 0)]
+        if stats or len(users) != 1:
+            stats_output = (stats or users)[0].name
+        else:
+            out, calls = users[0], [users[0], node]
     elif args.get("training", False) is not False:
-        return _Fail(Skip.TRAINING_MODE, "training=True: it normalises with batch statistics")
-    params: dict[str, torch.Tensor | None] = {}
+        why = "training=True"
+    return _BatchNorm(out, calls, args["input"], _norm(gm, args, why, stats_output))
+
+
+def _norm(
+    gm: fx.GraphModule, args: dict[str, Any], why: str | None, stats_output: str | None
+) -> legality.Norm:
+    """The facts of a functional or aten batch_norm call, from its bound arguments."""
+    found: dict[str, torch.Tensor | None] = {}
+    params: legality.Params | Refusal | None = None
     for key in ("weight", "bias", "running_mean", "running_var"):
         value = _constant(gm, args.get(key), f"BatchNorm {key}")
-        if isinstance(value, _Fail):
-            return value
-        params[key] = value
-    mean, var = params["running_mean"], params["running_var"]
-    if mean is None or var is None:
-        return _Fail(
-            Skip.TRAINING_MODE, "no running statistics: it normalises with batch statistics"
-        )
-    return _BatchNorm(
-        out=out, calls=calls, input=args["input"], gamma=params["weight"], beta=params["bias"],
-        mean=mean, var=var, eps=float(args.get("eps", 1e-5)), name=_name(node),
-    )  # fmt: skip
+        if isinstance(value, Refusal):
+            params = value
+            break
+        found[key] = value
+    mean, var = found.get("running_mean"), found.get("running_var")
+    if params is None and (mean is None or var is None):
+        why = why or "no running statistics"
+        params = Refusal(Skip.TRAINING_MODE, why)
+    if params is None:
+        assert mean is not None and var is not None
+        params = facts.params(found["weight"], found["bias"], mean, var, args.get("eps", 1e-5))
+    return legality.Norm(params, batch_statistics=why, stats_output=stats_output)
 
 
-def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | _Fail:
+def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | Refusal:
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         if isinstance(mod, nn.modules.conv._ConvNd):
@@ -253,7 +241,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | _Fail:
             return _Layer(node, kind, mod.weight, mod.bias, mod.groups, mod)
         if isinstance(mod, nn.Linear):
             return _Layer(node, "linear", mod.weight, mod.bias, 1, mod)
-        return _Fail(
+        return Refusal(
             Skip.NO_LAYER,
             f"its input comes from {type(mod).__name__} '{node.target}', which has no weight to fold into",
         )
@@ -263,7 +251,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | _Fail:
             if node.op != "placeholder"
             else "a graph input"
         )
-        return _Fail(
+        return Refusal(
             Skip.NO_LAYER,
             f"its input comes from {what} ('{node.name}'), which has no weight to fold into",
         )
@@ -273,15 +261,15 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | _Fail:
         kind = "convT" if args.get("transposed") else "conv"
     weight = _constant(gm, args.get("weight"), "layer weight")
     bias = _constant(gm, args.get("bias"), "layer bias")
-    if isinstance(weight, _Fail):
+    if isinstance(weight, Refusal):
         return weight
-    if isinstance(bias, _Fail):
+    if isinstance(bias, Refusal):
         return bias
     if weight is None:
-        return _Fail(Skip.NOT_CONSTANT, f"'{node.name}' has no weight")
+        return Refusal(Skip.NOT_CONSTANT, f"'{node.name}' has no weight")
     groups = args.get("groups", 1)
     if not isinstance(groups, int):
-        return _Fail(Skip.NOT_CONSTANT, f"'{node.name}' has a computed group count")
+        return Refusal(Skip.NOT_CONSTANT, f"'{node.name}' has a computed group count")
     return _Layer(node, kind, weight, bias, groups, None)
 
 
@@ -293,65 +281,13 @@ def _output_rank(node: fx.Node) -> int | None:
     return None if shape is None else len(shape)
 
 
-def _check(gm: fx.GraphModule, bn: _BatchNorm) -> tuple[_Layer, fold.Affine, np.dtype[Any]] | _Fail:
+def _uses(bn: _BatchNorm) -> list[legality.Use]:
+    """The layer's output: read by the BatchNorm call and nothing else."""
     producer = bn.input
-    if not isinstance(producer, fx.Node):
-        return _Fail(Skip.NO_LAYER, "its input is not a graph value")
-    layer = _layer(gm, producer)
-    if isinstance(layer, _Fail):
-        return layer
-    others = [u.name for u in producer.users if u is not bn.calls[-1]]
-    if others:
-        return _Fail(
-            Skip.OTHER_CONSUMERS,
-            f"the output of '{_name(producer)}' is also read by {', '.join(others)}, which need the unfolded values",
-        )
-    if layer.kind == "linear":
-        rank = _output_rank(producer)
-        if rank is None:
-            return _Fail(
-                Skip.SHAPE_MISMATCH,
-                f"the rank of Linear '{_name(producer)}' output is unknown; BatchNorm normalises axis 1, "
-                "which is Linear's output feature axis only for 2-D inputs (pass example inputs)",
-            )
-        if rank != 2:
-            return _Fail(
-                Skip.SHAPE_MISMATCH,
-                f"Linear '{_name(producer)}' output is {rank}-D: BatchNorm normalises axis 1, "
-                "not Linear's output feature axis",
-            )
-    try:
-        affine = fold.bn_affine(
-            as_f64_or_none(bn.gamma),
-            as_f64_or_none(bn.beta),
-            as_f64(bn.mean),
-            as_f64(bn.var),
-            bn.eps,
-        )
-    except FoldError as exc:
-        return _Fail(Skip.BAD_PARAMETERS, str(exc))
-    if affine.channels != layer.channels:
-        return _Fail(
-            Skip.SHAPE_MISMATCH,
-            f"the BatchNorm has {affine.channels} channels but '{_name(producer)}' has {layer.channels}",
-        )
-    if not layer.weight.is_floating_point():
-        return _Fail(Skip.UNSUPPORTED, f"'{_name(producer)}' has {layer.weight.dtype} weights")
-    dtype = numpy_dtype(layer.weight.dtype)
-    groups = layer.groups if layer.kind == "convT" else 1
-    try:
-        fold.check_fits(
-            as_f64(layer.weight),
-            as_f64_or_none(layer.bias),
-            affine,
-            layer.axis,
-            groups,
-            dtype,
-            str(layer.weight.dtype),
-        )
-    except FoldError as exc:
-        return _Fail(Skip.NOT_FINITE, str(exc))
-    return layer, affine, dtype
+    readers = [u for u in producer.users if u is not bn.calls[-1]]
+    others = tuple(u.name for u in readers if u.op != "output")
+    output = any(u.op == "output" for u in readers)
+    return [legality.Use(f"the output of '{_name(producer)}'", others, graph_output=output)]
 
 
 class _Rewriter:
@@ -367,14 +303,9 @@ class _Rewriter:
                 return name
 
     def apply(
-        self, bn: _BatchNorm, layer: _Layer, affine: fold.Affine, dtype: np.dtype[Any]
+        self, bn: _BatchNorm, layer: _Layer, layer_facts: legality.Layer, decided: legality.Fold
     ) -> None:
-        groups = layer.groups if layer.kind == "convT" else 1
-        w64 = fold.fold_weight(as_f64(layer.weight), affine.scale, layer.axis, groups)
-        weight = to_torch(fold.round_to(w64, dtype), layer.weight)
-        bias = to_torch(
-            fold.round_to(fold.fold_bias(as_f64_or_none(layer.bias), affine), dtype), layer.weight
-        )
+        weight, bias = facts.folded(layer_facts, decided, layer.weight)
         if layer.module is not None:
             self._set_module_params(layer, weight, bias)
         else:
@@ -450,41 +381,31 @@ def fuse_graph_module(gm: fx.GraphModule) -> list[Candidate]:
         bn = _batchnorm(gm, node)
         if bn is None:
             continue
-        producer = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        base = Candidate(
-            bn=_name(node), graph="forward",
-            producer=_name(producer) if producer is not None else None,
-            producer_op=_op_label(gm, producer) if producer is not None else None,
-            consumers=tuple(u.name for u in (node if isinstance(bn, _Fail) else bn.out).users),
+        producer = bn.input if isinstance(bn.input, fx.Node) else None
+        candidate = Candidate(
+            node=_name(node), graph="forward",
+            layer=_name(producer) if producer is not None else None,
+            layer_op=_op_label(gm, producer) if producer is not None else None,
+            consumers=tuple(u.name for u in bn.out.users),
         )  # fmt: skip
-        checked = bn if isinstance(bn, _Fail) else _check(gm, bn)
-        if isinstance(bn, _BatchNorm):
-            base = replace(
-                base, health=_health(bn, None if isinstance(checked, _Fail) else checked)
-            )
-        if isinstance(checked, _Fail):
-            candidates.append(replace(base, skip=checked.skip, reason=checked.reason))
+        layer = (
+            _layer(gm, producer)
+            if producer is not None
+            else Refusal(Skip.NO_LAYER, "its input is not a graph value")
+        )
+        layer_facts = layer.facts(_name(layer.node)) if isinstance(layer, _Layer) else layer
+        decided = legality.decide(bn.norm, layer_facts, _uses(bn) if producer else ())
+        candidate = replace(candidate, health=legality.health(bn.norm, layer_facts, decided))
+        if isinstance(decided, Refusal):
+            candidates.append(replace(candidate, skip=decided.skip, reason=decided.reason))
             continue
-        assert isinstance(bn, _BatchNorm)
-        rewriter.apply(bn, *checked)
-        candidates.append(base)
+        assert isinstance(layer, _Layer) and isinstance(layer_facts, legality.Layer)
+        rewriter.apply(bn, layer, layer_facts, decided)
+        candidates.append(candidate)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     return candidates
-
-
-def _health(bn: _BatchNorm, checked: tuple[_Layer, fold.Affine, np.dtype[Any]] | None) -> BNHealth:
-    peak, dtype = None, None
-    if checked is not None:
-        layer, affine, dtype = checked
-        groups = layer.groups if layer.kind == "convT" else 1
-        peaks = fold.max_abs_per_channel(as_f64(layer.weight), layer.axis, groups)
-        peak = float((peaks * np.abs(affine.scale)).max())
-    return bn_health(
-        as_f64_or_none(bn.gamma), as_f64_or_none(bn.beta), as_f64(bn.mean), as_f64(bn.var), bn.eps,
-        folded_weight_peak=peak, dtype=dtype,
-    )  # fmt: skip
 
 
 def _op_label(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -67,7 +67,7 @@ def fuse_module(module: nn.Module, example_inputs: Sequence[Any] | None = None) 
     for cand in candidates:  # a BatchNorm left in place is never silent
         if not cand.fusable:
             warnings.warn(
-                f"bnfuse: {cand.op} '{cand.bn}' was not folded: {cand.reason}",
+                f"bnfuse: {cand.op} '{cand.node}' was not folded: {cand.reason}",
                 NotFoldedWarning,
                 stacklevel=2,
             )

@@ -11,18 +11,16 @@ spliced out. Other uses of a shared weight keep the original constant.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import torch
 from torch.jit._script import RecursiveScriptModule
 
-from bnfuse import fold
-from bnfuse.fold import FoldError
-from bnfuse.health import BNHealth, bn_health
+from bnfuse import legality
+from bnfuse.legality import Refusal
 from bnfuse.result import Candidate, FuseResult, Skip
-from bnfuse.torch.tensors import as_f64, as_f64_or_none, numpy_dtype, to_torch
+from bnfuse.torch import facts
 
 # op -> (kind, index of groups, index of transposed): weight is input 1, bias input 2
 _LAYERS: dict[str, tuple[str, int | None, int | None]] = {
@@ -39,12 +37,6 @@ _LAYERS: dict[str, tuple[str, int | None, int | None]] = {
 
 
 _SHAPE_READS = {"aten::dim", "aten::size", "aten::sizes", "prim::shape", "aten::len"}
-
-
-@dataclass(frozen=True)
-class _Fail:
-    skip: Skip
-    reason: str
 
 
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -101,20 +93,20 @@ def fuse_script_module(
         if bn.kind() != "aten::batch_norm":
             continue
         producer = bn.inputsAt(0).node()
-        base = Candidate(
-            bn=_label(bn), graph="forward", producer=_label(producer), producer_op=producer.kind()
-        )
-        checked = _check(bn, producer)
-        base = replace(
-            base,
+        candidate = Candidate(
+            node=_label(bn), graph="forward", layer=_label(producer), layer_op=producer.kind(),
             consumers=tuple(u.user.kind() for u in bn.output().uses()),
-            health=_health(bn, None if isinstance(checked, _Fail) else checked),
-        )
-        if isinstance(checked, _Fail):
-            candidates.append(replace(base, skip=checked.skip, reason=checked.reason))
+        )  # fmt: skip
+        norm = _norm(bn)
+        layer = _layer(producer)
+        decided = legality.decide(norm, layer, [_use(bn, producer)])
+        candidate = replace(candidate, health=legality.health(norm, layer, decided))
+        if isinstance(decided, Refusal):
+            candidates.append(replace(candidate, skip=decided.skip, reason=decided.reason))
             continue
-        _apply(graph, bn, producer, *checked)
-        candidates.append(base)
+        assert isinstance(layer, legality.Layer)
+        _apply(graph, bn, producer, layer, decided)
+        candidates.append(candidate)
     torch._C._jit_pass_dce(graph)
     if example_inputs is not None:  # forget the example's shapes: any shape stays accepted
         for value, type_ in zip(graph.inputs(), frozen_types, strict=True):
@@ -126,33 +118,36 @@ def fuse_script_module(
     return frozen, FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(graph))
 
 
-def _check(bn: Any, producer: Any) -> tuple[fold.Affine, int, int, torch.Tensor] | _Fail:
+def _norm(bn: Any) -> legality.Norm:
+    """The facts of an aten::batch_norm node."""
     try:
         training = _const(bn.inputsAt(5))
     except LookupError:
-        return _Fail(
-            Skip.TRAINING_MODE,
-            "its training flag is not a constant (the module was saved in train mode): "
-            "it may normalise with batch statistics",
+        return legality.Norm(
+            Refusal(Skip.TRAINING_MODE, "training flag not constant"),
+            batch_statistics="its training flag is not a constant (the module was saved in "
+            "train mode)",
         )
+    why = "the module is in train mode" if training else None
     try:
         gamma, beta, mean, var = (_const(bn.inputsAt(i)) for i in range(1, 5))
         eps = float(_const(bn.inputsAt(7)))
     except LookupError as exc:
-        return _Fail(
+        refusal = Refusal(
             Skip.NOT_CONSTANT, f"BatchNorm argument %{exc.args[0]} is computed, not a constant"
         )
-    if training:
-        return _Fail(
-            Skip.TRAINING_MODE, "the module is in train mode: it normalises with batch statistics"
-        )
+        return legality.Norm(refusal, batch_statistics=why)
     if mean is None or var is None:
-        return _Fail(
-            Skip.TRAINING_MODE, "no running statistics: it normalises with batch statistics"
-        )
+        why = why or "no running statistics"
+        return legality.Norm(Refusal(Skip.TRAINING_MODE, why), batch_statistics=why)
+    return legality.Norm(facts.params(gamma, beta, mean, var, eps), batch_statistics=why)
+
+
+def _layer(producer: Any) -> legality.Layer | Refusal:
+    """The facts of the node that produces a BatchNorm's input, if it is a layer."""
     kind_info = _LAYERS.get(producer.kind())
     if kind_info is None:
-        return _Fail(
+        return Refusal(
             Skip.NO_LAYER,
             f"its input comes from {producer.kind()}, which has no weight to fold into",
         )
@@ -164,98 +159,39 @@ def _check(bn: Any, producer: Any) -> tuple[fold.Affine, int, int, torch.Tensor]
         if transposed_at is not None and _const(producer.inputsAt(transposed_at)):
             kind = "convT"
     except LookupError as exc:
-        return _Fail(
+        return Refusal(
             Skip.NOT_CONSTANT,
             f"{producer.kind()} argument %{exc.args[0]} is computed, not a constant",
         )
     out = producer.output()
+    rank = out.type().dim() if isinstance(out.type(), torch._C.TensorType) else None
+    return facts.layer(_label(producer), kind, weight, bias, groups, rank, "pass --input-shape")
+
+
+def _use(bn: Any, producer: Any) -> legality.Use:
+    """The layer's output; reads of its shape do not count (they see the same shape)."""
+    out = producer.output()
     # BatchNorm's own input check reads out.dim(): shape reads see the same shape after folding.
-    others = [u.user for u in out.uses() if u.user is not bn and u.user.kind() not in _SHAPE_READS]
-    if others:
-        kinds = ", ".join(sorted({n.kind() for n in others}))
-        return _Fail(
-            Skip.OTHER_CONSUMERS,
-            f"the output %{out.debugName()} is also read by {len(others)} other node(s) "
-            f"({kinds}), which need the unfolded values",
-        )
-    if kind == "linear":
-        rank = out.type().dim() if isinstance(out.type(), torch._C.TensorType) else None
-        if rank is None:
-            return _Fail(
-                Skip.SHAPE_MISMATCH,
-                "the rank of aten::linear's output is unknown; BatchNorm normalises axis 1, which is "
-                "Linear's output feature axis only for 2-D inputs (pass --input-shape)",
-            )
-        if rank != 2:
-            return _Fail(
-                Skip.SHAPE_MISMATCH,
-                f"aten::linear's output is {rank}-D: BatchNorm normalises axis 1",
-            )
-    axis = 1 if kind == "convT" else 0
-    g = groups if kind == "convT" else 1
-    try:
-        affine = fold.bn_affine(
-            as_f64_or_none(gamma), as_f64_or_none(beta), as_f64(mean), as_f64(var), eps
-        )
-    except FoldError as exc:
-        return _Fail(Skip.BAD_PARAMETERS, str(exc))
-    channels = int(weight.shape[axis]) * g
-    if affine.channels != channels:
-        return _Fail(
-            Skip.SHAPE_MISMATCH,
-            f"the BatchNorm has {affine.channels} channels, the layer {channels}",
-        )
-    try:
-        fold.check_fits(
-            as_f64(weight),
-            as_f64_or_none(bias),
-            affine,
-            axis,
-            g,
-            numpy_dtype(weight.dtype),
-            str(weight.dtype),
-        )
-    except FoldError as exc:
-        return _Fail(Skip.NOT_FINITE, str(exc))
-    return affine, axis, g, weight
+    readers = [u.user for u in out.uses() if u.user is not bn and u.user.kind() not in _SHAPE_READS]
+    others = tuple(n.kind() for n in readers if not _returned(n))
+    output = any(_returned(n) for n in readers)
+    return legality.Use(f"the output %{out.debugName()}", others, graph_output=output)
 
 
-def _health(bn: Any, checked: tuple[fold.Affine, int, int, torch.Tensor] | None) -> BNHealth | None:
-    try:
-        gamma, beta, mean, var = (_const(bn.inputsAt(i)) for i in range(1, 5))
-        eps = float(_const(bn.inputsAt(7)))
-    except LookupError:
-        return None
-    if mean is None or var is None:
-        return None
-    peak, dtype = None, None
-    if checked is not None:
-        affine, axis, groups, weight = checked
-        dtype = numpy_dtype(weight.dtype)
-        peaks = fold.max_abs_per_channel(as_f64(weight), axis, groups)
-        peak = float((peaks * np.abs(affine.scale)).max())
-    return bn_health(
-        as_f64_or_none(gamma), as_f64_or_none(beta), as_f64(mean), as_f64(var), eps,
-        folded_weight_peak=peak, dtype=dtype,
-    )  # fmt: skip
+def _returned(node: Any) -> bool:
+    """The graph's return, or a tuple/list the graph returns as it is."""
+    if node.kind() == "prim::Return":
+        return True
+    if node.kind() in ("prim::TupleConstruct", "prim::ListConstruct"):
+        return all(u.user.kind() == "prim::Return" for u in node.output().uses())
+    return False
 
 
 def _apply(
-    graph: Any,
-    bn: Any,
-    producer: Any,
-    affine: fold.Affine,
-    axis: int,
-    groups: int,
-    weight: torch.Tensor,
+    graph: Any, bn: Any, producer: Any, layer: legality.Layer, decided: legality.Fold
 ) -> None:
-    dtype = numpy_dtype(weight.dtype)
-    bias = _const(producer.inputsAt(2))
-    new_w = to_torch(
-        fold.round_to(fold.fold_weight(as_f64(weight), affine.scale, axis, groups), dtype), weight
-    )
-    new_b = to_torch(fold.round_to(fold.fold_bias(as_f64_or_none(bias), affine), dtype), weight)
-    for index, tensor in ((1, new_w), (2, new_b)):
+    like = _const(producer.inputsAt(1))
+    for index, tensor in zip((1, 2), facts.folded(layer, decided, like), strict=True):
         value = graph.insertConstant(tensor)
         value.node().moveBefore(producer)
         producer.replaceInput(index, value)

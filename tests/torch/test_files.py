@@ -379,8 +379,8 @@ def test_batchnorms_are_named_by_module_path(tmp_path: Path) -> None:
     torch.export.save(torch.export.export(net, (x,)), str(pt2))
     for src in (pt2,):
         result = bnfuse.fuse(src, tmp_path / f"f{src.suffix}")
-        assert sorted(c.bn for c in result.candidates) == ["layer1.0.bn1", "layer1.1.bn1"], src
-        assert sorted(c.producer or "" for c in result.candidates) == [
+        assert sorted(c.node for c in result.candidates) == ["layer1.0.bn1", "layer1.1.bn1"], src
+        assert sorted(c.layer or "" for c in result.candidates) == [
             "layer1.0.conv1",
             "layer1.1.conv1",
         ]

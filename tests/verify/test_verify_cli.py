@@ -48,7 +48,7 @@ def test_correct_fusion_passes_with_exit_0(
     assert code == 0, err
     assert "verify PASS" in out
     data = json.loads(report.read_text())
-    assert data["schema"] == "bnfuse-report" and data["schema_version"] == 1
+    assert data["schema"] == "bnfuse-report" and data["schema_version"] == 2
     assert data["passed"] is True
     assert data["fusion"]["folded"] == 3
     (logits,) = data["verification"]["outputs"]
