@@ -145,7 +145,9 @@ def test_bn_on_graph_input_is_skipped(tmp_path: Path) -> None:
 
 def test_matmul_on_3d_input_is_skipped(tmp_path: Path) -> None:
     """[B, T, K] @ [K, N]: BN normalises axis 1 (T), not the MatMul's N."""
-    fuse_expect_skip(matmul_3d(), tmp_path, Skip.SHAPE_MISMATCH, "is 3-D: BatchNorm normalises axis 1")
+    fuse_expect_skip(
+        matmul_3d(), tmp_path, Skip.SHAPE_MISMATCH, "is 3-D: BatchNorm normalises axis 1"
+    )
 
 
 def test_matmul_of_unknown_rank_is_skipped(tmp_path: Path) -> None:
