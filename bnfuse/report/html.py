@@ -117,100 +117,18 @@ def render(
     fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
 ) -> str:
     v = verification
-    if error is not None:
-        badge = '<span class="verdict fail">ERROR</span>'
-    elif v is None:
-        badge = '<span class="verdict none">not verified</span>'
-    elif v.passed:
-        badge = '<span class="verdict pass">PASS</span>'
-    else:
-        badge = '<span class="verdict fail">FAIL</span>'
     title = escape(
         str(v.candidate if v is not None else (fusion.input if fusion is not None else "bnfuse"))
     )
-    body = [f"<h1>bnfuse report {badge}</h1>", f'<div class="muted">{title}</div>']
+    body = [f"<h1>bnfuse report {_badge(v, error)}</h1>", f'<div class="muted">{title}</div>']
     if error is not None:
         body.append(f'<p class="error">{escape(error)}</p>')
     if fusion is not None:
-        body.append("<h2>Fusion</h2>")
-        body.append(f"<p>{escape(fusion.headline())}.</p>")
-        for skip, cands in fusion.skipped_by_reason().items():
-            items = "".join(
-                f"<li><code>{escape(c.node)}</code>: {escape(c.reason or '')}</li>" for c in cands
-            )
-            body.append(f"<p>Skipped {len(cands)}: {escape(skip.value)}</p><ul>{items}</ul>")
-        flags = fusion.health_flags()
-        if flags:
-            items = "".join(
-                f"<li><code>{escape(bn)}</code>: {escape(flag)}</li>" for bn, flag in flags
-            )
-            body.append(f"<p>Health: {len(flags)} flag(s)</p><ul>{items}</ul>")
-        ops = sorted(set(fusion.ops_before) | set(fusion.ops_after))
-        rows = "".join(
-            f"<tr><td>{escape(op)}</td><td>{fusion.ops_before[op]}</td><td>{fusion.ops_after[op]}</td></tr>"
-            for op in ops
-        )
-        body.append(
-            f"<table><tr><th>op</th><th>before</th><th>after</th></tr>{rows}"
-            f"<tr><th>total</th><th>{sum(fusion.ops_before.values())}</th>"
-            f"<th>{sum(fusion.ops_after.values())}</th></tr></table>"
-        )
+        body += _fusion(fusion)
     if v is not None:
-        body.append("<h2>Outputs</h2>")
-        body.append(
-            f"<p class=muted>{escape(str(v.candidate))} against {escape(str(v.original))} on "
-            f"{escape(', '.join(v.devices))}; {v.samples} sample(s) of {escape(v.input_source)} "
-            f"inputs, seed {v.seed}, run with {escape(v.runtime or 'onnxruntime')}. "
-            f"{escape(VERDICT_RULE)}</p>"
-        )
-        header = (
-            "<tr><th>output</th><th class=l>device</th><th class=l>verdict</th><th>max abs</th>"
-            "<th>max rel</th><th>mean abs</th><th>RMSE</th><th>cosine</th><th>SNR</th>"
-            "<th>top-1</th><th>beyond tol</th><th>worst at</th><th>noise floor</th></tr>"
-        )
-        rows_html = []
-        for c in v.ordered_outputs():
-            floor = v.noise_for(c)
-            rows_html.append(
-                f'<tr class="{"" if c.passed else "bad"}"><td><code>{escape(c.name)}</code></td>'
-                f"<td class=l>{escape(c.device)}</td><td class=l>{'pass' if c.passed else '<b>FAIL</b>'}</td>"
-                f"<td>{num(c.max_abs)}</td><td>{num(c.max_rel)}</td><td>{num(c.mean_abs)}</td>"
-                f"<td>{num(c.rmse)}</td><td>{num(c.cosine, 8)}</td><td>{db(c.snr_db)}</td>"
-                f"<td>{pct(c.argmax_agreement)}</td><td>{c.failed}/{c.total}</td>"
-                f"<td>{escape(str(list(c.worst_index)))}</td>"
-                f"<td>{num(floor.max_abs) if floor is not None else '-'}</td></tr>"
-            )
-        body.append(f"<table>{header}{''.join(rows_html)}</table>")
-        if v.noise_floor:
-            body.append(
-                "<p class=muted>Noise floor: "
-                + escape("; ".join(sorted({c.device for c in v.noise_floor})))
-                + ". A fusion error at or below it changed nothing that matters.</p>"
-            )
-        for note in v.notes:
-            body.append(f"<p class=muted>{escape(note)}</p>")
-        body.append("<h2>Error histograms</h2><div class=grid>")
-        for c in v.ordered_outputs():
-            body.append(
-                f"<figure><figcaption><code>{escape(c.name)}</code> on {escape(c.device)}"
-                f"</figcaption>{_histogram(c)}</figure>"
-            )
-        body.append("</div>")
+        body += _outputs(v)
         if v.layers:
-            worst = v.worst_layer
-            body.append("<h2>Per layer</h2>")
-            if worst is not None:
-                body.append(
-                    f"<p>Worst layer: <code>{escape(worst.name)}</code> "
-                    f"(max abs {num(worst.max_abs)} over a range of {num(worst.value_range)}).</p>"
-                )
-            first = v.first_failing_layer
-            if first is not None:
-                body.append(
-                    f"<p>First failing layer: <code>{escape(first.name)}</code>; the error "
-                    "starts there and flows downstream.</p>"
-                )
-            body.append(_layer_chart(v.layers))
+            body += _layers(v)
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
@@ -218,3 +136,100 @@ def render(
         + "\n".join(body)
         + "</body></html>\n"
     )
+
+
+def _badge(v: VerifyResult | None, error: str | None) -> str:
+    if error is not None:
+        return '<span class="verdict fail">ERROR</span>'
+    if v is None:
+        return '<span class="verdict none">not verified</span>'
+    if v.passed:
+        return '<span class="verdict pass">PASS</span>'
+    return '<span class="verdict fail">FAIL</span>'
+
+
+def _fusion(fusion: FuseResult) -> list[str]:
+    body = ["<h2>Fusion</h2>", f"<p>{escape(fusion.headline())}.</p>"]
+    for skip, cands in fusion.skipped_by_reason().items():
+        items = "".join(
+            f"<li><code>{escape(c.node)}</code>: {escape(c.reason or '')}</li>" for c in cands
+        )
+        body.append(f"<p>Skipped {len(cands)}: {escape(skip.value)}</p><ul>{items}</ul>")
+    flags = fusion.health_flags()
+    if flags:
+        items = "".join(f"<li><code>{escape(bn)}</code>: {escape(flag)}</li>" for bn, flag in flags)
+        body.append(f"<p>Health: {len(flags)} flag(s)</p><ul>{items}</ul>")
+    before, after = fusion.ops_before, fusion.ops_after
+    rows = "".join(
+        f"<tr><td>{escape(op)}</td><td>{before[op]}</td><td>{after[op]}</td></tr>"
+        for op in sorted(set(before) | set(after))
+    )
+    body.append(
+        f"<table><tr><th>op</th><th>before</th><th>after</th></tr>{rows}"
+        f"<tr><th>total</th><th>{sum(before.values())}</th>"
+        f"<th>{sum(after.values())}</th></tr></table>"
+    )
+    return body
+
+
+_OUTPUT_HEADER = (
+    "<tr><th>output</th><th class=l>device</th><th class=l>verdict</th><th>max abs</th>"
+    "<th>max rel</th><th>mean abs</th><th>RMSE</th><th>cosine</th><th>SNR</th>"
+    "<th>top-1</th><th>beyond tol</th><th>worst at</th><th>noise floor</th></tr>"
+)
+
+
+def _output_row(c: Comparison, floor: Comparison | None) -> str:
+    return (
+        f'<tr class="{"" if c.passed else "bad"}"><td><code>{escape(c.name)}</code></td>'
+        f"<td class=l>{escape(c.device)}</td><td class=l>{'pass' if c.passed else '<b>FAIL</b>'}</td>"
+        f"<td>{num(c.max_abs)}</td><td>{num(c.max_rel)}</td><td>{num(c.mean_abs)}</td>"
+        f"<td>{num(c.rmse)}</td><td>{num(c.cosine, 8)}</td><td>{db(c.snr_db)}</td>"
+        f"<td>{pct(c.argmax_agreement)}</td><td>{c.failed}/{c.total}</td>"
+        f"<td>{escape(str(list(c.worst_index)))}</td>"
+        f"<td>{num(floor.max_abs) if floor is not None else '-'}</td></tr>"
+    )
+
+
+def _outputs(v: VerifyResult) -> list[str]:
+    rows = "".join(_output_row(c, v.noise_for(c)) for c in v.ordered_outputs())
+    body = [
+        "<h2>Outputs</h2>",
+        f"<p class=muted>{escape(str(v.candidate))} against {escape(str(v.original))} on "
+        f"{escape(', '.join(v.devices))}; {v.samples} sample(s) of {escape(v.input_source)} "
+        f"inputs, seed {v.seed}, run with {escape(v.runtime or 'onnxruntime')}. "
+        f"{escape(VERDICT_RULE)}</p>",
+        f"<table>{_OUTPUT_HEADER}{rows}</table>",
+    ]
+    if v.noise_floor:
+        body.append(
+            "<p class=muted>Noise floor: "
+            + escape("; ".join(sorted({c.device for c in v.noise_floor})))
+            + ". A fusion error at or below it changed nothing that matters.</p>"
+        )
+    body += [f"<p class=muted>{escape(note)}</p>" for note in v.notes]
+    body.append("<h2>Error histograms</h2><div class=grid>")
+    body += [
+        f"<figure><figcaption><code>{escape(c.name)}</code> on {escape(c.device)}"
+        f"</figcaption>{_histogram(c)}</figure>"
+        for c in v.ordered_outputs()
+    ]
+    body.append("</div>")
+    return body
+
+
+def _layers(v: VerifyResult) -> list[str]:
+    body = ["<h2>Per layer</h2>"]
+    worst, first = v.worst_layer, v.first_failing_layer
+    if worst is not None:
+        body.append(
+            f"<p>Worst layer: <code>{escape(worst.name)}</code> "
+            f"(max abs {num(worst.max_abs)} over a range of {num(worst.value_range)}).</p>"
+        )
+    if first is not None:
+        body.append(
+            f"<p>First failing layer: <code>{escape(first.name)}</code>; the error "
+            "starts there and flows downstream.</p>"
+        )
+    body.append(_layer_chart(v.layers))
+    return body

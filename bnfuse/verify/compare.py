@@ -89,60 +89,15 @@ def verify_models(
     report_step = on_step or (lambda _msg, _done, _total: None)
     a = opened if opened is not None else open_source(original, opts.trust_pickle)
     b = open_source(candidate, opts.trust_pickle)
-    if [s.name for s in a.specs] != [s.name for s in b.specs]:
-        raise InputError(
-            f"{candidate} does not have the inputs of {original} "
-            f"({[s.name for s in b.specs]} vs {[s.name for s in a.specs]})"
-        )
-    if a.is_onnx and b.is_onnx and a.outputs != b.outputs:
-        raise InputError(
-            f"{candidate} does not have the outputs of {original} ({b.outputs} vs {a.outputs})"
-        )
+    _check_interfaces(a, b, original, candidate)
     feeds, source = resolve_feeds(a, opts)
     devices, notes = pick_devices(opts.device, available_devices(a, b))
-
-    layer_names: list[str] = []
-    a_model: Path | bytes | None = None
-    b_model: Path | bytes | None = None
-    if opts.per_layer:
-        if a.proto is not None and b.proto is not None:
-            layer_names = _folded_tensors(a.proto, b.proto)
-            if not layer_names:
-                notes.append(
-                    "per-layer: no tensor is a BatchNorm output in the original and a layer "
-                    "output in the candidate"
-                )
-        else:
-            notes.append("per-layer: compared for ONNX models only")
-    if layer_names:
-        a_model = _with_outputs(original, layer_names)
-        b_model = _with_outputs(candidate, layer_names)
-
+    layer_names = _layer_tensors(a, b, notes) if opts.per_layer else []
+    models = _Models(original, candidate, layer_names)
     floor_label, floor_runner = _noise_floor_run(a)
-    jobs: list[tuple[str, str, Callable[[], Runner]]] = [
-        (role, device, partial(src.runner, device, model=model))
-        for device in devices
-        for role, src, model in (("original", a, a_model), ("candidate", b, b_model))
-    ]
-    jobs.append(("floor", CPU, floor_runner))
-    runtime = "onnxruntime" if a.is_onnx else "torch"
-    try:
-        runs = _run_jobs(jobs, feeds, report_step)
-    except NoKernel as exc:
-        if not (a.is_onnx and b.is_onnx):
-            raise
-        # A real runtime still: onnx's reference evaluator, in the model's own types.
-        runtime = reference.LABEL
-        notes.append(
-            f"onnxruntime cannot run these models ({exc.reason}); they were run with "
-            f"{reference.LABEL} on the CPU, and no noise floor was measured"
-        )
-        devices = [CPU]
-        jobs = [
-            ("original", CPU, partial(_reference_runner, original, a_model)),
-            ("candidate", CPU, partial(_reference_runner, candidate, b_model)),
-        ]
-        runs = _run_jobs(jobs, feeds, report_step)
+    runs, devices, runtime = _execute(
+        a, b, models, devices, floor_runner, feeds, report_step, notes
+    )
 
     first = runs[("original", devices[0])][0]
     a_names = a.outputs or list(first)
@@ -175,22 +130,20 @@ def verify_models(
     ]
     layers = [fusion_error(name, CPU, lowest) for name in layer_names]
     floor: list[Comparison] = []
-    for name in a_names:
-        if ("floor", CPU) not in runs:
-            break
-        ref = gathered("original", CPU, name)
-        scores = first[name].ndim == 2
-        floor_out = gathered("floor", CPU, name).astype(ref.dtype)
-        floor.append(compare(name, floor_label, ref, floor_out, class_scores=scores))
-        if CUDA in devices:
-            cuda_out = gathered("original", CUDA, name)
-            floor.append(compare(name, "cpu vs cuda", ref, cuda_out, class_scores=scores))
-    outputs = [_with_floor(c, floor) for c in outputs]
+    if ("floor", CPU) in runs:
+        for name in a_names:
+            ref = gathered("original", CPU, name)
+            scores = first[name].ndim == 2
+            floor_out = gathered("floor", CPU, name).astype(ref.dtype)
+            floor.append(compare(name, floor_label, ref, floor_out, class_scores=scores))
+            if CUDA in devices:
+                cuda_out = gathered("original", CUDA, name)
+                floor.append(compare(name, "cpu vs cuda", ref, cuda_out, class_scores=scores))
     return VerifyResult(
         original=original,
         candidate=candidate,
         devices=devices,
-        outputs=outputs,
+        outputs=[_with_floor(c, floor) for c in outputs],
         noise_floor=floor,
         layers=layers,
         notes=notes,
@@ -199,6 +152,86 @@ def verify_models(
         input_source=source,
         runtime=runtime,
     )
+
+
+def _check_interfaces(a: Source, b: Source, original: Path, candidate: Path) -> None:
+    """The candidate takes the original's inputs and (ONNX) gives its outputs."""
+    if [s.name for s in a.specs] != [s.name for s in b.specs]:
+        raise InputError(
+            f"{candidate} does not have the inputs of {original} "
+            f"({[s.name for s in b.specs]} vs {[s.name for s in a.specs]})"
+        )
+    if a.is_onnx and b.is_onnx and a.outputs != b.outputs:
+        raise InputError(
+            f"{candidate} does not have the outputs of {original} ({b.outputs} vs {a.outputs})"
+        )
+
+
+def _layer_tensors(a: Source, b: Source, notes: list[str]) -> list[str]:
+    """The tensors --per-layer compares: BatchNorm outputs now made by a folded layer."""
+    if a.proto is None or b.proto is None:
+        notes.append("per-layer: compared for ONNX models only")
+        return []
+    names = _folded_tensors(a.proto, b.proto)
+    if not names:
+        notes.append(
+            "per-layer: no tensor is a BatchNorm output in the original and a layer "
+            "output in the candidate"
+        )
+    return names
+
+
+@dataclass
+class _Models:
+    """The two models as the runners take them: with the per-layer tensors as outputs."""
+
+    original: Path
+    candidate: Path
+    layer_names: list[str]
+    a: Path | bytes | None = None  # None: the file as it is
+    b: Path | bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.layer_names:
+            self.a = _with_outputs(self.original, self.layer_names)
+            self.b = _with_outputs(self.candidate, self.layer_names)
+
+
+def _execute(
+    a: Source,
+    b: Source,
+    models: _Models,
+    devices: list[str],
+    floor_runner: Callable[[], Runner],
+    feeds: list[dict[str, np.ndarray]],
+    report_step: Step,
+    notes: list[str],
+) -> tuple[Runs, list[str], str]:
+    """Every run (original, candidate, noise floor): the runs, the devices, the runtime.
+
+    Where onnxruntime has no kernel for the models, they run with onnx's reference
+    evaluator on the CPU instead (a real runtime still, in the models' own types).
+    """
+    jobs: list[tuple[str, str, Callable[[], Runner]]] = [
+        (role, device, partial(src.runner, device, model=model))
+        for device in devices
+        for role, src, model in (("original", a, models.a), ("candidate", b, models.b))
+    ]
+    jobs.append(("floor", CPU, floor_runner))
+    try:
+        return _run_jobs(jobs, feeds, report_step), devices, "onnxruntime" if a.is_onnx else "torch"
+    except NoKernel as exc:
+        if not (a.is_onnx and b.is_onnx):
+            raise
+        notes.append(
+            f"onnxruntime cannot run these models ({exc.reason}); they were run with "
+            f"{reference.LABEL} on the CPU, and no noise floor was measured"
+        )
+    jobs = [
+        ("original", CPU, partial(_reference_runner, models.original, models.a)),
+        ("candidate", CPU, partial(_reference_runner, models.candidate, models.b)),
+    ]
+    return _run_jobs(jobs, feeds, report_step), [CPU], reference.LABEL
 
 
 Runs = dict[tuple[str, str], list[dict[str, np.ndarray]]]
