@@ -27,6 +27,7 @@ from bnfuse.torch.fx_fuse import fuse_graph_module
 from bnfuse.torch.module import NotFoldedWarning, fuse_module
 from bnfuse.torch.script_fuse import fuse_script_module
 from sample_models import models as m
+from tests.torch.test_module_fuse import LinearOn3d
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 
@@ -60,16 +61,6 @@ class AfterCat(ConvBN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(torch.cat([x, x], 1))
-
-
-class LinearOn3d(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-        self.bn = nn.BatchNorm1d(6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.fc(x))
 
 
 def train_mode() -> nn.Module:

@@ -15,6 +15,12 @@ memory-mapped file (bnfuse.onnx.mapped), inline or in external data alike.
 byte range: an unchanged one is copied inside the kernel, a folded one is
 computed when it is written. Memory stays near one layer, not one model.
 
+Why not onnx-ir's own external-data writer (``ir.save``): it reads every
+weight into memory to write it. Saving a model with 400 MB of external data,
+measured in one process each: bnfuse's writer peaks at 76 MB of resident
+memory, ``ir.save`` (onnx-ir 1.1.0) at 486 MB, in 0.4 s and 0.3 s; and it
+follows a symlink at the destination, which bnfuse's output rules refuse.
+
 Writing is atomic: the model (and its external data) is written into a
 temporary folder beside the output and renamed into place, so a failure never
 leaves a partial file, and the input is never written to.

@@ -227,7 +227,8 @@ def test_sympy_deferred_by_bnfuse_still_works_for_torch() -> None:
         "x = sympy.Symbol('x')\n"
         "assert str(x + 1) == 'x + 1' and type(sys.modules['sympy']).__name__ == 'module'\n"
         "import torch, onnx_ir as ir\n"
-        "assert str(ir.SymbolicDim('N*2')._expr) == '2*N'\n"
+        "d = ir.SymbolicDim('N*2')\n"
+        "assert not hasattr(d, '_expr') or str(d._expr) == '2*N'  # onnx-ir < 0.1.17: no sympy\n"
         "print('ok')"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
