@@ -40,10 +40,38 @@ _SHAPE_READS = {"aten::dim", "aten::size", "aten::sizes", "prim::shape", "aten::
 
 
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """Inline submodules and turn parameters into constants, without BN folding."""
-    frozen = RecursiveScriptModule(torch._C._freeze_module(module._c))
+    """Inline submodules and turn parameters into constants, without BN folding.
+
+    What the user reaches on the top module besides ``forward`` stays: every
+    ``@torch.jit.export`` method, and the top module's own attributes (numbers,
+    strings, lists, tensors that are not a submodule's parameters).
+    """
+    frozen = RecursiveScriptModule(torch._C._freeze_module(module._c, preserved(module)))
     RecursiveScriptModule._finalize_scriptmodule(frozen)
     return frozen
+
+
+def preserved(module: torch.jit.ScriptModule) -> list[str]:
+    """The exported methods and the top module's own attributes."""
+    methods = [m for m in module._c._method_names() if m != "forward"]
+    attributes = torch._C._jit_debug_module_iterators(module._c)["named_attributes"]  # type: ignore[attr-defined]
+    own = [
+        name
+        for name, value in attributes
+        if not name.startswith("_")
+        and name != "training"
+        and not isinstance(value, torch._C.ScriptModule)
+    ]
+    return methods + own
+
+
+def _owners(module: torch.jit.ScriptModule) -> dict[int, str]:
+    """Each parameter or buffer's storage, and the one module path that holds it."""
+    seen: dict[int, list[str]] = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.numel():
+            seen.setdefault(tensor.data_ptr(), []).append(name.rpartition(".")[0])
+    return {ptr: paths[0] for ptr, paths in seen.items() if len(set(paths)) == 1}
 
 
 def _const(value: Any) -> Any:
@@ -53,19 +81,32 @@ def _const(value: Any) -> Any:
     return value.toIValue()
 
 
-def _label(node: Any) -> str:
-    """The module path the node comes from (``layer1.0.bn1``), where its scope records it.
+def _label(node: Any, owners: dict[int, str]) -> str:
+    """The module path the node comes from (``layer1.0.bn1``), where it can be known.
 
     A module traced in this process keeps its scope
-    (``__module.layer1/__module.layer1.0.bn1``); otherwise the op and its output value.
+    (``__module.layer1/__module.layer1.0.bn1``). A module loaded from a file keeps
+    none; its frozen constants are still the module's own tensors, so a BatchNorm
+    is named by the module holding its running statistics and a layer by the one
+    holding its weight. Otherwise: the op and its output value.
     """
     scope = str(node.scopeName()).rsplit("/", 1)[-1]
     if scope.startswith("__module.") and len(scope) > len("__module."):
         return scope[len("__module.") :]
-    # (A module loaded from a file keeps no scope; the names of a frozen graph's
-    # constants are no guide either: freezing merges equal constants under one name.)
+    held = [1] if node.kind() in _LAYERS else [3, 4] if node.kind() == "aten::batch_norm" else []
+    paths = {_owner(node.inputsAt(i), owners) for i in held if i < node.inputsSize()}
+    if len(paths) == 1 and None not in paths:
+        return str(paths.pop())
     out = node.output() if node.outputsSize() == 1 else None
     return f"{node.kind()} %{out.debugName()}" if out is not None else node.kind()
+
+
+def _owner(value: Any, owners: dict[int, str]) -> str | None:
+    try:
+        tensor = _const(value)
+    except LookupError:
+        return None
+    return owners.get(tensor.data_ptr()) if isinstance(tensor, torch.Tensor) else None
 
 
 def op_counts(graph: Any) -> Counter[str]:
@@ -75,9 +116,42 @@ def op_counts(graph: Any) -> Counter[str]:
 def fuse_script_module(
     module: torch.jit.ScriptModule, example_inputs: tuple[torch.Tensor, ...] | None = None
 ) -> tuple[torch.jit.ScriptModule, FuseResult]:
-    """A frozen, fused copy of ``module`` and the report."""
+    """A frozen, fused copy of ``module`` and the report.
+
+    BatchNorms fold in ``forward`` and in every exported method; the report
+    lists ``forward``'s, and another method's only where it is skipped there
+    (with the method as its graph). Op counts are ``forward``'s.
+    """
+    owners = _owners(module)
     frozen = freeze(module)
-    graph = frozen.graph
+    methods = ["forward", *(m for m in frozen._c._method_names() if m != "forward")]
+    candidates: list[Candidate] = []
+    before = after = Counter[str]()
+    for method in methods:
+        graph = frozen._c._get_method(method).graph
+        examples = example_inputs if method == "forward" else None
+        counts = op_counts(graph)
+        found = _fuse_graph(graph, method, examples, owners)
+        # Another method's BatchNorms are forward's modules again: only a skip is news.
+        candidates += found if method == "forward" else [c for c in found if not c.fusable]
+        if method == "forward":
+            before, after = counts, op_counts(graph)
+    names = Counter(c.node for c in candidates if c.graph == "forward")
+    if any(n > 1 for n in names.values()):  # two BatchNorms, one name: constants were pooled
+        candidates = [
+            replace(c, node=c.node if names[c.node] < 2 else _unnamed(c)) for c in candidates
+        ]
+    return frozen, FuseResult(candidates=candidates, ops_before=before, ops_after=after)
+
+
+def _unnamed(candidate: Candidate) -> str:
+    return f"aten::batch_norm ({candidate.graph}, {candidate.node})"
+
+
+def _fuse_graph(
+    graph: Any, method: str, example_inputs: tuple[torch.Tensor, ...] | None, owners: dict[int, str]
+) -> list[Candidate]:
+    """Fold the BatchNorms of one method's graph, in place."""
     # Drop branches that eval mode makes dead (F.batch_norm's batch-size check reads the
     # conv output under `if training:`); this evaluates no BatchNorm.
     torch._C._jit_pass_constant_propagation(graph)
@@ -87,18 +161,17 @@ def fuse_script_module(
         for value, example in zip(list(graph.inputs())[1:], example_inputs, strict=False):
             value.setType(torch._C.TensorType.create_from_tensor(example))
         torch._C._jit_pass_propagate_shapes_on_graph(graph)
-    before = op_counts(graph)
     candidates = []
     for bn in list(graph.nodes()):
         if bn.kind() != "aten::batch_norm":
             continue
         producer = bn.inputsAt(0).node()
         candidate = Candidate(
-            node=_label(bn), graph="forward", layer=_label(producer), layer_op=producer.kind(),
-            consumers=tuple(u.user.kind() for u in bn.output().uses()),
+            node=_label(bn, owners), graph=method, layer=_label(producer, owners),
+            layer_op=producer.kind(), consumers=tuple(u.user.kind() for u in bn.output().uses()),
         )  # fmt: skip
         norm = _norm(bn)
-        layer = _layer(producer)
+        layer = _layer(producer, owners)
         decided = legality.decide(norm, layer, [_use(bn, producer)])
         candidate = replace(candidate, health=legality.health(norm, layer, decided))
         if isinstance(decided, Refusal):
@@ -115,7 +188,7 @@ def fuse_script_module(
             for value in node.outputs():
                 if isinstance(value.type(), torch._C.TensorType):
                     value.setType(torch._C.TensorType.get())
-    return frozen, FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(graph))
+    return candidates
 
 
 def _norm(bn: Any) -> legality.Norm:
@@ -143,7 +216,7 @@ def _norm(bn: Any) -> legality.Norm:
     return legality.Norm(facts.params(gamma, beta, mean, var, eps), batch_statistics=why)
 
 
-def _layer(producer: Any) -> legality.Layer | Refusal:
+def _layer(producer: Any, owners: dict[int, str]) -> legality.Layer | Refusal:
     """The facts of the node that produces a BatchNorm's input, if it is a layer."""
     kind_info = _LAYERS.get(producer.kind())
     if kind_info is None:
@@ -165,7 +238,9 @@ def _layer(producer: Any) -> legality.Layer | Refusal:
         )
     out = producer.output()
     rank = out.type().dim() if isinstance(out.type(), torch._C.TensorType) else None
-    return facts.layer(_label(producer), kind, weight, bias, groups, rank, "pass --input-shape")
+    return facts.layer(
+        _label(producer, owners), kind, weight, bias, groups, rank, "pass --input-shape"
+    )
 
 
 def _use(bn: Any, producer: Any) -> legality.Use:

@@ -385,3 +385,51 @@ def test_batchnorms_are_named_by_module_path(tmp_path: Path) -> None:
             "layer1.1.conv1",
         ]
         assert not any("guards" in op.lower() for op in result.ops_before), result.ops_before
+
+
+class WithExtras(nn.Module):
+    """A TorchScript user's module: exported methods, attributes, its own buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.version = 3
+        self.labels = ["cat", "dog"]
+        self.register_buffer("anchors", torch.arange(4.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)).relu()
+
+    @torch.jit.export
+    def describe(self) -> int:
+        return self.version + len(self.labels)
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_torchscript_keeps_exported_methods_and_attributes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    net = trained(WithExtras())
+    src, out, report = tmp_path / "m.pt", tmp_path / "fused.pt", tmp_path / "r.json"
+    torch.jit.save(torch.jit.script(net), str(src))
+    code, _, err = run_cli(
+        [str(src), "-o", str(out), "--input-shape", "x:2x3x8x8", "--report", str(report)], capsys
+    )
+    assert code == 0, err
+    fused, original = torch.jit.load(str(out)), torch.jit.load(str(src))
+    assert fused.describe() == 5 and fused.version == 3 and fused.labels == ["cat", "dog"]
+    assert torch.equal(fused.anchors, torch.arange(4.0)) and "anchors" in fused.state_dict()
+    x = torch.randn(2, 3, 8, 8)
+    for method in ("forward", "features"):
+        graph = getattr(fused, method).graph
+        assert "aten::batch_norm" not in str(graph), method  # folded in each method
+        with torch.no_grad():
+            ref, got = getattr(original, method)(x), getattr(fused, method)(x)
+        assert torch.allclose(ref, got, rtol=1e-5, atol=1e-5), method
+    (cand,) = json.loads(report.read_text())["fusion"]["candidates"]
+    # A loaded module keeps no scopes: named by the modules holding the tensors.
+    assert (cand["node"], cand["layer"], cand["fused"]) == ("bn", "conv", True)
