@@ -153,18 +153,35 @@ def _atomic(output: Path, write: Callable[[Path], None], *, force: bool) -> None
 
 
 def export_onnx(module: nn.Module, args: tuple[Any, ...], path: Path, names: list[str]) -> None:
-    """Write the (fused) module as ONNX: TorchScript-based exporter, opset 17."""
+    """Write the (fused) module as ONNX: TorchScript-based exporter, opset 17.
+
+    Inputs keep their TorchScript names, outputs are named ``output_0``,
+    ``output_1``... (as the verifier names them), and the batch dimension
+    (axis 0) of every input and output stays dynamic.
+    """
     import warnings
 
+    with torch.no_grad():
+        produced = module(*args)
+    count = len(produced) if isinstance(produced, (tuple, list)) else 1
+    outputs = [f"output_{i}" for i in range(count)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, args, str(path), dynamo=False, opset_version=17, input_names=names
-        )
+            module, args, str(path), dynamo=False, opset_version=17, input_names=names,
+            output_names=outputs, dynamic_axes={name: {0: "batch"} for name in names + outputs},
+        )  # fmt: skip
 
 
 def export_onnx_program(program: torch.export.ExportedProgram, path: Path) -> None:
-    """Write an ExportedProgram as ONNX with torch's torch.export-based exporter."""
+    """Write an ExportedProgram as ONNX with torch's torch.export-based exporter.
+
+    The exporter's graph is tidied as its ``optimize=True`` would (constants
+    folded, unused nodes, duplicate initializers and common subexpressions
+    removed) but without onnxscript's own BatchNorm fusion rules: those would
+    fold, in their own arithmetic, a BatchNorm that bnfuse left in place on
+    purpose (one whose fold overflows fp16, say).
+    """
     import logging
     import warnings
 
@@ -175,11 +192,28 @@ def export_onnx_program(program: torch.export.ExportedProgram, path: Path) -> No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             onnx_program = torch.onnx.export(program, dynamo=True, optimize=False, verbose=False)
+            if onnx_program is None:
+                raise BnfuseError("torch.onnx.export returned no program")
+            _tidy(onnx_program.model)
     finally:
         exporter_log.setLevel(level)
-    if onnx_program is None:
-        raise BnfuseError("torch.onnx.export returned no program")
     onnx_program.save(str(path))
+
+
+def _tidy(model: Any) -> None:
+    """onnxscript's constant folding and onnx-ir's clean-up passes, no rewrite rules."""
+    from onnx_ir.passes import common
+    from onnxscript import optimizer
+
+    optimizer.fold_constants(model)
+    for step in (
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+    ):
+        step(model)
 
 
 def fuse_torch_file(

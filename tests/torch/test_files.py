@@ -8,6 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -134,7 +135,45 @@ def test_torchscript_to_onnx_needs_and_uses_input_shape(
         [str(src), "-o", str(out), *shape_arg(spec.input_shape, forward_arg(model))], capsys
     )
     assert code == 0, err
-    assert "BatchNormalization" not in {n.op_type for n in onnx.load(str(out)).graph.node}
+    proto = onnx.load(str(out))
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}
+    # Named outputs and a dynamic batch, as a user exporting by hand would write them.
+    assert [o.name for o in proto.graph.output] == ["output_0"]
+    for value in (*proto.graph.input, *proto.graph.output):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, *spec.input_shape[1:])  # not the batch size it was exported with
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_exported_program_to_onnx_is_tidy_and_keeps_a_skipped_batchnorm(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Constant sub-expressions folded away, as torch's optimize=True does, but a BN
+    bnfuse skips (its fp16 fold would overflow) is not folded by onnxscript's rules."""
+    spec = SPECS["mobilenet"]
+    model = trained(build(spec)).eval()
+    with torch.no_grad():  # the last block's BN: gamma/sigma * W beyond 65504 in fp16
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        bns[-1].weight.fill_(3e4)
+        bns[-1].running_var.fill_(1e-4)
+    model = model.half()
+    src, out = tmp_path / "m.pt2", tmp_path / "fused.onnx"
+    x = torch.randn(*spec.input_shape).half()
+    torch.export.save(torch.export.export(model, (x,)), src)
+    code, _, err = run_cli([str(src), "-o", str(out), "--no-verify"], capsys)
+    assert code == 0, err
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("BatchNormalization") == 1, ops  # the skipped one, still there
+    # No Shape/Expand/CastLike/Constant scaffolding left: the model's own ops only.
+    assert set(ops) <= {"Conv", "BatchNormalization", "Clip", "Add", "ReduceMean", "Gemm",
+                        "Reshape", "Flatten"}, sorted(set(ops))  # fmt: skip
+    assert len(ops) <= len(bns) + 13, len(ops)
 
 
 def test_train_mode_bn_in_torchscript_is_skipped(tmp_path: Path) -> None:
