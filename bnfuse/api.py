@@ -15,7 +15,7 @@ from bnfuse.result import Candidate, FuseResult
 
 if TYPE_CHECKING:
     import onnx_ir as ir
-    from torch import fx, nn
+    from torch import nn
 
     from bnfuse.result import VerifyResult
     from bnfuse.verify.compare import Step, VerifyOptions
@@ -33,7 +33,9 @@ def fuse(
 
 
 @overload
-def fuse(input: nn.Module, *, example_inputs: Sequence[Any] | None = None) -> fx.GraphModule: ...
+def fuse(
+    input: nn.Module, *, example_inputs: Sequence[Any] | None = None, inplace: bool = False
+) -> nn.Module: ...
 
 
 def fuse(
@@ -44,17 +46,20 @@ def fuse(
     dry_run: bool = False,
     trust_pickle: bool = False,
     example_inputs: Sequence[Any] | None = None,
+    inplace: bool = False,
 ) -> Any:
-    """Fold BatchNorms: an ONNX file (returns a FuseResult), or an nn.Module (a fused copy).
+    """Fold BatchNorms: an ONNX file (returns a FuseResult), or an nn.Module.
 
     For an ``nn.Module`` the original is left untouched and a fused
-    ``torch.fx.GraphModule`` is returned; ``bnfuse.torch.module.fuse_module``
+    ``torch.fx.GraphModule`` is returned; with ``inplace=True`` the module
+    itself is folded and returned (same object, class and methods; each folded
+    BatchNorm becomes ``nn.Identity``). ``bnfuse.torch.module.fuse_module``
     returns the report too.
     """
     if not isinstance(input, (str, Path)):
         from bnfuse.torch.module import fuse_module
 
-        return fuse_module(input, example_inputs).module
+        return fuse_module(input, example_inputs, inplace=inplace).module
     return fuse_file(input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle)
 
 

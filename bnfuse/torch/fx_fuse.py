@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -373,10 +373,22 @@ class _Rewriter:
             owner.register_buffer(leaf, value)
 
 
-def fuse_graph_module(gm: fx.GraphModule) -> list[Candidate]:
-    """Fold every legal BN of ``gm`` (in place); every BN is reported."""
-    rewriter = _Rewriter(gm)
-    candidates = []
+@dataclass
+class Decision:
+    """One BatchNorm of a graph, what it would fold into, and the verdict."""
+
+    candidate: Candidate  # without skip/reason: those come with the verdict
+    bn: _BatchNorm
+    layer: _Layer | Refusal
+    layer_facts: legality.Layer | Refusal
+    verdict: legality.Fold | Refusal
+
+
+def decisions(gm: fx.GraphModule) -> Iterator[Decision]:
+    """Every BatchNorm of ``gm``, in graph order, with the legality verdict on it.
+
+    Lazy over a snapshot of the nodes, so the caller may fold each one as it comes.
+    """
     for node in list(gm.graph.nodes):  # nodes erased on the way are getitem/get_attr: no BN
         bn = _batchnorm(gm, node)
         if bn is None:
@@ -394,14 +406,26 @@ def fuse_graph_module(gm: fx.GraphModule) -> list[Candidate]:
             else Refusal(Skip.NO_LAYER, "its input is not a graph value")
         )
         layer_facts = layer.facts(_name(layer.node)) if isinstance(layer, _Layer) else layer
-        decided = legality.decide(bn.norm, layer_facts, _uses(bn) if producer else ())
-        candidate = replace(candidate, health=legality.health(bn.norm, layer_facts, decided))
-        if isinstance(decided, Refusal):
-            candidates.append(replace(candidate, skip=decided.skip, reason=decided.reason))
+        verdict = legality.decide(bn.norm, layer_facts, _uses(bn) if producer else ())
+        candidate = replace(candidate, health=legality.health(bn.norm, layer_facts, verdict))
+        yield Decision(candidate, bn, layer, layer_facts, verdict)
+
+
+def skipped(candidate: Candidate, refusal: Refusal) -> Candidate:
+    return replace(candidate, skip=refusal.skip, reason=refusal.reason)
+
+
+def fuse_graph_module(gm: fx.GraphModule) -> list[Candidate]:
+    """Fold every legal BN of ``gm`` (in place); every BN is reported."""
+    rewriter = _Rewriter(gm)
+    candidates = []
+    for d in decisions(gm):
+        if isinstance(d.verdict, Refusal):
+            candidates.append(skipped(d.candidate, d.verdict))
             continue
-        assert isinstance(layer, _Layer) and isinstance(layer_facts, legality.Layer)
-        rewriter.apply(bn, layer, layer_facts, decided)
-        candidates.append(candidate)
+        assert isinstance(d.layer, _Layer) and isinstance(d.layer_facts, legality.Layer)
+        rewriter.apply(d.bn, d.layer, d.layer_facts, d.verdict)
+        candidates.append(d.candidate)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()

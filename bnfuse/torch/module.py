@@ -2,7 +2,8 @@
 
 Capture is torch.fx.symbolic_trace where the model traces; otherwise
 torch.export with the example inputs. The original module is never touched
-(the fusion works on a deep copy).
+(the fusion works on a deep copy), unless ``inplace=True``: then the graph
+only decides, and the folds are made in the module itself (bnfuse.torch.inplace).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from bnfuse.torch.fx_fuse import fuse_graph_module, op_counts
 
 @dataclass
 class FusedModule:
-    module: fx.GraphModule
+    module: nn.Module  # a fused torch.fx.GraphModule; with inplace=True, the module given
     result: FuseResult
 
 
@@ -55,15 +56,27 @@ def capture(module: nn.Module, example_inputs: Sequence[Any] | None) -> fx.Graph
     return gm
 
 
-def fuse_module(module: nn.Module, example_inputs: Sequence[Any] | None = None) -> FusedModule:
+def fuse_module(
+    module: nn.Module, example_inputs: Sequence[Any] | None = None, *, inplace: bool = False
+) -> FusedModule:
     """Fold every legal BN of ``module`` into a fused copy; the original is untouched.
 
     ``example_inputs`` (a tuple of tensors) lets bnfuse check shapes (Linear ->
     BatchNorm1d needs a 2-D input) and capture models torch.fx cannot trace.
+    With ``inplace=True`` the module itself is changed and returned: each folded
+    BatchNorm becomes ``nn.Identity`` and its layer's weight and bias are updated.
     """
     gm = capture(module, example_inputs)
     before = op_counts(gm)
-    candidates = fuse_graph_module(gm)
+    if inplace:
+        from bnfuse.torch.inplace import fuse_in_place
+
+        candidates = fuse_in_place(gm, module)
+        fused: nn.Module = module
+        after = op_counts(capture(module, example_inputs))
+    else:
+        candidates = fuse_graph_module(gm)
+        fused, after = gm, op_counts(gm)
     for cand in candidates:  # a BatchNorm left in place is never silent
         if not cand.fusable:
             warnings.warn(
@@ -71,9 +84,7 @@ def fuse_module(module: nn.Module, example_inputs: Sequence[Any] | None = None) 
                 NotFoldedWarning,
                 stacklevel=2,
             )
-    return FusedModule(
-        gm, FuseResult(candidates=candidates, ops_before=before, ops_after=op_counts(gm))
-    )
+    return FusedModule(fused, FuseResult(candidates=candidates, ops_before=before, ops_after=after))
 
 
 class NotFoldedWarning(UserWarning):
