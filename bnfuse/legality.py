@@ -25,6 +25,7 @@ The rules, in the order they are checked (DESIGN.md section 4):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,28 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class Reshape:
+    """A step between layer and BatchNorm that only regroups elements in order
+    (Reshape, Flatten, Squeeze, Unsqueeze, view): the shapes around it; a dim
+    None is not known, a shape None neither."""
+
+    label: str
+    before: tuple[int | None, ...] | None
+    after: tuple[int | None, ...] | None
+
+
+@dataclass(frozen=True)
+class Permute:
+    """A step that moves axes (Transpose, permute): axis ``perm[i]`` becomes axis i."""
+
+    label: str
+    perm: tuple[int, ...] | None  # None: not known
+
+
+Step = Reshape | Permute
+
+
+@dataclass(frozen=True)
 class Layer:
     """The facts about the layer a BatchNorm would fold into."""
 
@@ -75,10 +98,11 @@ class Layer:
     bias: Array | None
     axis: int  # the weight's output-channel axis
     groups: int = 1  # > 1 only for a grouped ConvTranspose (axis 1)
-    # The axis of the BatchNorm's input that holds the layer's output channels; None
-    # when it is not known (a Linear/MatMul output of unknown rank).
+    # The axis of the layer's output that holds its output channels; None when it is
+    # not known (a Linear/MatMul output of unknown rank).
     channel_axis: int | None = 1
-    rank: int | None = None  # the rank of that input, where known
+    rank: int | None = None  # the rank of the layer's output, where known
+    steps: tuple[Step, ...] = ()  # shape-only steps from the layer's output to the BatchNorm
     rank_hint: str = ""  # how a user makes an unknown rank known
     dtype: np.dtype[Any] | None = None  # the weight's dtype; None: not floating point
     dtype_name: str = ""  # as the format names it: "FLOAT16", "torch.float16"
@@ -167,21 +191,79 @@ def used_alone(uses: Sequence[Use]) -> Refusal | None:
 
 
 def channel_axis(layer: Layer) -> Refusal | None:
-    """Rule 4: BatchNorm scales axis 1; the fold scales the layer's output channels."""
-    if layer.channel_axis == 1:
-        return None
+    """Rule 4: BatchNorm scales axis 1 of its input; the fold scales the layer's output
+    channels. Between the two, shape-only steps may move that axis, never mix it."""
     if layer.channel_axis is None:
         return Refusal(
             Skip.SHAPE_MISMATCH,
             f"the rank of the output of {layer.label} is unknown; BatchNorm normalises axis 1, "
             f"which holds the layer's output channels only for 2-D inputs ({layer.rank_hint})",
         )
+    axis = follow(layer.channel_axis, layer.channels, layer.steps)
+    if isinstance(axis, str):
+        return Refusal(
+            Skip.SHAPE_MISMATCH,
+            f"{axis}; BatchNorm normalises axis 1 of its input, which must hold the output "
+            f"channels of {layer.label} and nothing else ({layer.rank_hint})"
+            if "not known" in axis
+            else f"{axis}; BatchNorm normalises axis 1 of its input, which must hold the "
+            f"output channels of {layer.label} and nothing else",
+        )
+    if axis == 1:
+        return None
+    if layer.steps:
+        through = ", ".join(step.label for step in layer.steps)
+        return Refusal(
+            Skip.SHAPE_MISMATCH,
+            f"after {through}, the output channels of {layer.label} are on axis {axis}: "
+            "BatchNorm normalises axis 1",
+        )
     rank = f" is {layer.rank}-D:" if layer.rank is not None else ":"
     return Refusal(
         Skip.SHAPE_MISMATCH,
         f"the output of {layer.label}{rank} BatchNorm normalises axis 1, but the layer's "
-        f"output channels are on axis {layer.channel_axis}",
+        f"output channels are on axis {axis}",
     )
+
+
+def follow(axis: int, channels: int, steps: Sequence[Step]) -> int | str:
+    """The axis that holds the ``channels`` of ``axis`` after ``steps``, or why none does.
+
+    A reshape keeps elements in row-major order, so an element's channel is
+    ``(offset // inner) % channels``, ``inner`` the product of the dims after the
+    channel axis. An axis of the result holds the same channels, and only them,
+    when its size is ``channels`` and the dims after it multiply to the same
+    ``inner`` (dims before it may be unknown: a dynamic batch).
+    """
+    for step in steps:
+        if isinstance(step, Permute):
+            if step.perm is None or axis not in step.perm:
+                return f"the permutation of {step.label} is not known"
+            axis = step.perm.index(axis)
+            continue
+        if step.before is None or step.after is None:
+            return f"the shapes around {step.label} are not known"
+        inner = _product(step.before[axis + 1 :])
+        if step.before[axis] != channels or inner is None:
+            return f"the shapes around {step.label} are not known"
+        for j, dim in enumerate(step.after):
+            if dim == channels and _product(step.after[j + 1 :]) == inner:
+                axis = j
+                break
+        else:
+            return (
+                f"{step.label} ({_shape(step.before)} -> {_shape(step.after)}) mixes the "
+                f"{channels} output channels with other elements"
+            )
+    return axis
+
+
+def _product(dims: tuple[int | None, ...]) -> int | None:
+    return None if None in dims else math.prod(d for d in dims if d is not None)
+
+
+def _shape(dims: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def affine_of(norm: Norm) -> Affine | Refusal:

@@ -7,7 +7,8 @@ the output of a Constant node, or a constant sub-expression: a small set of
 shape and arithmetic ops whose inputs are constants. That covers what
 exporters emit, e.g. ``running_var = Identity(weight)`` from the TorchScript
 exporter, and the zero conv bias ``Expand(CastLike(0, x), Shape(W))`` from
-torch's newer exporter with ``optimize=False``. ``Shape`` of any value with a
+torch's newer exporter with ``optimize=False``, and a Linear's weight as
+``Transpose(W)`` (both exporters, constant folding off). ``Shape`` of any value with a
 static shape is a constant, and ``CastLike`` needs only the dtype of its
 second input.
 """
@@ -196,6 +197,12 @@ def _squeeze(node: ir.Node, v: int, d: int) -> Array:
     return np.squeeze(data, axis=tuple(axes_list)) if axes_list else np.squeeze(data)
 
 
+def _transpose(node: ir.Node, v: int, d: int) -> Array:
+    data = _required(node, 0, v, d)
+    perm = node.attributes.get_ints("perm", None)
+    return np.transpose(data, None if perm is None else [int(p) for p in perm])  # a view
+
+
 def _constant_of_shape(node: ir.Node, v: int, d: int) -> Array:
     shape = _bounded(node, list(_required(node, 0, v, d)))
     fill = node.attributes["value"].as_tensor().numpy() if "value" in node.attributes else None
@@ -230,6 +237,7 @@ _EVALUATORS: dict[str, Callable[[ir.Node, int, int], Array]] = {
     "Reshape": _reshape,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
+    "Transpose": _transpose,
     "ConstantOfShape": _constant_of_shape,
     "Concat": _concat,
     "Add": _binary(np.add),

@@ -392,6 +392,31 @@ def _serialize_without(model: ir.Model, streamed: list[_Streamed], location: str
             item.value.const_value = item.tensor
 
 
+def inferred_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
+    """Every value's shape as onnx's shape inference works it out ({} if it cannot).
+
+    Inference runs on a copy of the graph whose large weights are references
+    (no bytes are read), and the model is not changed: what bnfuse writes keeps
+    the input's own value_info.
+    """
+    import onnx
+
+    streamed = _streamed(model.graphs(), all_types=True)
+    proto = _serialize_without(model, streamed, "bnfuse-shape-inference")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:  # a graph onnx cannot infer: no shapes, as before
+        return {}
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape"):
+            shapes[info.name] = tuple(
+                d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim
+            )
+    return shapes
+
+
 def _write_inline(model: ir.Model, path: Path) -> None:
     """One .onnx file, laid out as protobuf would, each large weight written as a byte range."""
     import onnx

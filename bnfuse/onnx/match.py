@@ -26,6 +26,7 @@ Constant/Identity chains and overridable initializers, subgraph boundaries.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -35,7 +36,7 @@ from bnfuse import fold, legality
 from bnfuse.errors import ModelError
 from bnfuse.fold import Affine, Array
 from bnfuse.legality import Refusal
-from bnfuse.onnx import mapped
+from bnfuse.onnx import io, mapped
 from bnfuse.onnx.constants import NotConstant, constant_array
 from bnfuse.result import Candidate, Skip
 
@@ -59,6 +60,8 @@ class Site:
     bias: Array | None  # float64-ready bias (Gemm: already times beta)
     bias_index: int | None  # input index of the bias on ``tail``; None: there is none yet
     source: ir.TensorProtocol | None = None  # the tensor ``weight`` is read from
+    # Shape-only nodes from ``tail`` to the BatchNorm (LeViT's Linear -> Flatten -> BN).
+    chain: tuple[ir.Node, ...] = ()
 
     def release(self) -> None:
         """The weight was read (for its peak): drop its pages until it is folded."""
@@ -94,6 +97,14 @@ def is_batchnorm(node: ir.Node) -> bool:
 
 def find(model: ir.Model) -> list[Match]:
     """Every candidate in the model, in graph order (subgraphs after their parent)."""
+    token = _INFERRED.set(_Inferred(model))
+    try:
+        return _find(model)
+    finally:
+        _INFERRED.reset(token)
+
+
+def _find(model: ir.Model) -> list[Match]:
     matches = []
     for graph in model.graphs():
         graph_name = graph.name or "main"
@@ -156,8 +167,8 @@ def _match_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
     )
     norm = _norm(bn, ir_version)
     site = _site_before(bn, producer, ir_version)
-    layer = _layer(site) if isinstance(site, Site) else site
-    decided = legality.decide(norm, layer, _uses(site) if isinstance(site, Site) else ())
+    layer = _layer(site, ir_version) if isinstance(site, Site) else site
+    decided = legality.decide(norm, layer, _uses(site, bn) if isinstance(site, Site) else ())
     candidate = replace(candidate, health=legality.health(norm, layer, decided))
     if isinstance(site, Site):
         site.release()  # read for its peak; folded when written
@@ -203,36 +214,72 @@ def _norm(bn: ir.Node, ir_version: int) -> legality.Norm:
     )
 
 
+# Ops that only regroup or move elements: a BatchNorm behind them may still fold.
+SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+_MAX_CHAIN = 8
+
+
 def _site_before(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Site | Refusal:
-    """The layer whose output the BatchNorm reads, with constant weights, in its graph."""
+    """The layer whose output the BatchNorm reads (through shape-only nodes, if any),
+    with constant weights, in its graph."""
     if producer is None:
         return Refusal(Skip.NO_LAYER, "its input is a graph input, not a layer's output")
-    site = _site(producer, ir_version)
+    chain, origin = _shape_chain(producer)
+    site = _site(origin, ir_version)
     if isinstance(site, Refusal):
         return site
-    if site.layer.graph is not bn.graph or site.tail.graph is not bn.graph:
+    if any(n.graph is not bn.graph for n in (site.layer, site.tail, *chain)):
         return Refusal(
             Skip.UNSUPPORTED,
             f"{site.layer.op_type} '{site.layer.name}' is in an enclosing graph, outside the "
             "subgraph that holds the BatchNorm",
         )
-    return site
+    return replace(site, chain=chain)
 
 
-def _uses(site: Site) -> list[legality.Use]:
-    """The values from the layer to the folded node: the layer's output, and its bias Add's."""
-    chain = [site.layer] if site.layer is site.tail else [site.layer, site.tail]
-    return [_use(node, site.tail if node is not site.tail else None) for node in chain]
+def _shape_chain(producer: ir.Node) -> tuple[tuple[ir.Node, ...], ir.Node]:
+    """Shape-only nodes back from ``producer`` to a layer (in graph order), and that layer.
+
+    No chain when no layer stands behind them: the BatchNorm's own producer is reported.
+    """
+    chain: list[ir.Node] = []
+    origin: ir.Node | None = producer
+    while (
+        origin is not None
+        and origin.op_type in SHAPE_OPS
+        and origin.domain in ("", "ai.onnx")
+        and origin.inputs
+        and origin.inputs[0] is not None
+        and len(chain) < _MAX_CHAIN
+    ):
+        chain.append(origin)
+        origin = origin.inputs[0].producer()
+    if not chain or origin is None or origin.op_type not in _LAYER_OPS:
+        return (), producer
+    return tuple(reversed(chain)), origin
 
 
-def _use(node: ir.Node, next_in_chain: ir.Node | None) -> legality.Use:
-    """``node``'s output; every reader but ``next_in_chain`` (the folded node: None) is other."""
+def _uses(site: Site, folded: ir.Node) -> list[legality.Use]:
+    """The values from the layer to the folded node: the layer's output, its bias Add's,
+    and each shape-only node's; each must be read by the next node only."""
+    nodes = [site.layer, *([site.tail] if site.tail is not site.layer else []), *site.chain]
+    return [_use(node, reader) for node, reader in zip(nodes, [*nodes[1:], folded], strict=True)]
+
+
+# Readers of a value's shape only: folding changes no shape, so they are no other reader.
+_SHAPE_READS = ("Shape", "Size")
+
+
+def _use(node: ir.Node, reader: ir.Node) -> legality.Use:
+    """``node``'s output, and who reads its values besides ``reader``."""
     out = node.outputs[0]
-    readers = [u.node for u in out.uses()]
-    if next_in_chain is None:  # the last value: its one reader is the folded node itself
-        others = readers[1:] if readers else []
-    else:
-        others = [r for r in readers if r is not next_in_chain]
+    others = [
+        u.node
+        for u in out.uses()
+        if u.node is not reader
+        and not (u.node.op_type in _SHAPE_READS and u.node.domain in ("", "ai.onnx"))
+    ]
     return legality.Use(
         value=f"the output '{out.name}' of {node.op_type} '{node.name}'",
         others=tuple(r.name or r.op_type for r in others),
@@ -240,7 +287,123 @@ def _use(node: ir.Node, next_in_chain: ir.Node | None) -> legality.Use:
     )
 
 
-def _layer(site: Site) -> legality.Layer:
+def _steps(site: Site, ir_version: int) -> tuple[legality.Step, ...]:
+    """The chain's nodes as legality steps, with the shapes around each.
+
+    A shape the model does not record (no shape inference was run) is worked out
+    here from the one before it, for the ops of the chain and the layer.
+    """
+    steps: list[legality.Step] = []
+    dims = _dims(site.tail.outputs[0]) or _layer_dims(site)
+    for node in site.chain:
+        label = f"{node.op_type} '{node.name}'"
+        after = _dims(node.outputs[0]) or _shape_op_dims(node, dims, ir_version)
+        if node.op_type == "Transpose":
+            rank = len(dims) if dims is not None else _known_rank(node.outputs[0])
+            default = list(range(rank))[::-1] if rank is not None else None
+            perm = node.attributes.get_ints("perm", default)
+            steps.append(legality.Permute(label, tuple(perm) if perm is not None else None))
+        else:
+            steps.append(legality.Reshape(label, dims, after))
+        dims = after
+    return tuple(steps)
+
+
+Dims = tuple[int | None, ...]
+
+
+def _dims(value: ir.Value | None) -> Dims | None:
+    """The value's shape as the model records it, or else as onnx's shape inference
+    works it out (run once per model, on a copy without weights, and only if asked)."""
+    if value is None:
+        return None
+    if value.shape is not None:
+        return tuple(d if isinstance(d, int) else None for d in value.shape)
+    inferred = _INFERRED.get()
+    return inferred(value.name) if inferred is not None and value.name else None
+
+
+class _Inferred:
+    """Shapes onnx infers for a model, computed on first use; the model is not changed."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._model = model
+        self._shapes: dict[str, tuple[int | None, ...]] | None = None
+
+    def __call__(self, name: str) -> Dims | None:
+        if self._shapes is None:
+            self._shapes = io.inferred_shapes(self._model)
+        return self._shapes.get(name)
+
+
+_INFERRED: ContextVar[_Inferred | None] = ContextVar("bnfuse_inferred_shapes", default=None)
+
+
+def _layer_dims(site: Site) -> Dims | None:
+    """The output shape of a MatMul [..., K] @ [K, N] or a Gemm, from its input's."""
+    x = _dims(site.layer.inputs[0])
+    if site.layer.op_type == "MatMul" and x is not None and len(x) >= 2:
+        return (*x[:-1], int(site.weight.shape[-1]))
+    if site.layer.op_type == "Gemm" and x is not None and len(x) == 2:
+        m = x[1] if site.layer.attributes.get_int("transA", 0) else x[0]
+        return (m, site.channels)
+    return None
+
+
+def _shape_op_dims(node: ir.Node, dims: Dims | None, ir_version: int) -> Dims | None:
+    """The output shape of a shape-only node, from its input's (None where unknown)."""
+    if dims is None:
+        return None
+    rank = len(dims)
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm", list(range(rank))[::-1])
+        return tuple(dims[int(p)] for p in perm) if sorted(perm) == list(range(rank)) else None
+    if node.op_type == "Flatten":
+        axis = node.attributes.get_int("axis", 1) % (rank + 1) if rank else 0
+        return (_prod(dims[:axis]), _prod(dims[axis:]))
+    if node.op_type == "Reshape":
+        shape = _const_ints(node, 1, ir_version)
+        if shape is None or node.attributes.get_int("allowzero", 0) != 0:
+            return None
+        out = [
+            dims[i] if s == 0 and i < rank else (None if s < 0 else s) for i, s in enumerate(shape)
+        ]
+        if shape.count(-1) == 1 and None not in dims:
+            known = _prod(tuple(d for d in out if d is not None))
+            total = _prod(dims)
+            if known and total is not None and total % known == 0:
+                out[shape.index(-1)] = total // known
+        return tuple(out)
+    axes = _const_ints(node, 1, ir_version)
+    if axes is None:
+        axes = [int(a) for a in node.attributes.get_ints("axes", [])]
+    if node.op_type == "Unsqueeze":
+        out_rank = rank + len(axes)
+        grown: list[int | None] = list(dims)
+        for axis in sorted(a % out_rank for a in axes):
+            grown.insert(axis, 1)
+        return tuple(grown)
+    if node.op_type == "Squeeze" and axes:
+        gone = {a % rank for a in axes}
+        return tuple(d for i, d in enumerate(dims) if i not in gone)
+    return None
+
+
+def _const_ints(node: ir.Node, index: int, ir_version: int) -> list[int] | None:
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        return None
+    array = constant_array(value, ir_version)
+    return None if isinstance(array, NotConstant) else [int(a) for a in array.reshape(-1)]
+
+
+def _prod(dims: Dims) -> int | None:
+    return (
+        None if None in dims else int(np.prod([d for d in dims if d is not None], dtype=np.int64))
+    )
+
+
+def _layer(site: Site, ir_version: int) -> legality.Layer:
     """The legality facts of a site."""
     layer = site.layer
     dtype = _dtype_of(layer, site.weight)
@@ -249,7 +412,7 @@ def _layer(site: Site) -> legality.Layer:
     if layer.op_type == "Gemm":
         rank = 2
     elif layer.op_type == "MatMul":
-        rank = _known_rank(layer.inputs[0], layer.outputs[0], site.tail.outputs[0])
+        rank = _known_rank(layer.outputs[0], site.tail.outputs[0], layer.inputs[0])
         channel_axis = None if rank is None else rank - 1
     return legality.Layer(
         label=f"{layer.op_type} '{layer.name}'",
@@ -259,6 +422,7 @@ def _layer(site: Site) -> legality.Layer:
         groups=site.groups,
         channel_axis=channel_axis,
         rank=rank,
+        steps=_steps(site, ir_version),
         rank_hint="run onnx shape inference first",
         dtype=dtype.numpy() if dtype in FLOAT_TYPES else None,
         dtype_name=str(dtype),
@@ -382,8 +546,8 @@ def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match
     site = _site(layer, ir_version)
     if isinstance(site, Site) and layer.graph is not node.graph:
         site = Refusal(Skip.UNSUPPORTED, f"{layer.op_type} '{layer.name}' is in another graph")
-    facts = _layer(site) if isinstance(site, Site) else site
-    uses = [_use(layer, None)] if isinstance(site, Site) else []
+    facts = _layer(site, ir_version) if isinstance(site, Site) else site
+    uses = [_use(layer, node)] if isinstance(site, Site) else []
     decided = legality.decide_scale_shift(node.op_type, const, facts, uses, label)
     if isinstance(site, Site):
         site.release()
@@ -565,6 +729,7 @@ def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | Refusal:
 
 def _known_rank(*values: ir.Value | None) -> int | None:
     for value in values:
-        if value is not None and value.shape is not None:
-            return len(value.shape)
+        dims = _dims(value)
+        if dims is not None:
+            return len(dims)
     return None

@@ -132,6 +132,8 @@ class FoldBatchNorms:
         tail = site.tail
         if layer.op_type == "MatMul" and site.bias_index is None:
             tail = self._insert_bias_add(graph, layer, bias_array)
+            if site.chain:  # the shape-only nodes now read the biased output
+                site.chain[0].replace_input_with(0, tail.outputs[0])
         else:
             index = 2 if site.bias_index is None else site.bias_index
             old_bias = self._set_const(graph, tail, index, _eager(bias_array), "bias")
@@ -150,7 +152,8 @@ class FoldBatchNorms:
             layer.replace_input_with(0, data)
             graph.remove(folded, safe=True)
         else:
-            self._splice_out(graph, folded, tail.outputs[0])
+            end = site.chain[-1].outputs[0] if site.chain else tail.outputs[0]
+            self._splice_out(graph, folded, end)
 
     def _insert_bias_add(self, graph: ir.Graph, matmul: ir.Node, bias: Array) -> ir.Node:
         value = self._new_initializer(graph, _eager(bias), f"{matmul.name or 'MatMul'}.bias")
