@@ -195,6 +195,33 @@ class BN1dMLP(nn.Module):
         return self.net(x)
 
 
+class LinearNorm(nn.Module):
+    """LeViT's Linear + BatchNorm1d on tokens: [B, N, C] -> flatten(0, 1) -> BN -> back."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.bn = nn.BatchNorm1d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+class LeViTish(nn.Module):
+    """LeViT-style MLP blocks on [B, tokens, channels]: every BN behind a flatten."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, classes: int = 8) -> None:
+        super().__init__()
+        self.mlp_in = LinearNorm(dim, hidden)
+        self.mlp_out = LinearNorm(hidden, dim)
+        self.head = LinearNorm(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mlp_out(nn.functional.hardswish(self.mlp_in(x)))
+        return self.head(x).mean(1)
+
+
 class Conv1dAudio(nn.Module):
     """Raw-waveform front end: strided Conv1d + BatchNorm1d stack, pooled classifier."""
 
@@ -227,6 +254,7 @@ NETS = [
     NetSpec("dcgan_generator", DCGANGenerator, (2, 16, 1, 1)),
     NetSpec("bn1d_mlp", BN1dMLP, (4, 20)),
     NetSpec("conv1d_audio", Conv1dAudio, (2, 1, 400)),
+    NetSpec("levit_mlp", LeViTish, (2, 5, 16)),
 ]
 
 

@@ -320,20 +320,104 @@ def _dims(value: ir.Value | None) -> Dims | None:
     if value.shape is not None:
         return tuple(d if isinstance(d, int) else None for d in value.shape)
     inferred = _INFERRED.get()
-    return inferred(value.name) if inferred is not None and value.name else None
+    if inferred is None:
+        return None
+    return inferred.dims(value)
 
 
 class _Inferred:
-    """Shapes onnx infers for a model, computed on first use; the model is not changed."""
+    """Shapes the model does not record, worked out on request; the model is not changed.
+
+    First from the value's producer (the ops torch exports put between a layer and
+    a BatchNorm: element-wise ops, MatMul, shape-only ops, and Reshape to another
+    value's Shape, which onnx's own data propagation does not follow), then from
+    onnx's shape inference, run once per model on a copy without weights.
+    """
 
     def __init__(self, model: ir.Model) -> None:
         self._model = model
         self._shapes: dict[str, tuple[int | None, ...]] | None = None
+        self._memo: dict[int, Dims | None] = {}
+        self._depth = 0
 
-    def __call__(self, name: str) -> Dims | None:
+    def dims(self, value: ir.Value) -> Dims | None:
+        key = id(value)
+        if key not in self._memo:
+            self._memo[key] = None  # a cycle or a deep chain gives up, not loops
+            self._memo[key] = self._local(value) or self._onnx(value)
+        return self._memo[key]
+
+    def _onnx(self, value: ir.Value) -> Dims | None:
         if self._shapes is None:
             self._shapes = io.inferred_shapes(self._model)
-        return self._shapes.get(name)
+        return self._shapes.get(value.name) if value.name else None
+
+    def _local(self, value: ir.Value) -> Dims | None:
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx") or value is not node.outputs[0]:
+            return None
+        if self._depth > _MAX_LOCAL_DEPTH:
+            return None
+        self._depth += 1
+        try:
+            return _local_dims(node, self._model.ir_version)
+        finally:
+            self._depth -= 1
+
+
+_MAX_LOCAL_DEPTH = 64
+_ELEMENTWISE_UNARY = {
+    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Erf",
+    "Softplus", "Elu", "Selu", "Mish", "Clip", "Cast", "CastLike", "Identity", "Neg", "Abs",
+    "Sqrt", "Exp", "Dropout", "Softmax", "LogSoftmax", "BatchNormalization", "LayerNormalization",
+}  # fmt: skip
+_ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
+
+
+def _local_dims(node: ir.Node, ir_version: int) -> Dims | None:
+    """The output shape of ``node`` from its inputs' shapes, for the ops that need no more."""
+    op = node.op_type
+    first = node.inputs[0] if node.inputs else None
+    if op in _ELEMENTWISE_UNARY:
+        return _dims(first)
+    if op in _ELEMENTWISE_BINARY and len(node.inputs) == 2:
+        a, b = _dims(first), _dims(node.inputs[1])
+        if a is None or b is None:
+            return None
+        return _broadcast(a, b)
+    if op == "MatMul" and len(node.inputs) == 2:
+        a, b = _dims(first), _dims(node.inputs[1])
+        if a is None or b is None or len(a) < 2 or len(b) != 2:
+            return None
+        return (*a[:-1], b[-1])
+    if op == "Reshape" and len(node.inputs) == 2 and node.inputs[1] is not None:
+        source = node.inputs[1].producer()
+        if (
+            source is not None
+            and source.op_type == "Shape"
+            and not source.attributes.get_int("start", 0)
+            and source.attributes.get_int("end", None) is None
+        ):
+            return _dims(source.inputs[0])  # reshape_as: the shape of another value
+    if op in SHAPE_OPS:
+        return _shape_op_dims(node, _dims(first), ir_version)
+    return None
+
+
+def _broadcast(a: Dims, b: Dims) -> Dims | None:
+    rank = max(len(a), len(b))
+    a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
+    out: list[int | None] = []
+    for x, y in zip(a, b, strict=True):
+        if x == 1:
+            out.append(y)
+        elif y == 1 or x == y:
+            out.append(x)
+        elif x is None or y is None:
+            out.append(x if y is None else y)  # the known one, where the model is valid
+        else:
+            return None
+    return tuple(out)
 
 
 _INFERRED: ContextVar[_Inferred | None] = ContextVar("bnfuse_inferred_shapes", default=None)

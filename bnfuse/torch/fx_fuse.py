@@ -281,13 +281,111 @@ def _output_rank(node: fx.Node) -> int | None:
     return None if shape is None else len(shape)
 
 
-def _uses(bn: _BatchNorm) -> list[legality.Use]:
-    """The layer's output: read by the BatchNorm call and nothing else."""
-    producer = bn.input
-    readers = [u for u in producer.users if u is not bn.calls[-1]]
-    others = tuple(u.name for u in readers if u.op != "output")
-    output = any(u.op == "output" for u in readers)
-    return [legality.Use(f"the output of '{_name(producer)}'", others, graph_output=output)]
+def _uses(bn: _BatchNorm, chain: Sequence[fx.Node], layer: fx.Node) -> list[legality.Use]:
+    """The layer's output and each shape-only step's: read by the next step and nothing
+    else (reads of their shape only do not count: folding changes no shape)."""
+    nodes = [layer, *chain]
+    uses = []
+    for node, reader in zip(nodes, [*chain, bn.calls[-1]], strict=True):
+        readers = [u for u in node.users if u is not reader and not _reads_shape(u, node)]
+        others = tuple(u.name for u in readers if u.op != "output")
+        output = any(u.op == "output" for u in readers)
+        uses.append(legality.Use(f"the output of '{_name(node)}'", others, graph_output=output))
+    return uses
+
+
+# --- Shape-only steps between the layer and the BatchNorm (LeViT's flatten -> BN) ----
+
+_VIEWS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "_unsafe_view"}
+_PERMUTES = {"permute", "transpose"}
+_SHAPE_METHODS = {"size", "dim"}
+_SHAPE_OF_ARG1 = {"reshape_as", "view_as", "expand_as"}  # read only the shape of args[1]
+
+
+def _kind(node: fx.Node) -> str | None:
+    """``view`` / ``permute`` / ... when ``node`` only moves its input's elements."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "").split(".")[0]
+    elif node.op == "call_module":
+        return None
+    else:
+        return None
+    name = {"transpose": "transpose", "_unsafe_view": "view"}.get(name, name)
+    if name in _VIEWS or name in ("reshape_as", "view_as"):
+        return "view"
+    return name if name in _PERMUTES else None
+
+
+def _reads_shape(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads only ``node``'s shape."""
+    name = (
+        str(user.target)
+        if user.op == "call_method"
+        else str(getattr(user.target, "__name__", "")).split(".")[0]
+    )
+    if user.op == "call_method" and name in _SHAPE_METHODS:
+        return True
+    if user.op == "call_function" and (
+        (user.target is getattr and user.args[1:2] == ("shape",)) or name.startswith("sym_size")
+    ):
+        return True
+    return (
+        name in _SHAPE_OF_ARG1
+        and len(user.args) > 1
+        and user.args[1] is node
+        and user.args[0] is not node
+    )
+
+
+def _chain(gm: fx.GraphModule, producer: fx.Node) -> tuple[list[fx.Node], fx.Node]:
+    """Shape-only nodes back from ``producer`` to a layer (in graph order), and that layer;
+    no chain when no layer stands behind them."""
+    chain: list[fx.Node] = []
+    origin = producer
+    while _kind(origin) is not None and origin.args and isinstance(origin.args[0], fx.Node):
+        chain.append(origin)
+        origin = origin.args[0]
+        if len(chain) > 8:
+            break
+    if chain and not isinstance(_layer(gm, origin), _Layer):
+        return [], producer
+    return chain[::-1], origin
+
+
+def _steps(chain: Sequence[fx.Node]) -> tuple[legality.Step, ...]:
+    steps: list[legality.Step] = []
+    for node in chain:
+        before, after = _shape(node.args[0]), _shape(node)
+        label = f"{_kind(node)} '{node.name}'"
+        if _kind(node) == "view":
+            steps.append(legality.Reshape(label, before, after))
+            continue
+        rank = len(before) if before is not None else None
+        dims = [d for d in node.args[1:] if isinstance(d, int)]
+        if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+            dims = [int(d) for d in node.args[1]]
+        perm: tuple[int, ...] | None = None
+        if rank is not None and _kind(node) == "permute" and len(dims) == rank:
+            perm = tuple(d % rank for d in dims)
+        elif rank is not None and _kind(node) == "transpose" and len(dims) == 2:
+            order = list(range(rank))
+            a, b = dims[0] % rank, dims[1] % rank
+            order[a], order[b] = order[b], order[a]
+            perm = tuple(order)
+        steps.append(legality.Permute(label, perm))
+    return tuple(steps)
+
+
+def _shape(arg: Any) -> tuple[int | None, ...] | None:
+    if not isinstance(arg, fx.Node):
+        return None
+    val = arg.meta.get("val", arg.meta.get("tensor_meta"))
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        return None
+    return tuple(d if isinstance(d, int) else None for d in shape)
 
 
 class _Rewriter:
@@ -310,7 +408,7 @@ class _Rewriter:
             self._set_module_params(layer, weight, bias)
         else:
             self._set_function_params(layer, weight, bias)
-        bn.out.replace_all_uses_with(layer.node)
+        bn.out.replace_all_uses_with(bn.input)  # the layer, or the last shape-only step
         orphans = [a for call in bn.calls for a in call.all_input_nodes if a.op == "get_attr"]
         for call in bn.calls:
             self.gm.graph.erase_node(call)
@@ -394,19 +492,25 @@ def decisions(gm: fx.GraphModule) -> Iterator[Decision]:
         if bn is None:
             continue
         producer = bn.input if isinstance(bn.input, fx.Node) else None
+        chain, origin = _chain(gm, producer) if producer is not None else ([], None)
         candidate = Candidate(
             node=_name(node), graph="forward",
-            layer=_name(producer) if producer is not None else None,
-            layer_op=_op_label(gm, producer) if producer is not None else None,
+            layer=_name(origin) if origin is not None else None,
+            layer_op=_op_label(gm, origin) if origin is not None else None,
             consumers=tuple(u.name for u in bn.out.users),
         )  # fmt: skip
         layer = (
-            _layer(gm, producer)
-            if producer is not None
+            _layer(gm, origin)
+            if origin is not None
             else Refusal(Skip.NO_LAYER, "its input is not a graph value")
         )
-        layer_facts = layer.facts(_name(layer.node)) if isinstance(layer, _Layer) else layer
-        verdict = legality.decide(bn.norm, layer_facts, _uses(bn) if producer else ())
+        layer_facts = (
+            replace(layer.facts(_name(layer.node)), steps=_steps(chain))
+            if isinstance(layer, _Layer)
+            else layer
+        )
+        uses = _uses(bn, chain, origin) if origin is not None else []
+        verdict = legality.decide(bn.norm, layer_facts, uses)
         candidate = replace(candidate, health=legality.health(bn.norm, layer_facts, verdict))
         yield Decision(candidate, bn, layer, layer_facts, verdict)
 

@@ -161,18 +161,23 @@ def _fuse_graph(
         for value, example in zip(list(graph.inputs())[1:], example_inputs, strict=False):
             value.setType(torch._C.TensorType.create_from_tensor(example))
         torch._C._jit_pass_propagate_shapes_on_graph(graph)
+    shapes = _probe(graph, example_inputs) if example_inputs is not None else {}
     candidates = []
     for bn in list(graph.nodes()):
         if bn.kind() != "aten::batch_norm":
             continue
-        producer = bn.inputsAt(0).node()
+        chain, producer = _chain(bn.inputsAt(0).node())
         candidate = Candidate(
             node=_label(bn, owners), graph=method, layer=_label(producer, owners),
             layer_op=producer.kind(), consumers=tuple(u.user.kind() for u in bn.output().uses()),
         )  # fmt: skip
         norm = _norm(bn)
-        layer = _layer(producer, owners)
-        decided = legality.decide(norm, layer, [_use(bn, producer)])
+        layer = _layer(producer, owners, shapes)
+        if isinstance(layer, legality.Layer):
+            layer = replace(layer, steps=_steps(chain, shapes))
+        nodes = [producer, *chain]
+        uses = [_use(node, reader) for node, reader in zip(nodes, [*chain, bn], strict=True)]
+        decided = legality.decide(norm, layer, uses)
         candidate = replace(candidate, health=legality.health(norm, layer, decided))
         if isinstance(decided, Refusal):
             candidates.append(replace(candidate, skip=decided.skip, reason=decided.reason))
@@ -216,7 +221,92 @@ def _norm(bn: Any) -> legality.Norm:
     return legality.Norm(facts.params(gamma, beta, mean, var, eps), batch_statistics=why)
 
 
-def _layer(producer: Any, owners: dict[int, str]) -> legality.Layer | Refusal:
+# aten ops that only regroup or move their first input's elements.
+_VIEWS = {
+    "aten::flatten", "aten::view", "aten::reshape", "aten::_unsafe_view", "aten::reshape_as",
+    "aten::view_as", "aten::squeeze", "aten::unsqueeze",
+}  # fmt: skip
+_PERMUTES = {"aten::permute", "aten::transpose"}
+_SHAPE_OF_ARG1 = {"aten::reshape_as", "aten::view_as", "aten::expand_as"}
+
+
+def _chain(producer: Any) -> tuple[list[Any], Any]:
+    """Shape-only nodes back from ``producer`` to a layer (in graph order), and that layer;
+    no chain when no layer stands behind them."""
+    chain: list[Any] = []
+    origin = producer
+    while origin.kind() in _VIEWS | _PERMUTES and len(chain) < 8:
+        chain.append(origin)
+        origin = origin.inputsAt(0).node()
+    if chain and origin.kind() not in _LAYERS:
+        return [], producer
+    return chain[::-1], origin
+
+
+def _probe(graph: Any, example_inputs: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, by running a copy of the graph on the example inputs once.
+
+    TorchScript's own shape analysis stops at ops it has no formula for
+    (reshape_as), so the shapes are measured instead. {} where the graph reads
+    its module (a preserved attribute) or does not run on these inputs.
+    """
+    probe = graph.copy()
+    if next(iter(probe.inputs())).uses():
+        return {}
+    probe.eraseInput(0)
+    names, values = [], []
+    for original, copied in zip(graph.nodes(), probe.nodes(), strict=True):
+        for a, b in zip(original.outputs(), copied.outputs(), strict=True):
+            if isinstance(b.type(), torch._C.TensorType):
+                names.append(a.debugName())
+                values.append(b)
+    for index in reversed(range(len(list(probe.outputs())))):
+        probe.eraseOutput(index)
+    pack = probe.create("prim::TupleConstruct", values)
+    pack.insertBefore(probe.return_node())
+    pack.output().setType(torch._C.TupleType([v.type() for v in values]))
+    probe.registerOutput(pack.output())
+    try:
+        with torch.no_grad():
+            measured = torch._C._create_function_from_graph("bnfuse_probe", probe)(*example_inputs)
+    except Exception:  # the example does not run: no shapes, and the rules say so
+        return {}
+    return {
+        name: tuple(t.shape)
+        for name, t in zip(names, measured, strict=True)
+        if isinstance(t, torch.Tensor)
+    }
+
+
+def _steps(chain: list[Any], shapes: dict[str, tuple[int, ...]]) -> tuple[legality.Step, ...]:
+    steps: list[legality.Step] = []
+    for node in chain:
+        label = f"{node.kind()} %{node.output().debugName()}"
+        before = shapes.get(node.inputsAt(0).debugName())
+        after = shapes.get(node.output().debugName())
+        if node.kind() in _VIEWS:
+            steps.append(legality.Reshape(label, before, after))
+            continue
+        perm: tuple[int, ...] | None = None
+        try:
+            args = [_const(node.inputsAt(i)) for i in range(1, node.inputsSize())]
+        except LookupError:
+            args = []
+        rank = len(before) if before is not None else None
+        if rank is not None and node.kind() == "aten::permute" and len(args) == 1:
+            perm = tuple(int(d) % rank for d in args[0])
+        elif rank is not None and node.kind() == "aten::transpose" and len(args) == 2:
+            order = list(range(rank))
+            a, b = int(args[0]) % rank, int(args[1]) % rank
+            order[a], order[b] = order[b], order[a]
+            perm = tuple(order)
+        steps.append(legality.Permute(label, perm))
+    return tuple(steps)
+
+
+def _layer(
+    producer: Any, owners: dict[int, str], shapes: dict[str, tuple[int, ...]]
+) -> legality.Layer | Refusal:
     """The facts of the node that produces a BatchNorm's input, if it is a layer."""
     kind_info = _LAYERS.get(producer.kind())
     if kind_info is None:
@@ -237,17 +327,26 @@ def _layer(producer: Any, owners: dict[int, str]) -> legality.Layer | Refusal:
             f"{producer.kind()} argument %{exc.args[0]} is computed, not a constant",
         )
     out = producer.output()
-    rank = out.type().dim() if isinstance(out.type(), torch._C.TensorType) else None
+    measured = shapes.get(out.debugName())
+    rank = len(measured) if measured is not None else None
+    if rank is None and isinstance(out.type(), torch._C.TensorType):
+        rank = out.type().dim()
     return facts.layer(
         _label(producer, owners), kind, weight, bias, groups, rank, "pass --input-shape"
     )
 
 
-def _use(bn: Any, producer: Any) -> legality.Use:
-    """The layer's output; reads of its shape do not count (they see the same shape)."""
-    out = producer.output()
-    # BatchNorm's own input check reads out.dim(): shape reads see the same shape after folding.
-    readers = [u.user for u in out.uses() if u.user is not bn and u.user.kind() not in _SHAPE_READS]
+def _use(node: Any, reader: Any) -> legality.Use:
+    """``node``'s output, read by ``reader``; reads of its shape only do not count (BatchNorm's
+    own input check reads out.dim(), reshape_as its target's shape): folding keeps shapes."""
+    out = node.output()
+    readers = [
+        u.user
+        for u in out.uses()
+        if u.user is not reader
+        and u.user.kind() not in _SHAPE_READS
+        and not (u.user.kind() in _SHAPE_OF_ARG1 and u.offset == 1)
+    ]
     others = tuple(n.kind() for n in readers if not _returned(n))
     output = any(_returned(n) for n in readers)
     return legality.Use(f"the output %{out.debugName()}", others, graph_output=output)
@@ -270,5 +369,5 @@ def _apply(
         value = graph.insertConstant(tensor)
         value.node().moveBefore(producer)
         producer.replaceInput(index, value)
-    bn.output().replaceAllUsesWith(producer.output())
+    bn.output().replaceAllUsesWith(bn.inputsAt(0))  # the layer, or the last shape-only step
     bn.destroy()

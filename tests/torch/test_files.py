@@ -23,7 +23,7 @@ from sample_models.torch_nets import NETS, build, trained  # noqa: E402
 from tests.test_cli import run_cli  # noqa: E402
 
 SPECS = {s.name: s for s in NETS}
-FILE_NETS = ["resnet", "mobilenet", "dcgan_generator", "bn1d_mlp", "conv1d_audio"]
+FILE_NETS = ["resnet", "mobilenet", "dcgan_generator", "bn1d_mlp", "conv1d_audio", "levit_mlp"]
 
 
 def shape_arg(shape: tuple[int, ...], name: str) -> list[str]:
