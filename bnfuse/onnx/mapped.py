@@ -78,12 +78,13 @@ class MappedTensor(ir.Tensor):  # type: ignore[type-arg]
         super().__init__(array, **kwargs)
         self.file = file  # keeps the file mapped as long as the tensor lives
         self.offset = offset
+        self.length = int(array.nbytes)
 
     def release(self) -> None:
-        self.file.release(self.offset, self.nbytes)
+        self.file.release(self.offset, self.length)
 
     def copy_to(self, fd: int) -> None:
-        copy_to(self.file, self.offset, self.nbytes, fd)
+        copy_to(self.file, self.offset, self.length, fd)
 
 
 def release(tensor: ir.TensorProtocol | None) -> None:

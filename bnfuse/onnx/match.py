@@ -293,6 +293,8 @@ def _steps(site: Site, ir_version: int) -> tuple[legality.Step, ...]:
     A shape the model does not record (no shape inference was run) is worked out
     here from the one before it, for the ops of the chain and the layer.
     """
+    if not site.chain:
+        return ()
     steps: list[legality.Step] = []
     dims = _dims(site.tail.outputs[0]) or _layer_dims(site)
     for node in site.chain:

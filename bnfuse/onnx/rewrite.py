@@ -43,7 +43,7 @@ MakeTensor = Callable[[str], ir.TensorProtocol]  # given the tensor's name
 
 
 def _eager(array: Array) -> MakeTensor:
-    return lambda name: ir.tensor(array, name=name)
+    return lambda name: ir.Tensor(array, name=name)
 
 
 def _folded_weight(plan: Plan, name: str) -> ir.TensorProtocol:
@@ -65,7 +65,7 @@ def _folded_weight(plan: Plan, name: str) -> ir.TensorProtocol:
                 site.weight, scale, site.axis, site.groups, plan.dtype
             )
         site.release()
-        return ir.tensor(folded, name=name)
+        return ir.Tensor(folded, name=name)
 
     return ir.LazyTensor(
         compute,
