@@ -26,7 +26,6 @@ import onnx
 from bnfuse.errors import BnfuseError, InputError
 from bnfuse.result import Comparison, VerifyResult
 from bnfuse.verify import inputs as inputs_mod
-from bnfuse.verify import reference
 from bnfuse.verify.metrics import compare, stack
 from bnfuse.verify.precision import lower, onnx_compute_dtypes, torch_compute_dtype
 from bnfuse.verify.runners import CPU, CUDA, NoKernel, Runner, onnx_devices, pick_devices
@@ -223,6 +222,8 @@ def _execute(
     except NoKernel as exc:
         if not (a.is_onnx and b.is_onnx):
             raise
+        from bnfuse.verify import reference  # onnx's evaluator: imported only when needed
+
         notes.append(
             f"onnxruntime cannot run these models ({exc.reason}); they were run with "
             f"{reference.LABEL} on the CPU, and no noise floor was measured"
@@ -264,6 +265,8 @@ def _reference_runner(path: Path, with_outputs: Path | bytes | None) -> Runner:
         if isinstance(with_outputs, bytes)
         else onnx.load(str(path))
     )
+    from bnfuse.verify import reference
+
     return reference.ReferenceRunner(model, path.name)
 
 
