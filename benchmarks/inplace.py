@@ -44,20 +44,25 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
-def mobilenet_v2(classes: int = 1000) -> nn.Module:
+def _round8(x: float) -> int:
+    return max(8, int(x + 4) // 8 * 8)
+
+
+def mobilenet_v2(classes: int = 1000, width: float = 1.0) -> nn.Module:
+    """MobileNetV2 (torchvision's layout); ``width`` 1.4 is the 24 MB variant."""
+    stem = _round8(32 * width)
     layers: list[nn.Module] = [
-        nn.Conv2d(3, 32, 3, 2, 1, bias=False),
-        nn.BatchNorm2d(32),
-        nn.ReLU6(),
-    ]
-    cin = 32
+        nn.Conv2d(3, stem, 3, 2, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6(),
+    ]  # fmt: skip
+    cin = stem
     for t, c, n, s in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
                        (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)):  # fmt: skip
         for i in range(n):
-            layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
-            cin = c
-    layers += [nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU6()]
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(1280, classes)]
+            layers.append(InvertedResidual(cin, _round8(c * width), s if i == 0 else 1, t))
+            cin = _round8(c * width)
+    last = _round8(1280 * max(1.0, width))
+    layers += [nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()]
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, classes)]
     model = nn.Sequential(*layers)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -1,6 +1,8 @@
 """bnfuse side by side with the peers, on the same files, as whole processes.
 
-    python benchmarks/peers.py                       # generated models, 4 sizes + fp16
+    python benchmarks/peers.py                       # generated chains (4 sizes + fp16), a
+                                                     # 24 MB MobileNetV2, ResNet-50, graphs
+                                                     # of 3,000 and 30,000 nodes
     python benchmarks/peers.py model.onnx other.onnx # your own models too
     python benchmarks/peers.py --runs 5 --sizes 12 50 100 200 400 --out table.md
 
@@ -137,6 +139,37 @@ def generated(sizes_mb: list[int], folder: Path) -> list[Path]:
     onnx.save(chain(512, 3, np.float16), path)
     paths.append(path)
     return paths
+
+
+# Models of everyday shape: networks people ship, exported as torch.onnx.export writes
+# them with constant folding off (BatchNorms kept), and graphs of many small nodes.
+EVERYDAY = ["mobilenet_v2_1.4", "resnet50", "graph_3k", "graph_30k"]
+
+
+def everyday(names: list[str], folder: Path) -> list[Path]:
+    paths = []
+    for name in names:
+        path = folder / f"{name}.onnx"
+        if name.startswith("graph_"):  # Conv -> BN -> Relu, 8 channels: 3 nodes a level
+            levels = int(name.removeprefix("graph_").removesuffix("k")) * 1000 // 3
+            onnx.save(chain(8, levels), path)
+        else:
+            path.write_bytes(_network(name))
+        paths.append(path)
+    return paths
+
+
+def _network(name: str) -> bytes:
+    """A network built in code, random BN statistics, exported to ONNX (opset 17)."""
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here), str(here.parent)]
+    from inplace import mobilenet_v2
+    from torch_eager import resnet50
+
+    from sample_models.torch_nets import export_onnx, trained
+
+    model = mobilenet_v2(width=1.4) if name.startswith("mobilenet") else resnet50()
+    return export_onnx(trained(model).eval(), (1, 3, 224, 224), 17)
 
 
 @dataclass
@@ -361,6 +394,10 @@ def main() -> None:
     parser.add_argument(
         "--sizes", nargs="*", type=int, default=[12, 50, 100, 200], help="generated sizes, MB"
     )
+    parser.add_argument(
+        "--everyday", nargs="*", default=EVERYDAY, choices=EVERYDAY,
+        help="networks and many-node graphs built here (needs torch)",
+    )  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tools", nargs="*", default=list(TOOLS))
     parser.add_argument("--out", type=Path, help="write the Markdown table here too")
@@ -373,7 +410,8 @@ def main() -> None:
     compileall.compile_dir(Path(bnfuse.__file__).parent, quiet=1)
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
-        models = generated(args.sizes, scratch) + list(args.models)
+        models = generated(args.sizes, scratch) + everyday(args.everyday, scratch)
+        models += list(args.models)
         results = bench(models, tools, args.runs, scratch)
         text = table(models, tools, results)
     header = (
