@@ -21,9 +21,9 @@ from torch import nn
 import bnfuse
 
 try:
-    from benchmarks.torch_eager import resnet50
+    from benchmarks.torch_eager import resnet50, with_bn_statistics
 except ImportError:  # run as a script from benchmarks/
-    from torch_eager import resnet50  # type: ignore[no-redef]
+    from torch_eager import resnet50, with_bn_statistics  # type: ignore[no-redef]
 
 
 class InvertedResidual(nn.Module):
@@ -63,17 +63,7 @@ def mobilenet_v2(classes: int = 1000, width: float = 1.0) -> nn.Module:
     last = _round8(1280 * max(1.0, width))
     layers += [nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6()]
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(last, classes)]
-    model = nn.Sequential(*layers)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                k = m.num_features
-                m.running_mean.copy_(torch.randn(k, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(k, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(k, generator=gen) * 0.5 + 0.5)
-                m.bias.copy_(torch.randn(k, generator=gen) * 0.1)
-    return model.eval()
+    return with_bn_statistics(nn.Sequential(*layers), seed=1)
 
 
 def main() -> None:

@@ -51,8 +51,12 @@ def resnet50(classes: int = 1000) -> nn.Module:
             layers.append(Bottleneck(cin, mid, stride if i == 0 else 1))
             cin = mid * 4
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
-    model = nn.Sequential(*layers)
-    gen = torch.Generator().manual_seed(0)
+    return with_bn_statistics(nn.Sequential(*layers), seed=0)
+
+
+def with_bn_statistics(model: nn.Module, seed: int) -> nn.Module:
+    """Random trained-looking BatchNorm statistics and affine parameters, eval mode."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
