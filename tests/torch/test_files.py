@@ -472,3 +472,31 @@ def test_torchscript_keeps_exported_methods_and_attributes(
     (cand,) = json.loads(report.read_text())["fusion"]["candidates"]
     # A loaded module keeps no scopes: named by the modules holding the tensors.
     assert (cand["node"], cand["layer"], cand["fused"]) == ("bn", "conv", True)
+
+
+_TORCH_214_WARNINGS = """
+import warnings, torch
+def _deprecated(real, name):
+    def call(*args, **kwargs):  # what torch 2.14 prints on every TorchScript load and save
+        warnings.warn(f"`torch.jit.{name}` is deprecated. Please switch to `torch.export`.",
+                      FutureWarning, stacklevel=2)
+        return real(*args, **kwargs)
+    return call
+torch.jit.load = _deprecated(torch.jit.load, "load")
+torch.jit.save = _deprecated(torch.jit.save, "save")
+"""
+
+
+def test_torch_deprecation_warnings_stay_off_the_terminal(tmp_path: Path) -> None:
+    """torch 2.14 warns on every torch.jit.load/save: a successful -q run still prints one
+    line on stdout and nothing on stderr (the command's real process, as a user runs it)."""
+    from tests.test_outputs import _bnfuse
+
+    net = trained(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).eval()
+    src, out = tmp_path / "m.pt", tmp_path / "fused.pt"
+    torch.jit.save(torch.jit.script(net), str(src))
+    args = [str(src), "-o", str(out), "-q", "--input-shape", "input:1x3x8x8"]
+    proc = _bnfuse(_TORCH_214_WARNINGS, args)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and len(proc.stdout.strip().splitlines()) == 1, proc
+    assert proc.stdout.startswith("PASS"), proc.stdout
