@@ -184,19 +184,27 @@ class Run:
     weights: str | None = None  # folded weights against the exact fold, rounded once
 
 
+TIMEOUT = 600.0  # seconds a tool may take on one model (--timeout)
+
+
 def timed(cmd: list[str]) -> tuple[float, int, int, str]:
     """Wall seconds, peak RSS (KB), exit code, stderr.
 
     Peak RSS comes from GNU time, which forks the tool from its own small
     process: a child forked from this (large) Python process would report
-    this process's pages as its own.
+    this process's pages as its own. A tool still running after TIMEOUT is
+    stopped and reported as such.
     """
     with tempfile.NamedTemporaryFile(suffix=".rss") as rss_file:
         wrapped = ["/usr/bin/time", "-q", "-f", "%M", "-o", rss_file.name, *cmd]
         start = time.perf_counter()
-        proc = subprocess.run(
-            wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
-        )
+        try:
+            proc = subprocess.run(
+                wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False,
+                timeout=TIMEOUT,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return TIMEOUT, 0, -1, f"stopped after {TIMEOUT:.0f} s"
         elapsed = time.perf_counter() - start
         text = Path(rss_file.name).read_text().strip().splitlines()
     rss = int(text[-1]) if text and text[-1].isdigit() else 0
@@ -387,6 +395,7 @@ def table(models: list[Path], tools: list[str], results: dict[tuple[str, str], R
 
 
 def main() -> None:
+    global TIMEOUT
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -399,9 +408,11 @@ def main() -> None:
         help="networks and many-node graphs built here (needs torch)",
     )  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per tool run")
     parser.add_argument("--tools", nargs="*", default=list(TOOLS))
     parser.add_argument("--out", type=Path, help="write the Markdown table here too")
     args = parser.parse_args()
+    TIMEOUT = args.timeout
     tools = [t for t in args.tools if t == "cp" or shutil.which(TOOLS[t][0]) or TOOLS[t][0] == PY]
     # pip compiles an installed package's modules to bytecode; an editable checkout
     # under PYTHONDONTWRITEBYTECODE=1 would compile bnfuse's afresh on every run.

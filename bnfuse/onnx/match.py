@@ -26,6 +26,7 @@ Constant/Identity chains and overridable initializers, subgraph boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
@@ -382,28 +383,32 @@ def _local_dims(node: ir.Node, ir_version: int) -> Dims | None:
     first = node.inputs[0] if node.inputs else None
     if op in _ELEMENTWISE_UNARY:
         return _dims(first)
-    if op in _ELEMENTWISE_BINARY and len(node.inputs) == 2:
+    if (op in _ELEMENTWISE_BINARY or op == "MatMul") and len(node.inputs) == 2:
         a, b = _dims(first), _dims(node.inputs[1])
         if a is None or b is None:
             return None
-        return _broadcast(a, b)
-    if op == "MatMul" and len(node.inputs) == 2:
-        a, b = _dims(first), _dims(node.inputs[1])
-        if a is None or b is None or len(a) < 2 or len(b) != 2:
-            return None
-        return (*a[:-1], b[-1])
-    if op == "Reshape" and len(node.inputs) == 2 and node.inputs[1] is not None:
-        source = node.inputs[1].producer()
-        if (
-            source is not None
-            and source.op_type == "Shape"
-            and not source.attributes.get_int("start", 0)
-            and source.attributes.get_int("end", None) is None
-        ):
-            return _dims(source.inputs[0])  # reshape_as: the shape of another value
+        if op != "MatMul":
+            return _broadcast(a, b)
+        return (*a[:-1], b[-1]) if len(a) >= 2 and len(b) == 2 else None
+    if op == "Reshape" and _shape_of(node) is not None:
+        return _dims(_shape_of(node))  # reshape_as: the shape of another value
     if op in SHAPE_OPS:
         return _shape_op_dims(node, _dims(first), ir_version)
     return None
+
+
+def _shape_of(reshape: ir.Node) -> ir.Value | None:
+    """The value whose whole Shape a Reshape takes as its target shape, if it does."""
+    target = reshape.inputs[1] if len(reshape.inputs) == 2 else None
+    source = target.producer() if target is not None else None
+    if (
+        source is None
+        or source.op_type != "Shape"
+        or source.attributes.get_int("start", 0) != 0
+        or source.attributes.get_int("end", None) is not None
+    ):
+        return None
+    return source.inputs[0]
 
 
 def _broadcast(a: Dims, b: Dims) -> Dims | None:
@@ -438,41 +443,63 @@ def _layer_dims(site: Site) -> Dims | None:
 
 def _shape_op_dims(node: ir.Node, dims: Dims | None, ir_version: int) -> Dims | None:
     """The output shape of a shape-only node, from its input's (None where unknown)."""
-    if dims is None:
+    if dims is None or node.op_type not in _SHAPE_RULES:
         return None
+    return _SHAPE_RULES[node.op_type](node, dims, ir_version)
+
+
+def _transpose_dims(node: ir.Node, dims: Dims, _v: int) -> Dims | None:
     rank = len(dims)
-    if node.op_type == "Transpose":
-        perm = node.attributes.get_ints("perm", list(range(rank))[::-1])
-        return tuple(dims[int(p)] for p in perm) if sorted(perm) == list(range(rank)) else None
-    if node.op_type == "Flatten":
-        axis = node.attributes.get_int("axis", 1) % (rank + 1) if rank else 0
-        return (_prod(dims[:axis]), _prod(dims[axis:]))
-    if node.op_type == "Reshape":
-        shape = _const_ints(node, 1, ir_version)
-        if shape is None or node.attributes.get_int("allowzero", 0) != 0:
-            return None
-        out = [
-            dims[i] if s == 0 and i < rank else (None if s < 0 else s) for i, s in enumerate(shape)
-        ]
-        if shape.count(-1) == 1 and None not in dims:
-            known = _prod(tuple(d for d in out if d is not None))
-            total = _prod(dims)
-            if known and total is not None and total % known == 0:
-                out[shape.index(-1)] = total // known
-        return tuple(out)
-    axes = _const_ints(node, 1, ir_version)
-    if axes is None:
-        axes = [int(a) for a in node.attributes.get_ints("axes", [])]
-    if node.op_type == "Unsqueeze":
-        out_rank = rank + len(axes)
-        grown: list[int | None] = list(dims)
-        for axis in sorted(a % out_rank for a in axes):
-            grown.insert(axis, 1)
-        return tuple(grown)
-    if node.op_type == "Squeeze" and axes:
-        gone = {a % rank for a in axes}
-        return tuple(d for i, d in enumerate(dims) if i not in gone)
-    return None
+    perm = node.attributes.get_ints("perm", list(range(rank))[::-1])
+    return tuple(dims[int(p)] for p in perm) if sorted(perm) == list(range(rank)) else None
+
+
+def _flatten_dims(node: ir.Node, dims: Dims, _v: int) -> Dims | None:
+    axis = node.attributes.get_int("axis", 1) % (len(dims) + 1) if dims else 0
+    return (_prod(dims[:axis]), _prod(dims[axis:]))
+
+
+def _reshape_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
+    shape = _const_ints(node, 1, ir_version)
+    if shape is None or node.attributes.get_int("allowzero", 0) != 0:
+        return None
+    out = [
+        dims[i] if s == 0 and i < len(dims) else (None if s < 0 else s) for i, s in enumerate(shape)
+    ]
+    known, total = _prod(tuple(d for d in out if d is not None)), _prod(dims)
+    if shape.count(-1) == 1 and known and total is not None and total % known == 0:
+        out[shape.index(-1)] = total // known
+    return tuple(out)
+
+
+def _axes(node: ir.Node, ir_version: int) -> list[int]:
+    axes = _const_ints(node, 1, ir_version)  # opset 13 on: an input; before: an attribute
+    return axes if axes is not None else [int(a) for a in node.attributes.get_ints("axes", [])]
+
+
+def _unsqueeze_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
+    axes = _axes(node, ir_version)
+    grown: list[int | None] = list(dims)
+    for axis in sorted(a % (len(dims) + len(axes)) for a in axes):
+        grown.insert(axis, 1)
+    return tuple(grown)
+
+
+def _squeeze_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
+    axes = _axes(node, ir_version)
+    if not axes:  # every dim of size 1: which ones is only known where all are known
+        return None
+    gone = {a % len(dims) for a in axes}
+    return tuple(d for i, d in enumerate(dims) if i not in gone)
+
+
+_SHAPE_RULES: dict[str, Callable[[ir.Node, Dims, int], Dims | None]] = {
+    "Transpose": _transpose_dims,
+    "Flatten": _flatten_dims,
+    "Reshape": _reshape_dims,
+    "Unsqueeze": _unsqueeze_dims,
+    "Squeeze": _squeeze_dims,
+}
 
 
 def _const_ints(node: ir.Node, index: int, ir_version: int) -> list[int] | None:
