@@ -268,7 +268,8 @@ def _probe(graph: Any, example_inputs: tuple[torch.Tensor, ...]) -> dict[str, tu
     probe.registerOutput(pack.output())
     try:
         with torch.no_grad():
-            measured = torch._C._create_function_from_graph("bnfuse_probe", probe)(*example_inputs)
+            run = torch._C._create_function_from_graph("bnfuse_probe", probe)
+            measured = run(*(t.clone() for t in example_inputs))  # in-place ops touch a copy
     except Exception:  # the example does not run: no shapes, and the rules say so
         return {}
     return {
