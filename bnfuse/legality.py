@@ -199,15 +199,12 @@ def channel_axis(layer: Layer) -> Refusal | None:
             f"the rank of the output of {layer.label} is unknown; BatchNorm normalises axis 1, "
             f"which holds the layer's output channels only for 2-D inputs ({layer.rank_hint})",
         )
-    axis = follow(layer.channel_axis, layer.channels, layer.steps)
+    axis = follow(layer.channel_axis, layer.channels, layer.steps, layer.rank_hint)
     if isinstance(axis, str):
         return Refusal(
             Skip.SHAPE_MISMATCH,
             f"{axis}; BatchNorm normalises axis 1 of its input, which must hold the output "
-            f"channels of {layer.label} and nothing else ({layer.rank_hint})"
-            if "not known" in axis
-            else f"{axis}; BatchNorm normalises axis 1 of its input, which must hold the "
-            f"output channels of {layer.label} and nothing else",
+            f"channels of {layer.label} and nothing else",
         )
     if axis == 1:
         return None
@@ -226,8 +223,9 @@ def channel_axis(layer: Layer) -> Refusal | None:
     )
 
 
-def follow(axis: int, channels: int, steps: Sequence[Step]) -> int | str:
-    """The axis that holds the ``channels`` of ``axis`` after ``steps``, or why none does.
+def follow(axis: int, channels: int, steps: Sequence[Step], hint: str = "") -> int | str:
+    """The axis that holds the ``channels`` of ``axis`` after ``steps``, or why none does
+    (``hint``: how a user makes an unknown shape known).
 
     A reshape keeps elements in row-major order, so an element's channel is
     ``(offset // inner) % channels``, ``inner`` the product of the dims after the
@@ -235,17 +233,21 @@ def follow(axis: int, channels: int, steps: Sequence[Step]) -> int | str:
     when its size is ``channels`` and the dims after it multiply to the same
     ``inner`` (dims before it may be unknown: a dynamic batch).
     """
+    unknown = f" ({hint})" if hint else ""
     for step in steps:
         if isinstance(step, Permute):
             if step.perm is None or axis not in step.perm:
-                return f"the permutation of {step.label} is not known"
+                return f"the permutation of {step.label} is not known{unknown}"
             axis = step.perm.index(axis)
             continue
-        if step.before is None or step.after is None:
-            return f"the shapes around {step.label} are not known"
-        inner = _product(step.before[axis + 1 :])
-        if step.before[axis] != channels or inner is None:
-            return f"the shapes around {step.label} are not known"
+        inner = _product(step.before[axis + 1 :]) if step.before is not None else None
+        if step.after is None or inner is None or step.before is None or step.before[axis] is None:
+            return f"the shapes around {step.label} are not known{unknown}"
+        if step.before[axis] != channels:
+            return (
+                f"{step.label} reads {step.before[axis]} values on the axis that should hold "
+                f"the {channels} output channels"
+            )
         for j, dim in enumerate(step.after):
             if dim == channels and _product(step.after[j + 1 :]) == inner:
                 axis = j

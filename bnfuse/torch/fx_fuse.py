@@ -302,17 +302,18 @@ _SHAPE_METHODS = {"size", "dim"}
 _SHAPE_OF_ARG1 = {"reshape_as", "view_as", "expand_as"}  # read only the shape of args[1]
 
 
-def _kind(node: fx.Node) -> str | None:
-    """``view`` / ``permute`` / ... when ``node`` only moves its input's elements."""
+def _op_name(node: fx.Node) -> str:
+    """A method's name, or a function's (``aten.view.default`` -> ``view``); "" otherwise."""
     if node.op == "call_method":
-        name = str(node.target)
-    elif node.op == "call_function":
-        name = getattr(node.target, "__name__", "").split(".")[0]
-    elif node.op == "call_module":
-        return None
-    else:
-        return None
-    name = {"transpose": "transpose", "_unsafe_view": "view"}.get(name, name)
+        return str(node.target)
+    if node.op == "call_function":
+        return str(getattr(node.target, "__name__", "")).split(".")[0]
+    return ""
+
+
+def _kind(node: fx.Node) -> str | None:
+    """``view`` / ``permute`` / ``transpose`` when ``node`` only moves its input's elements."""
+    name = _op_name(node)
     if name in _VIEWS or name in ("reshape_as", "view_as"):
         return "view"
     return name if name in _PERMUTES else None
@@ -320,11 +321,7 @@ def _kind(node: fx.Node) -> str | None:
 
 def _reads_shape(user: fx.Node, node: fx.Node) -> bool:
     """``user`` reads only ``node``'s shape."""
-    name = (
-        str(user.target)
-        if user.op == "call_method"
-        else str(getattr(user.target, "__name__", "")).split(".")[0]
-    )
+    name = _op_name(user)
     if user.op == "call_method" and name in _SHAPE_METHODS:
         return True
     if user.op == "call_function" and (
@@ -339,6 +336,13 @@ def _reads_shape(user: fx.Node, node: fx.Node) -> bool:
     )
 
 
+def _is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` is a call of a layer kind (its weights are checked later)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), (nn.modules.conv._ConvNd, nn.Linear))
+    return node.op == "call_function" and node.target in LAYER_FUNCTIONS
+
+
 def _chain(gm: fx.GraphModule, producer: fx.Node) -> tuple[list[fx.Node], fx.Node]:
     """Shape-only nodes back from ``producer`` to a layer (in graph order), and that layer;
     no chain when no layer stands behind them."""
@@ -349,7 +353,7 @@ def _chain(gm: fx.GraphModule, producer: fx.Node) -> tuple[list[fx.Node], fx.Nod
         origin = origin.args[0]
         if len(chain) > 8:
             break
-    if chain and not isinstance(_layer(gm, origin), _Layer):
+    if chain and not _is_layer(gm, origin):
         return [], producer
     return chain[::-1], origin
 

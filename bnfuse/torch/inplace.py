@@ -23,6 +23,7 @@ Otherwise the BatchNorm is skipped with the reason; ``bnfuse.fuse`` without
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -50,13 +51,21 @@ def fuse_in_place(gm: fx.GraphModule, module: nn.Module) -> list[Candidate]:
 
     ``gm`` was captured from a copy of ``module``, so its module paths are ``module``'s.
     """
+    calls = _calls(gm)
+    holders = Counter(
+        id(t)
+        for _, t in (
+            *module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False),
+        )
+    )  # how many (module, name) places hold each tensor
     candidates = []
     folds = []
     for d in decisions(gm):
         if isinstance(d.verdict, Refusal):
             candidates.append(skipped(d.candidate, d.verdict))
             continue
-        where = _modules(gm, module, d)
+        where = _modules(module, d, calls, holders)
         if isinstance(where, Refusal):
             candidates.append(skipped(d.candidate, where))
             continue
@@ -86,11 +95,13 @@ def _apply(
     setattr(module.get_submodule(parent_path), name, nn.Identity())
 
 
-def _modules(gm: fx.GraphModule, module: nn.Module, d: Decision) -> tuple[str, str] | Refusal:
+def _modules(
+    module: nn.Module, d: Decision, calls: Counter[str], holders: Counter[int]
+) -> tuple[str, str] | Refusal:
     """The paths of the layer and BatchNorm modules, if the fold may be made in place."""
     assert isinstance(d.layer, _Layer)
-    bn_path = _bn_path(gm, d)
-    layer_path = _layer_path(gm, d.layer)
+    bn_path = _bn_path(d)
+    layer_path = _layer_path(d.layer)
     for path, kinds, what in (
         (layer_path, (nn.modules.conv._ConvNd, nn.Linear), "layer"),
         (bn_path, (nn.modules.batchnorm._BatchNorm,), "BatchNorm"),
@@ -103,18 +114,19 @@ def _modules(gm: fx.GraphModule, module: nn.Module, d: Decision) -> tuple[str, s
                 f"stored tensors ({_COPY})",
             )
         assert path is not None
-        calls = _calls(gm, path, "weight" if what == "layer" else "running_mean")
-        if calls != 1:
+        leaf = "weight" if what == "layer" else "running_mean"
+        count = calls[path] + calls[f"{path}.{leaf}"]
+        if count != 1:
             return Refusal(
                 Skip.OTHER_CONSUMERS,
-                f"the {type(held).__name__} module '{path}' is called {calls} times; folding "
+                f"the {type(held).__name__} module '{path}' is called {count} times; folding "
                 f"in place would change its other calls ({_COPY})",
             )
     assert layer_path is not None and bn_path is not None
     target = module.get_submodule(layer_path)
     for name in ("weight", "bias"):
         tensor = getattr(target, name, None)
-        if isinstance(tensor, torch.Tensor) and _holders(module, tensor) > 1:
+        if isinstance(tensor, torch.Tensor) and holders[id(tensor)] > 1:
             return Refusal(
                 Skip.OTHER_CONSUMERS,
                 f"the {name} of '{layer_path}' is shared with another module, which folding "
@@ -130,7 +142,7 @@ def _submodule(module: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def _bn_path(gm: fx.GraphModule, d: Decision) -> str | None:
+def _bn_path(d: Decision) -> str | None:
     call = d.bn.calls[-1]
     if call.op == "call_module":
         return str(call.target)
@@ -138,7 +150,7 @@ def _bn_path(gm: fx.GraphModule, d: Decision) -> str | None:
     return _owner(stats)
 
 
-def _layer_path(gm: fx.GraphModule, layer: _Layer) -> str | None:
+def _layer_path(layer: _Layer) -> str | None:
     if layer.node.op == "call_module":
         return str(layer.node.target)
     weight = _bind(layer.node, LAYER_FUNCTIONS[layer.node.target][1]).get("weight")
@@ -154,19 +166,13 @@ def _owner(arg: Any, leaf: str = "running_mean") -> str | None:
     return None
 
 
-def _calls(gm: fx.GraphModule, path: str, leaf: str) -> int:
-    """How many times the graph calls the module at ``path``."""
-    modules = sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == path)
-    reads = sum(
-        len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == f"{path}.{leaf}"
-    )
-    return modules + reads
-
-
-def _holders(module: nn.Module, tensor: torch.Tensor) -> int:
-    """How many (module, name) places hold this very tensor."""
-    places = [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]
-    return sum(1 for _, t in places if t is tensor)
+def _calls(gm: fx.GraphModule) -> Counter[str]:
+    """How many times the graph calls each module (by path) or reads each stored tensor
+    (by ``path.name``, counting the readers of its get_attr nodes)."""
+    counts: Counter[str] = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            counts[str(n.target)] += 1
+        elif n.op == "get_attr":
+            counts[str(n.target)] += len(n.users)
+    return counts
