@@ -168,6 +168,8 @@ def _match_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
     )
     norm = _norm(bn, ir_version)
     site = _site_before(bn, producer, ir_version)
+    if isinstance(site, Site) and site.chain:  # name the layer, not the shape op before the BN
+        candidate = replace(candidate, layer=site.tail.name, layer_op=site.tail.op_type)
     layer = _layer(site, ir_version) if isinstance(site, Site) else site
     decided = legality.decide(norm, layer, _uses(site, bn) if isinstance(site, Site) else ())
     candidate = replace(candidate, health=legality.health(norm, layer, decided))
