@@ -161,7 +161,7 @@ def _fuse_graph(
         for value, example in zip(list(graph.inputs())[1:], example_inputs, strict=False):
             value.setType(torch._C.TensorType.create_from_tensor(example))
         torch._C._jit_pass_propagate_shapes_on_graph(graph)
-    shapes = _probe(graph, example_inputs) if example_inputs is not None else {}
+    shapes = _Shapes(graph, example_inputs)
     candidates = []
     for bn in list(graph.nodes()):
         if bn.kind() != "aten::batch_norm":
@@ -243,6 +243,22 @@ def _chain(producer: Any) -> tuple[list[Any], Any]:
     return chain[::-1], origin
 
 
+class _Shapes:
+    """Tensor shapes by value name, measured (``_probe``) the first time one is asked for:
+    only a Linear's rank and shape-only steps need them, so a graph of convolutions is
+    never run."""
+
+    def __init__(self, graph: Any, example_inputs: tuple[torch.Tensor, ...] | None) -> None:
+        self._graph, self._examples = graph, example_inputs
+        self._measured: dict[str, tuple[int, ...]] | None = None
+
+    def get(self, name: str) -> tuple[int, ...] | None:
+        if self._measured is None:
+            examples = self._examples
+            self._measured = _probe(self._graph, examples) if examples is not None else {}
+        return self._measured.get(name)
+
+
 def _probe(graph: Any, example_inputs: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape, by running a copy of the graph on the example inputs once.
 
@@ -279,7 +295,7 @@ def _probe(graph: Any, example_inputs: tuple[torch.Tensor, ...]) -> dict[str, tu
     }
 
 
-def _steps(chain: list[Any], shapes: dict[str, tuple[int, ...]]) -> tuple[legality.Step, ...]:
+def _steps(chain: list[Any], shapes: _Shapes) -> tuple[legality.Step, ...]:
     steps: list[legality.Step] = []
     for node in chain:
         label = f"{node.kind()} %{node.output().debugName()}"
@@ -305,9 +321,7 @@ def _steps(chain: list[Any], shapes: dict[str, tuple[int, ...]]) -> tuple[legali
     return tuple(steps)
 
 
-def _layer(
-    producer: Any, owners: dict[int, str], shapes: dict[str, tuple[int, ...]]
-) -> legality.Layer | Refusal:
+def _layer(producer: Any, owners: dict[int, str], shapes: _Shapes) -> legality.Layer | Refusal:
     """The facts of the node that produces a BatchNorm's input, if it is a layer."""
     kind_info = _LAYERS.get(producer.kind())
     if kind_info is None:
@@ -328,7 +342,7 @@ def _layer(
             f"{producer.kind()} argument %{exc.args[0]} is computed, not a constant",
         )
     out = producer.output()
-    measured = shapes.get(out.debugName())
+    measured = shapes.get(out.debugName()) if kind == "linear" else None  # only its rank counts
     rank = len(measured) if measured is not None else None
     if rank is None and isinstance(out.type(), torch._C.TensorType):
         rank = out.type().dim()
