@@ -167,9 +167,9 @@ LIGHT_FROM = 32 * 2**20
 
 def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
     """The ModelProto; with the file mapped where its large inline weights were left in it."""
-    small = path.stat().st_size < LIGHT_FROM
+    size = path.stat().st_size
     try:
-        if small:
+        if size < LIGHT_FROM:
             try:
                 return _parse(path), None
             except Exception:  # protobuf's words are vaguer: walk it for the exact fault
@@ -183,7 +183,7 @@ def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
         ) from exc
     if proto is not None:
         return proto, MappedFile(path)
-    if path.stat().st_size >= PROTOBUF_LIMIT:  # protobuf would read it whole, then fail
+    if size >= PROTOBUF_LIMIT:  # protobuf would read it whole, then fail
         raise InputError(
             f"{path}: not a readable ONNX model (over 2 GB, and not in the layout of one)"
         )

@@ -106,7 +106,13 @@ def script_example_inputs(
 
     A saved TorchScript module records no input shapes, so they come from the user.
     """
-    names = script_input_names(module)
+    return named_zeros(module, script_input_names(module), input_shapes)
+
+
+def named_zeros(
+    module: Any, names: list[str], input_shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[torch.Tensor, ...] | None:
+    """Zeros for each named input in the module's input dtype; None unless all are given."""
     if not names or any(n not in input_shapes for n in names):
         return None
     from bnfuse.torch.tensors import input_dtype
@@ -164,12 +170,13 @@ def export_onnx(module: nn.Module, args: tuple[Any, ...], path: Path, names: lis
     with torch.no_grad():
         produced = module(*args)
     count = len(produced) if isinstance(produced, (tuple, list)) else 1
-    outputs = [f"output_{i}" for i in range(count)]
+    output_names = [f"output_{i}" for i in range(count)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module, args, str(path), dynamo=False, opset_version=17, input_names=names,
-            output_names=outputs, dynamic_axes={name: {0: "batch"} for name in names + outputs},
+            output_names=output_names,
+            dynamic_axes={name: {0: "batch"} for name in names + output_names},
         )  # fmt: skip
 
 
@@ -304,11 +311,7 @@ def _fuse_fx(
         from bnfuse.torch.module import capture
 
         module = load_pickle(input, trust_pickle)
-        names = list(inspect.signature(module.forward).parameters)
-        if names and all(n in input_shapes for n in names):
-            from bnfuse.torch.tensors import input_dtype
-
-            args = tuple(torch.zeros(input_shapes[n], dtype=input_dtype(module)) for n in names)
+        args = named_zeros(module, list(inspect.signature(module.forward).parameters), input_shapes)
         gm = capture(module, args)
     before = op_counts(gm)
     candidates = fuse_graph_module(gm)
