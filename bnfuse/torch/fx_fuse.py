@@ -274,10 +274,7 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | Refusal:
 
 
 def _output_rank(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    if val is None and "tensor_meta" in node.meta:
-        val = node.meta["tensor_meta"]
-    shape = getattr(val, "shape", None)
+    shape = _shape(node)
     return None if shape is None else len(shape)
 
 
@@ -383,9 +380,13 @@ def _steps(chain: Sequence[fx.Node]) -> tuple[legality.Step, ...]:
 
 
 def _shape(arg: Any) -> tuple[int | None, ...] | None:
+    """A node's output shape (torch.export's ``val``, or ShapeProp's ``tensor_meta``);
+    a symbolic dim is None."""
     if not isinstance(arg, fx.Node):
         return None
-    val = arg.meta.get("val", arg.meta.get("tensor_meta"))
+    val = arg.meta.get("val")
+    if val is None:
+        val = arg.meta.get("tensor_meta")
     shape = getattr(val, "shape", None)
     if shape is None:
         return None
