@@ -402,7 +402,8 @@ def health(norm: Norm, layer: Layer | Refusal, decided: Fold | Refusal) -> BNHea
     """Parameter health, with the folded weight's peak where the layer is known.
 
     A skipped BatchNorm gets the peak it would have had, where its layer is known
-    and matches it (channels, and their axis). None when the parameters themselves are unreadable.
+    and matches it (rule 4's channel axis, and the channel count). None when the parameters
+    themselves are unreadable.
     """
     if isinstance(norm.params, Refusal):
         return None
@@ -411,7 +412,7 @@ def health(norm: Norm, layer: Layer | Refusal, decided: Fold | Refusal) -> BNHea
     dtype: np.dtype[Any] | None = None
     if isinstance(decided, Fold):
         peak, dtype = decided.peak, decided.dtype
-    elif isinstance(layer, Layer) and layer.dtype is not None and layer.channel_axis == 1:
+    elif isinstance(layer, Layer) and layer.dtype is not None and channel_axis(layer) is None:
         affine = affine_of(norm)
         if isinstance(affine, Affine) and affine.channels == layer.channels:
             peaks = fold.max_abs_per_channel(layer.weight, layer.axis, layer.groups)
