@@ -20,6 +20,7 @@ This module knows nothing about ONNX or torch; both paths call it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -88,11 +89,12 @@ def bn_affine(
             "BatchNorm parameters disagree in length: "
             f"scale {g.shape[0]}, bias {b.shape[0]}, mean {mu.shape[0]}, var {v.shape[0]}"
         )
-    for name, arr in (("scale", g), ("bias", b), ("mean", mu), ("variance", v)):
-        if not np.all(np.isfinite(arr)):
-            raise FoldError(f"BatchNorm {name} contains NaN or Inf")
+    if not np.isfinite(np.concatenate((g, b, mu, v))).all():
+        for name, arr in (("scale", g), ("bias", b), ("mean", mu), ("variance", v)):
+            if not np.isfinite(arr).all():
+                raise FoldError(f"BatchNorm {name} contains NaN or Inf")
     denom = v + np.float64(eps)
-    if np.any(denom <= 0):
+    if (denom <= 0).any():
         worst = int(np.argmin(denom))
         raise FoldError(
             f"variance + epsilon is not positive in channel {worst} ({denom[worst]:.3g})"
@@ -136,13 +138,15 @@ def max_abs_per_channel(w: Array, axis: int, groups: int = 1) -> F64:
     so widening afterwards is exact), without a float64 or an |w| copy of it.
     """
     a = np.asarray(w)
-    if groups == 1 or axis == 0:
+    if axis == 0:
+        per_channel = a.reshape(a.shape[0], -1)
+    elif groups == 1:
         per_channel = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
     else:
         cin = a.shape[0]
         g = a.reshape(groups, cin // groups, *a.shape[1:])  # [g, Cin/g, Cout/g, k...]
         per_channel = np.moveaxis(g, 2, 1).reshape(groups * g.shape[2], -1)
-    if a.dtype.name in ("float16", "bfloat16"):
+    if a.dtype.itemsize == 2 and a.dtype.kind in "fV":  # float16, bfloat16
         # numpy reduces 16-bit floats element by element, ~10x slower than integers.
         # Without its sign bit, a float's bits order like its magnitude (NaN above
         # Inf, so a NaN still comes out as the peak): one integer pass instead.
@@ -222,9 +226,12 @@ def round_to(x: F64, dtype: npt.DTypeLike) -> Array:
     round-to-odd first, which makes the second rounding exact.
     """
     target = np.dtype(dtype)
-    if target.name != "bfloat16":
+    if target.kind != "V" or target.name != "bfloat16":
+        x64 = np.asarray(x, dtype=np.float64)
+        if target.kind == "f" and x64.size and np.abs(x64).max() <= _largest(target):
+            return x64.astype(target)  # nothing can overflow: no errstate, which costs more
         with np.errstate(over="ignore"):
-            return np.asarray(x, dtype=np.float64).astype(target)
+            return x64.astype(target)
     x64 = np.asarray(x, dtype=np.float64)
     with np.errstate(over="ignore"):
         f32 = x64.astype(np.float32)
@@ -237,15 +244,29 @@ def round_to(x: F64, dtype: npt.DTypeLike) -> Array:
     return bits.view(np.float32).astype(target)
 
 
+_LARGEST: dict[np.dtype[Any], float] = {}
+
+
+def _largest(dtype: np.dtype[Any]) -> float:
+    if dtype not in _LARGEST:
+        _LARGEST[dtype] = float(np.finfo(dtype).max)
+    return _LARGEST[dtype]
+
+
 def weight_fits(max_abs: F64, scale: F64, dtype: npt.DTypeLike) -> int | None:
     """The first output channel whose folded weight would not be finite in ``dtype``.
 
     Rounding is monotonic, so the largest folded element overflows exactly when
     ``max|W_c| * |s_c|`` does. Returns None when every channel fits.
     """
-    peak = round_to(max_abs * np.abs(scale), dtype)
-    bad = np.flatnonzero(~np.isfinite(peak.astype(np.float64)))
-    return int(bad[0]) if bad.size else None
+    return _first_overflow(max_abs * np.abs(scale), dtype)
+
+
+def _first_overflow(values: F64, dtype: npt.DTypeLike) -> int | None:
+    rounded = round_to(values, dtype)
+    if np.isfinite(rounded).all():
+        return None
+    return int(np.flatnonzero(~np.isfinite(rounded.astype(np.float64)))[0])
 
 
 def check_fits(
@@ -262,16 +283,16 @@ def check_fits(
     Cheap: the weight is reduced to one peak per channel, never folded whole.
     """
     peaks = max_abs_per_channel(weight, axis, groups)
-    bad = weight_fits(peaks, affine.scale, dtype)
+    folded_peaks = peaks * np.abs(affine.scale)
+    bad = _first_overflow(folded_peaks, dtype)
     if bad is not None:
         raise FoldOverflow(
             f"the folded weight of channel {bad} reaches "
             f"{peaks[bad] * abs(affine.scale[bad]):.4g}, beyond the range of {dtype_name}"
         )
-    folded_bias = round_to(fold_bias(bias, affine), dtype).astype(np.float64)
-    if not np.all(np.isfinite(folded_bias)):
+    if _first_overflow(fold_bias(bias, affine), dtype) is not None:
         raise FoldOverflow(f"the folded bias is beyond the range of {dtype_name}")
-    return float((peaks * np.abs(affine.scale)).max(initial=0.0))
+    return float(folded_peaks.max(initial=0.0))
 
 
 # --- A channel affine map from constants (Mul/Add chains) ---------------------------

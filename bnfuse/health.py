@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -82,19 +83,17 @@ def bn_health(
     mu = np.asarray(mean, dtype=np.float64).reshape(-1)
     v = np.asarray(var, dtype=np.float64).reshape(-1)
     g = np.ones_like(mu) if gamma is None else np.asarray(gamma, dtype=np.float64).reshape(-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.abs(g) / np.sqrt(v + eps)
+    denom = v + eps
+    if (denom > 0).all():
+        scale = np.abs(g) / np.sqrt(denom)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.abs(g) / np.sqrt(denom)
     finite = scale[np.isfinite(scale)]
-    dtype_name, dtype_max = None, None
-    if dtype is not None:
-        import ml_dtypes  # finfo that knows bfloat16 too
-
-        dt = np.dtype(dtype)
-        dtype_name = dt.name
-        dtype_max = float(ml_dtypes.finfo(dt).max)  # type: ignore[no-untyped-call]
+    dtype_name, dtype_max = _range(np.dtype(dtype)) if dtype is not None else (None, None)
     return BNHealth(
         channels=int(mu.shape[0]),
-        never_updated=bool(np.all(mu == 0) and np.all(v == 1)),
+        never_updated=bool(not mu.any() and (v == 1).all()),
         tiny_variance=tuple(int(i) for i in np.flatnonzero(v < TINY_VARIANCE)),
         dead=tuple(int(i) for i in np.flatnonzero(np.abs(g) < DEAD_GAMMA)),
         max_scale=float(finite.max()) if finite.size else float("inf"),
@@ -102,3 +101,15 @@ def bn_health(
         dtype=dtype_name,
         dtype_max=dtype_max,
     )
+
+
+_RANGES: dict[np.dtype[Any], tuple[str, float]] = {}
+
+
+def _range(dt: np.dtype[Any]) -> tuple[str, float]:
+    """The dtype's name and largest finite value (looked up once per dtype)."""
+    if dt not in _RANGES:
+        import ml_dtypes  # finfo that knows bfloat16 too
+
+        _RANGES[dt] = (dt.name, float(ml_dtypes.finfo(dt).max))  # type: ignore[no-untyped-call]
+    return _RANGES[dt]
