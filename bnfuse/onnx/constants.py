@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from bnfuse.fold import Array
+from bnfuse.onnx.light import array_of
 
 # IR version 4 is where initializers stopped having to be graph inputs.
 OVERRIDABLE_SINCE_IR = 4
@@ -42,6 +44,12 @@ class NotConstant:
     overridable: bool = False
 
 
+def evaluates(node: ir.Node | Any) -> bool:
+    """Whether ``node`` is one of the ops whose output may be a constant sub-expression
+    (an ir.Node or a NodeProto)."""
+    return node.domain in ("", "ai.onnx") and node.op_type in _EVALUATORS
+
+
 def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | NotConstant:
     """The value's array, or why it is not a constant."""
     name = value.name or "<unnamed>"
@@ -55,11 +63,11 @@ def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | 
         if value.const_value is None:
             return NotConstant(f"'{name}' is a graph input, not a constant")
     if value.const_value is not None:
-        return value.const_value.numpy()
+        return array_of(value.const_value)
     node = value.producer()
     if node is None:
         return NotConstant(f"'{name}' has no producer and no value")
-    if node.domain not in ("", "ai.onnx") or node.op_type not in _EVALUATORS:
+    if not evaluates(node):
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         return NotConstant(f"'{name}' is computed by {op} '{node.name}', not a constant")
     if depth >= MAX_DEPTH:

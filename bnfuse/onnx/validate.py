@@ -111,9 +111,9 @@ def _check_tensor(tensor: TensorProto, path: Path, what: str = "") -> None:
         raise InputError(
             f"{path}: {label} has element type {tensor.data_type}, which is no ONNX type"
         )
-    type_name = TensorProto.DataType.Name(tensor.data_type)
     for field, types in _FIELDS.items():
-        if len(getattr(tensor, field)) and tensor.data_type not in types:
+        if tensor.data_type not in types and len(getattr(tensor, field)):
+            type_name = TensorProto.DataType.Name(tensor.data_type)
             raise InputError(
                 f"{path}: {label} is {type_name} but keeps its values in {field}, which "
                 f"ONNX does not use for {type_name}",
