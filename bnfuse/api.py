@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, overload
 from bnfuse import outputs
 from bnfuse.errors import OutputError
 from bnfuse.formats import TORCH_FORMATS, detect, require_torch
-from bnfuse.onnx import io, match
+from bnfuse.onnx import direct, io, match
 from bnfuse.onnx.rewrite import FoldBatchNorms, op_counts
 from bnfuse.result import Candidate, FuseResult
 
@@ -205,8 +205,11 @@ def fuse_onnx(
     >>> result = bnfuse.fuse("model.onnx", "fused.onnx")  # doctest: +SKIP
     >>> len(result.folded), len(result.skipped)  # doctest: +SKIP
     """
-    source = io.load(Path(input))
     out = Path(output) if output is not None else None
+    quick = _fuse_direct(Path(input), out, force, dry_run, also_writes, also_reads)
+    if quick is not None:
+        return quick
+    source = io.load(Path(input))
     if out is not None and not dry_run:
         targets = [*io.output_targets(source, out), *also_writes]
         outputs.check_targets(targets, [*io.files_read(source), *also_reads], force=force)
@@ -227,4 +230,33 @@ def fuse_onnx(
     result.outputs = io.save(
         source.model, out, external_data=io.needs_external_data(source), force=force
     )
+    return result
+
+
+def _fuse_direct(
+    path: Path,
+    out: Path | None,
+    force: bool,
+    dry_run: bool,
+    also_writes: Sequence[tuple[str, Path]],
+    also_reads: Sequence[tuple[str, Path]],
+) -> FuseResult | None:
+    """fuse_onnx on bnfuse.onnx.direct's path, where it takes the model; None elsewhere."""
+    writes = out is not None and not dry_run
+    fused = direct.fuse(path, size_limit=io.whole_file_limit(), rewrite=writes)
+    if fused is None:
+        return None
+    targets = [*([("output", out)] if writes and out is not None else []), *also_writes]
+    if targets:
+        reads = [("the input model", path), *also_reads]
+        outputs.check_targets(targets, reads, force=force)
+    result = FuseResult(
+        candidates=fused.candidates,
+        ops_before=fused.ops_before,
+        ops_after=fused.ops_after,
+        input=path,
+        dry_run=not writes,
+    )
+    if writes and out is not None:
+        result.outputs = io.save_proto(fused.proto, out, force=force)
     return result

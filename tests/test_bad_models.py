@@ -143,12 +143,12 @@ def test_library_warnings_stay_off_stderr(tmp_path: Path) -> None:
 def test_memory_error_is_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bnfuse import api
+    from bnfuse import fold
 
-    def out_of_memory(model: object) -> None:
+    def out_of_memory(*args: object) -> None:
         raise MemoryError
 
-    monkeypatch.setattr(api, "fold_all", out_of_memory)
+    monkeypatch.setattr(fold, "check_fits", out_of_memory)  # on either path
     src = tmp_path / "m.onnx"
     onnx.save(layer_bn("Conv"), src)
     code, _, err = run_cli([str(src), "-o", str(tmp_path / "f.onnx"), "--no-verify"], capsys)

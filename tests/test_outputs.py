@@ -163,20 +163,23 @@ def test_name_too_long_is_diagnosed(folder: Path, capsys: pytest.CaptureFixture[
 # --- races ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("route", ["direct", "full"])
 def test_a_file_that_appears_meanwhile_is_not_replaced(
-    folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    route: str, folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two runs on one -o without --force: the second to finish refuses, the first's file stays."""
-    from bnfuse.onnx import io
+    from bnfuse.onnx import direct, io
 
+    if route == "full":
+        monkeypatch.setattr(direct, "fuse", lambda *args, **kwargs: None)
     out = folder / "f.onnx"
-    real = io._write_inline
+    real = io._write_file
 
-    def other_run_finishes_first(model: object, path: Path) -> None:
-        real(model, path)  # type: ignore[arg-type]
+    def other_run_finishes_first(path: Path, *args: object, **kwargs: object) -> None:
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
         out.write_bytes(b"the other run's model")
 
-    monkeypatch.setattr(io, "_write_inline", other_run_finishes_first)
+    monkeypatch.setattr(io, "_write_file", other_run_finishes_first)
     code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(out), "--no-verify"], capsys)
     assert code == 2 and "appeared there while bnfuse was writing it" in err
     assert out.read_bytes() == b"the other run's model"
@@ -242,11 +245,17 @@ def _bnfuse(fault: str, args: list[str]) -> subprocess.CompletedProcess[str]:
 
 _WHILE_WRITING = """
 from bnfuse.onnx import io
-real = io._write_tensor
-def write_tensor(fd, tensor):
-    os.kill({target}, signal.{sig})
-    real(fd, tensor)
-io._write_tensor = write_tensor
+real = io.mapped.write_all
+def write_all(fd, data):
+    os.kill({target}, signal.{sig})  # the output file is open, and empty
+    real(fd, data)
+io.mapped.write_all = write_all
+"""
+# Takes the full path (io.load -> match -> rewrite -> io.save) for a model the direct
+# path (bnfuse.onnx.direct) would fold.
+_FULL_PATH = """
+from bnfuse.onnx import direct
+direct.fuse = lambda *args, **kwargs: None
 """
 
 _WHILE_VERIFYING = """
@@ -259,14 +268,17 @@ compare.verify_models = verify_models
 """
 
 
+@pytest.mark.parametrize("route", ["direct", "full"])
 @pytest.mark.parametrize(
     ("sig", "target"),
     [("SIGTERM", "os.getpid()"), ("SIGHUP", "os.getpid()"), ("SIGTERM", "os.getppid()")],
     ids=["sigterm", "sighup", "sigterm-to-supervisor"],
 )
-def test_signal_while_writing_leaves_nothing(sig: str, target: str, folder: Path) -> None:
+def test_signal_while_writing_leaves_nothing(
+    sig: str, target: str, route: str, folder: Path
+) -> None:
     before = sorted(p.name for p in folder.iterdir())
-    fault = _WHILE_WRITING.format(sig=sig, target=target)
+    fault = _WHILE_WRITING.format(sig=sig, target=target) + (_FULL_PATH if route == "full" else "")
     proc = _bnfuse(fault, [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "--no-verify"])
     assert proc.returncode == 128 + signal.Signals[sig].value, proc.stderr
     assert proc.stderr.strip().splitlines() == [

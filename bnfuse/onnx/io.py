@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,6 +169,12 @@ def _onnx_ir_quiet() -> Iterator[None]:
 # hand costs Python time per initializer, which only pays off where copying the weights
 # would cost more (memory and time grow with the file, not the graph).
 LIGHT_FROM = 32 * 2**20
+
+
+def whole_file_limit() -> int:
+    """Files smaller than this are parsed by protobuf whole, and hold a model that one
+    protobuf message can carry: what bnfuse.onnx.direct takes."""
+    return min(LIGHT_FROM, PROTOBUF_LIMIT - _GRAPH_MARGIN)
 
 
 def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
@@ -364,6 +370,21 @@ def save(model: ir.Model, output: Path, *, external_data: bool, force: bool = Fa
                 staged.append((tmpdir / data.name, data))  # the data first: no model without it
         return [*staged, (tmp_model, output)]
 
+    return _publish(output, write, force=force)
+
+
+def save_proto(proto: Any, output: Path, *, force: bool = False) -> list[Path]:
+    """Write a ModelProto held whole in memory (bnfuse.onnx.direct), by save's rules."""
+
+    def write(tmpdir: Path) -> outputs.Staged:
+        tmp_model = tmpdir / output.name
+        _write_file(tmp_model, [proto.SerializeToString()])
+        return [(tmp_model, output)]
+
+    return _publish(output, write, force=force)
+
+
+def _publish(output: Path, write: Callable[[Path], outputs.Staged], *, force: bool) -> list[Path]:
     try:
         written = outputs.write_new(output.parent, write, force=force)
     except OSError as exc:

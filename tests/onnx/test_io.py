@@ -11,7 +11,7 @@ import pytest
 from onnx import helper
 
 import bnfuse
-from bnfuse.onnx import io
+from bnfuse.onnx import direct, io
 from sample_models.models import layer_bn, random_feeds
 from tests.helpers import assert_same_outputs, run_reference
 
@@ -177,30 +177,38 @@ def test_existing_external_data_file_is_replaced_only_with_force(tmp_path: Path)
     assert onnx.load(str(tmp_path / "f.onnx")).graph.initializer
 
 
-@pytest.mark.parametrize("external", [False, True], ids=["inline", "external_data"])
+@pytest.mark.parametrize(
+    ("external", "route", "fails_at"),
+    [(False, "direct", 1), (False, "full", 2), (True, "full", 2)],
+    ids=["inline-direct", "inline-streamed", "external_data"],
+)
 def test_failed_write_leaves_nothing_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool, route: str, fails_at: int
 ) -> None:
+    """The direct path writes the model in one piece; the full path's writer in several
+    (each large weight as a byte range), and fails here after the first."""
     src = tmp_path / "m.onnx"
     model = layer_bn("Conv", cin=16, cout=16)  # weights large enough to be written as byte ranges
     if external:
         onnx.save(model, src, save_as_external_data=True, location="m.data", size_threshold=0)
     else:
         onnx.save(model, src)
+    if route == "full":
+        monkeypatch.setattr(direct, "fuse", lambda *args, **kwargs: None)
     before = sorted(p.name for p in tmp_path.iterdir())
     real_write = io.mapped.write_all
     calls = []
 
-    def disk_fills(fd: int, data: bytes | memoryview) -> None:  # the second write fails
+    def disk_fills(fd: int, data: bytes | memoryview) -> None:
         calls.append(len(data))
-        if len(calls) > 1:
+        if len(calls) == fails_at:
             raise OSError(28, "No space left on device")
         real_write(fd, data)
 
     monkeypatch.setattr(io.mapped, "write_all", disk_fills)
     with pytest.raises(bnfuse.BnfuseError, match="the disk is full"):
         bnfuse.fuse(src, tmp_path / "f.onnx")
-    assert len(calls) == 2
+    assert len(calls) == fails_at
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 

@@ -1,0 +1,505 @@
+"""The direct path: a plain model folded on its own protobuf, without onnx-ir.
+
+Most models bnfuse meets are one flat graph in which each BatchNorm follows a
+Conv or ConvTranspose, with every weight an inline initializer. For those,
+building onnx-ir's graph and serialising it again costs more than everything
+else in the run: on a graph of 3,000 nodes, 0.4 s to build and 0.3 s to
+serialise, where protobuf parses and serialises the same file in 0.02 s. Here
+the parsed ModelProto is indexed by name, each fold is decided by
+bnfuse.legality as on every other path and computed by bnfuse.fold, and the
+ModelProto is edited in place and serialised once.
+
+``fuse`` takes a model only where it is sure to do what the full path
+(io.load -> match.find -> rewrite -> io.save) does:
+
+- one file under io.LIGHT_FROM, parsed whole; no external data, no subgraph,
+  no model-local function, no sparse initializer;
+- every initializer held as raw data that fills its shape, none also a graph
+  input; node outputs named once each, and read only after they are computed;
+- every BatchNorm folds (legality.decide) into the Conv or ConvTranspose
+  right before it, its parameters initializers;
+- no Mul or Add by a constant after a layer, and no Add after one at all
+  besides residual ones; a Mul by a computed factor (SiLU's ``x * sigmoid(x)``)
+  is reported as the full path reports it.
+
+For anything else, a model with any fault included, it returns None and the
+full path runs, and says what is wrong. Its output has the same nodes,
+initializers (in the same order), inputs and outputs as the full path's; the
+value_info stays the input's own (onnx-ir's writer adds a type for every
+initializer). tests/test_direct.py holds it to that on every model it takes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from bnfuse import fold, legality
+from bnfuse.onnx import validate
+from bnfuse.onnx.constants import MAX_DEPTH, evaluates
+from bnfuse.onnx.light import raw_array
+from bnfuse.onnx.match import FLOAT_TYPES
+from bnfuse.result import Candidate, Skip
+
+T = TypeVar("T")
+
+_DEFAULT = ("", "ai.onnx")
+_LAYERS = ("Conv", "ConvTranspose")
+_SCALE_SHIFT_LAYERS = ("Conv", "ConvTranspose", "Gemm")  # as match._match_scale_shift
+_ALL_INPUTS = ("Add", "Sub", "Mul", "Div", "Concat")  # evaluators that need every input
+_RANK_HINT = "run onnx shape inference first"
+# BatchNorm attributes and the values that keep it an inference BatchNorm.
+_BN_PLAIN = {"training_mode": 0, "is_test": 1, "spatial": 1}
+
+
+class _NotDirect(Exception):
+    """The model needs the full path."""
+
+
+@dataclass
+class Fused:
+    """The fused ModelProto and what the full path would report of it."""
+
+    proto: Any  # onnx.ModelProto
+    candidates: list[Candidate]
+    ops_before: Counter[str]
+    ops_after: Counter[str]
+
+
+def fuse(path: Path, size_limit: int, *, rewrite: bool = True) -> Fused | None:
+    """The model at ``path`` folded (``rewrite=False``: only what would fold, as for a
+    dry run), or None where the full path must do it."""
+    try:
+        if path.suffix.lower() != ".onnx" or path.stat().st_size >= size_limit:
+            return None
+        proto = onnx.ModelProto.FromString(path.read_bytes())
+        return _Direct(proto, path).fuse(rewrite)
+    except _NotDirect:
+        return None
+    except MemoryError:
+        raise
+    except Exception:  # protobuf's DecodeError, a fault in the model: the full path says it
+        return None
+
+
+@dataclass
+class _Plan:
+    bn: Any  # onnx.NodeProto
+    layer: Any
+    decided: legality.Fold
+    weight: np.ndarray[Any, Any]
+    bias: np.ndarray[Any, Any] | None
+    axis: int
+    groups: int
+    layer_output: str  # the layer's own output name, before it takes the BatchNorm's
+
+
+@dataclass
+class _Direct:
+    proto: Any
+    path: Path
+    inits: dict[str, Any] = field(default_factory=dict)  # name -> TensorProto, in order
+    producer: dict[str, Any] = field(default_factory=dict)
+    readers: dict[str, list[Any]] = field(default_factory=dict)  # one entry per input slot
+    outputs: set[str] = field(default_factory=set)
+    arrays: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+
+    def fuse(self, rewrite: bool = True) -> Fused:
+        self._check()
+        self._index()
+        graph = self.proto.graph
+        name = graph.name or "main"
+        ops_before = Counter(_op(n) for n in graph.node)
+        plans, folded = [], []
+        for node in graph.node:
+            if node.op_type == "BatchNormalization" and node.domain in _DEFAULT:
+                plan, candidate = self._batchnorm(node, name)
+                plans.append(plan)
+                folded.append(candidate)
+        skipped = self._scale_shift_after(plans, name)
+        if rewrite:
+            self._rewrite(plans)
+        ops_after = ops_before - Counter({"BatchNormalization": len(plans)})
+        return Fused(self.proto, folded + skipped, ops_before, ops_after)
+
+    # --- What the model must be -------------------------------------------------------
+
+    def _check(self) -> None:
+        model = self.proto
+        graph = model.graph
+        newest = onnx.defs.onnx_opset_version()
+        versions = {o.domain: o.version for o in model.opset_import}
+        default = versions.get("", versions.get("ai.onnx"))
+        _require(model.ir_version >= 4 and default is not None and 0 < default <= newest)
+        _require(not model.functions and not model.training_info)
+        validate.check_model(model, self.path)  # raises: the full path says it better
+        for tensor in graph.initializer:
+            _require(tensor.data_location != onnx.TensorProto.EXTERNAL)
+            _require(not tensor.external_data)
+            self.inits[tensor.name] = tensor
+            self.arrays[tensor.name] = _need(raw_array(tensor))
+        _require(len(self.inits) == len(graph.initializer))
+        inputs = {v.name for v in graph.input}
+        _require(not inputs & self.inits.keys())  # an initializer a caller may override
+        known = inputs | self.inits.keys()
+        for node in graph.node:
+            for attr in node.attribute:
+                _require(attr.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
+                _require(not attr.HasField("t") or not attr.t.external_data)
+                _require(all(not t.external_data for t in attr.tensors))
+            _require(all(i in known for i in node.input if i))
+            for out in node.output:
+                _require(out not in known)
+                if out:
+                    known.add(out)
+        _require(all(v.name in known for v in graph.output) and not graph.quantization_annotation)
+        infos = [v.name for v in graph.value_info]  # onnx-ir keeps those of node outputs only
+        _require(len(set(infos)) == len(infos) and set(infos) <= known - inputs - self.inits.keys())
+
+    def _index(self) -> None:
+        graph = self.proto.graph
+        self.outputs = {v.name for v in graph.output}
+        for node in graph.node:
+            for name in node.output:
+                if name:
+                    self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.readers.setdefault(name, []).append(node)
+
+    # --- BatchNorm -> Conv / ConvTranspose ----------------------------------------------
+
+    def _batchnorm(self, bn: Any, graph_name: str) -> tuple[_Plan, Candidate]:
+        norm = self._norm(bn)
+        layer = _need(self.producer.get(bn.input[0]))
+        _require(layer.op_type in _LAYERS and layer.domain in _DEFAULT and bool(layer.name))
+        out = layer.output[0]
+        _require(self.readers.get(out) == [bn])  # read by the BatchNorm alone, not even a Shape
+        facts = self._layer(layer)
+        use = legality.Use(
+            value=f"the output '{out}' of {layer.op_type} '{layer.name}'",
+            graph_output=out in self.outputs,
+        )
+        decided = legality.decide(norm, facts, [use])
+        if not isinstance(decided, legality.Fold):
+            raise _NotDirect  # a skip: the full path words it (and tries the following Conv)
+        candidate = Candidate(
+            node=bn.name,
+            graph=graph_name,
+            layer=layer.name,
+            layer_op=layer.op_type,
+            consumers=tuple(r.name or r.op_type for r in self.readers.get(bn.output[0], [])),
+            health=legality.health(norm, facts, decided),
+        )
+        plan = _Plan(bn, layer, decided, facts.weight, facts.bias, facts.axis, facts.groups, out)
+        return plan, candidate
+
+    def _norm(self, bn: Any) -> legality.Norm:
+        """An inference BatchNorm's facts, its parameters initializers (as match._norm)."""
+        _require(len(bn.input) == 5 and all(bn.input) and bool(bn.name))
+        eps = 1e-5
+        for attr in bn.attribute:
+            if attr.name == "epsilon":
+                _require(attr.type == onnx.AttributeProto.FLOAT)
+                eps = attr.f
+            elif attr.name in _BN_PLAIN:
+                _require(attr.type == onnx.AttributeProto.INT and attr.i == _BN_PLAIN[attr.name])
+            else:
+                _require(attr.name in ("momentum", "consumed_inputs"))
+        _require(all(not self.readers.get(o) and o not in self.outputs for o in bn.output[1:]))
+        gamma, beta, mean, var = (_need(self.arrays.get(name)) for name in bn.input[1:])
+        _require(all(fold.is_float(p) for p in (gamma, beta, mean, var)))
+        return legality.Norm(params=legality.Params(gamma, beta, mean, var, eps))
+
+    def _layer(self, layer: Any) -> legality.Layer:
+        """A Conv's or ConvTranspose's facts, its weight and bias initializers (as
+        match._conv_site and match._layer)."""
+        _require(len(layer.input) >= 2)
+        weight = _need(self.arrays.get(layer.input[1]))
+        has_bias = len(layer.input) > 2 and bool(layer.input[2])
+        bias = _need(self.arrays.get(layer.input[2])) if has_bias else None
+        _require(weight.ndim >= 3)
+        groups = _int_attr(layer, "group", 1) if layer.op_type == "ConvTranspose" else 1
+        _require(groups >= 1 and weight.shape[0] % groups == 0)
+        cout = weight.shape[0] if layer.op_type == "Conv" else weight.shape[1] * groups
+        _require(bias is None or bias.shape == (cout,))
+        dtype = ir.DataType(self.inits[layer.input[1]].data_type)
+        return legality.Layer(
+            label=f"{layer.op_type} '{layer.name}'",
+            weight=weight,
+            bias=bias,
+            axis=0 if layer.op_type == "Conv" else 1,
+            groups=groups,
+            rank_hint=_RANK_HINT,
+            dtype=dtype.numpy() if dtype in FLOAT_TYPES else None,
+            dtype_name=str(dtype),
+        )
+
+    # --- Mul / Add after a layer, once the BatchNorms are gone -------------------------
+
+    def _scale_shift_after(self, plans: list[_Plan], graph_name: str) -> list[Candidate]:
+        """What match finds of Mul/Add nodes in the folded graph: only Muls by a factor
+        computed at run time are taken here, as skipped candidates."""
+        producer = dict(self.producer)
+        for plan in plans:
+            producer[plan.bn.output[0]] = plan.layer
+        folded = {id(plan.bn) for plan in plans}
+        skipped = []
+        for node in self.proto.graph.node:
+            if id(node) in folded or node.op_type not in ("Mul", "Add"):
+                continue
+            if node.domain not in _DEFAULT:
+                continue
+            layer, other = _layer_operand(node, producer)
+            if layer is None:
+                continue
+            _require(len(node.input) == 2 and all(node.input))
+            if node.op_type == "Add":
+                _require(self._surely_computed(other, producer, 0, {}))
+                continue  # Add(layer, something computed): a residual connection
+            why = self._computed(other, producer)
+            _require(bool(node.name) and bool(layer.name))
+            label = f"{node.op_type} '{node.name}'"
+            skipped.append(
+                Candidate(
+                    node=node.name,
+                    graph=graph_name,
+                    layer=layer.name,
+                    layer_op=layer.op_type,
+                    op=node.op_type,
+                    skip=Skip.NOT_CONSTANT,
+                    reason=f"the other factor of {label} is computed at run time: {why}",
+                )
+            )
+        return skipped
+
+    def _computed(self, name: str, producer: dict[str, Any]) -> str:
+        """Why ``name`` is no constant, in constants.constant_array's words; a value that
+        may be a constant is for the full path to evaluate."""
+        if name not in producer:
+            _require(name in {v.name for v in self.proto.graph.input})
+            return f"'{name}' is a graph input, not a constant"
+        node = producer[name]
+        _require(bool(node.name) and not evaluates(node))
+        op = node.op_type if node.domain in _DEFAULT else f"{node.domain}.{node.op_type}"
+        return f"'{name}' is computed by {op} '{node.name}', not a constant"
+
+    def _surely_computed(
+        self, name: str, producer: dict[str, Any], depth: int, memo: dict[str, bool]
+    ) -> bool:
+        """Whether constants.constant_array would find ``name`` no constant, whatever the
+        shapes; False where it might be one (the full path then evaluates it)."""
+        if name in self.inits:
+            return False
+        node = producer.get(name)
+        if node is None or not evaluates(node) or depth >= MAX_DEPTH or name != node.output[0]:
+            return True  # a graph input, a computed value, or one constant_array gives up on
+        if name not in memo:
+            memo[name] = False  # Shape, Constant: perhaps constants
+            if node.op_type in _ALL_INPUTS:
+                reads = [i for i in node.input if i]
+            elif node.op_type not in ("Shape", "Constant") and node.input and node.input[0]:
+                reads = [node.input[0]]  # the data: required by every other evaluator
+            else:
+                reads = []
+            memo[name] = any(self._surely_computed(i, producer, depth + 1, memo) for i in reads)
+        return memo[name]
+
+    # --- The rewrite, as bnfuse.onnx.rewrite.FoldBatchNorms does it ---------------------
+
+    def _rewrite(self, plans: list[_Plan]) -> None:
+        graph = self.proto.graph
+        names = _Names(graph)
+        uses: Counter[str] = Counter(i for n in graph.node for i in n.input if i)
+        replaced: dict[str, onnx.TensorProto] = {}  # initializers rewritten where they stand
+        added: list[onnx.TensorProto] = []  # new initializers, after the others
+        maybe_dead: list[str] = []
+
+        def set_input(node: Any, index: int, tensor: onnx.TensorProto, what: str) -> str | None:
+            old = node.input[index] if index < len(node.input) and node.input[index] else None
+            if old is not None and old in self.inits and uses[old] == 1 and old not in self.outputs:
+                tensor.name = old
+                replaced[old] = tensor
+                return None
+            base = old if old is not None else f"{node.name or node.op_type}.{what}"
+            tensor.name = names.fresh(f"{base}_bnfused")
+            added.append(tensor)
+            while len(node.input) <= index:
+                node.input.append("")
+            node.input[index] = tensor.name
+            uses[tensor.name] += 1
+            if old is not None:
+                uses[old] -= 1
+                maybe_dead.append(old)
+            return old
+
+        dead: set[str] = set()
+
+        def drop_if_dead(name: str) -> None:
+            if uses[name] == 0 and name not in self.outputs and name in self.inits:
+                dead.add(name)
+
+        for plan in plans:
+            layer, data_type = plan.layer, self.inits[plan.layer.input[1]].data_type
+            affine, dtype = plan.decided.affine, plan.decided.dtype
+            bias = fold.round_to(fold.fold_bias(plan.bias, affine), dtype)
+            old_bias = set_input(layer, 2, _tensor(bias, data_type), "bias")
+            if old_bias is not None:
+                drop_if_dead(old_bias)
+            weight = fold.fold_weight_rounded(
+                plan.weight, affine.scale, plan.axis, plan.groups, dtype
+            )
+            set_input(layer, 1, _tensor(weight, data_type), "weight")
+            for name in plan.bn.input:
+                uses[name] -= 1
+            maybe_dead.extend(plan.bn.input[1:])
+            layer.output[0] = plan.bn.output[0]  # the layer takes over the BatchNorm's output
+        for name in maybe_dead:
+            drop_if_dead(name)
+        for tensor in graph.initializer:
+            if tensor.name in replaced:
+                tensor.CopyFrom(replaced[tensor.name])
+        _delete(graph.initializer, lambda t: t.name in dead)
+        graph.initializer.extend(added)
+        folded = {id(plan.bn) for plan in plans}
+        _delete(graph.node, lambda n: id(n) in folded)
+        infos = self._infos(plans)
+        inputs = {v.name for v in graph.input}
+        value_info = [_init_info(t) for t in graph.initializer if t.name not in inputs]
+        for node in graph.node:
+            value_info += [_copy(infos[o]) for o in node.output if o in infos]
+        del graph.value_info[:]
+        graph.value_info.extend(value_info)
+        _as_onnx_ir_writes(self.proto)
+
+    def _infos(self, plans: list[_Plan]) -> dict[str, Any]:
+        """The value_info of node outputs after the fold, as onnx-ir writes them: the
+        BatchNorm's output keeps its own, which the layer's output takes over."""
+        infos = {v.name: v for v in self.proto.graph.value_info}
+        for plan in plans:
+            layer = infos.pop(plan.layer_output, None)
+            if layer is not None:  # onnx-ir would merge the two: only the BN's counts here
+                mine = infos.get(plan.bn.output[0])
+                _require(mine is not None and _complete(mine) and _plain(layer) and _plain(mine))
+        return {name: info for name, info in infos.items() if name not in self.outputs}
+
+
+def _delete(repeated: Any, doomed: Any) -> None:
+    """Remove the items ``doomed`` picks from a repeated field, keeping the others' order."""
+    for index in reversed([i for i, item in enumerate(repeated) if doomed(item)]):
+        del repeated[index]
+
+
+class _Names:
+    """rewrite._Names on the ModelProto: fresh names that clash with nothing in it."""
+
+    def __init__(self, graph: Any) -> None:
+        self._taken = {v.name for v in graph.input if v.name}
+        self._taken.update(t.name for t in graph.initializer)
+        for node in graph.node:
+            if node.name:
+                self._taken.add(node.name)
+            self._taken.update(o for o in node.output if o)
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self._taken.add(name)
+        return name
+
+
+def _require(condition: bool) -> None:
+    if not condition:
+        raise _NotDirect
+
+
+def _need(value: T | None) -> T:
+    if value is None:
+        raise _NotDirect
+    return value
+
+
+def _op(node: Any) -> str:
+    return node.op_type if node.domain in _DEFAULT else f"{node.domain}.{node.op_type}"
+
+
+def _int_attr(node: Any, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            _require(attr.type == onnx.AttributeProto.INT)
+            return int(attr.i)
+    return default
+
+
+def _layer_operand(node: Any, producer: dict[str, Any]) -> tuple[Any, str]:
+    """The layer an operand of ``node`` comes from, and the other operand's name."""
+    for index in (0, 1):
+        name = node.input[index] if index < len(node.input) else ""
+        layer = producer.get(name) if name else None
+        if layer is not None and layer.op_type in _SCALE_SHIFT_LAYERS and layer.domain in _DEFAULT:
+            other = node.input[1 - index] if len(node.input) > 1 - index else ""
+            return layer, other
+    return None, ""
+
+
+def _tensor(array: np.ndarray[Any, Any], data_type: int) -> onnx.TensorProto:
+    """A TensorProto as onnx-ir writes an in-memory tensor: dims, type, raw little-endian bytes."""
+    tensor = onnx.TensorProto()
+    tensor.dims.extend(array.shape)
+    tensor.data_type = data_type
+    tensor.raw_data = np.ascontiguousarray(array).tobytes()
+    return tensor
+
+
+def _init_info(tensor: onnx.TensorProto) -> Any:
+    """The value_info onnx-ir writes for an initializer: its type and shape."""
+    info = onnx.ValueInfoProto(name=tensor.name)
+    tensor_type = info.type.tensor_type
+    tensor_type.elem_type = tensor.data_type
+    tensor_type.shape.SetInParent()  # a scalar has a shape, with no dims
+    for dim in tensor.dims:
+        tensor_type.shape.dim.add().dim_value = dim
+    return info
+
+
+def _complete(info: Any) -> bool:
+    """A tensor type with an element type and a shape (what replaces the layer's own)."""
+    return bool(
+        info.type.HasField("tensor_type")
+        and info.type.tensor_type.elem_type
+        and info.type.tensor_type.HasField("shape")
+    )
+
+
+def _plain(info: Any) -> bool:
+    return not info.doc_string and not info.metadata_props
+
+
+def _copy(message: Any) -> Any:
+    copy = type(message)()
+    copy.CopyFrom(message)
+    return copy
+
+
+def _as_onnx_ir_writes(model: Any) -> None:
+    """The fields onnx-ir's writer sets differently from what it read: opset imports
+    with their domain spelt out, once each; empty strings and versions left out."""
+    opsets = {o.domain: o.version for o in model.opset_import}
+    del model.opset_import[:]
+    for domain, version in opsets.items():
+        model.opset_import.add(domain=domain, version=version)
+    for message, fields in (
+        (model, ("producer_name", "producer_version", "domain", "model_version", "doc_string")),
+        (model.graph, ("name", "doc_string")),
+    ):
+        for name in fields:
+            if message.HasField(name) and not getattr(message, name):
+                message.ClearField(name)
