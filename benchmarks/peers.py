@@ -143,7 +143,7 @@ def generated(sizes_mb: list[int], folder: Path) -> list[Path]:
 
 # Models of everyday shape: networks people ship, exported as torch.onnx.export writes
 # them with constant folding off (BatchNorms kept), and graphs of many small nodes.
-EVERYDAY = ["mobilenet_v2_1.4", "resnet50", "graph_3k", "graph_30k"]
+EVERYDAY = ["mobilenet_v2_0.5", "mobilenet_v2_1.4", "resnet50", "graph_3k", "graph_30k"]
 
 
 def everyday(names: list[str], folder: Path) -> list[Path]:
@@ -168,7 +168,10 @@ def _network(name: str) -> bytes:
 
     from sample_models.torch_nets import export_onnx, trained
 
-    model = mobilenet_v2(width=1.4) if name.startswith("mobilenet") else resnet50()
+    if name.startswith("mobilenet_v2_"):
+        model = mobilenet_v2(width=float(name.removeprefix("mobilenet_v2_")))
+    else:
+        model = resnet50()
     return export_onnx(trained(model).eval(), (1, 3, 224, 224), 17)
 
 

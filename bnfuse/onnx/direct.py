@@ -44,7 +44,7 @@ from bnfuse import fold, legality
 from bnfuse.onnx import validate
 from bnfuse.onnx.constants import MAX_DEPTH, evaluates
 from bnfuse.onnx.light import raw_array
-from bnfuse.onnx.match import FLOAT_TYPES
+from bnfuse.onnx.match import FLOAT_TYPES, LAYER_OPS, SHAPE_OPS
 from bnfuse.result import Candidate, Skip
 
 T = TypeVar("T")
@@ -117,16 +117,29 @@ class _Direct:
         name = graph.name or "main"
         ops_before = Counter(_op(n) for n in graph.node)
         plans, folded = [], []
-        for node in graph.node:
-            if node.op_type == "BatchNormalization" and node.domain in _DEFAULT:
+        for node in graph.node:  # match.find's first round: every BatchNorm after a layer folds
+            if _is_batchnorm(node) and self._after_layer(node, self.producer):
                 plan, candidate = self._batchnorm(node, name)
                 plans.append(plan)
                 folded.append(candidate)
-        skipped = self._scale_shift_after(plans, name)
+        skipped = self._second_round(plans, name)
         if rewrite:
             self._rewrite(plans)
         ops_after = ops_before - Counter({"BatchNormalization": len(plans)})
         return Fused(self.proto, folded + skipped, ops_before, ops_after)
+
+    def _after_layer(self, bn: Any, producer: dict[str, Any]) -> bool:
+        """True for a BatchNorm right after a Conv/ConvTranspose; False for one after no
+        layer at all (a Concat, a Relu, a graph input); anything else is the full path's."""
+        _require(len(bn.input) >= 1 and bool(bn.input[0]))
+        node = producer.get(bn.input[0])
+        if node is None:
+            return False
+        _require(node.domain in _DEFAULT and node.op_type not in SHAPE_OPS)
+        _require(node.op_type in _LAYERS or node.op_type not in LAYER_OPS)
+        return bool(node.op_type in _LAYERS)
+
+    # --- What the model must be -------------------------------------------------------
 
     # --- What the model must be -------------------------------------------------------
 
@@ -243,41 +256,81 @@ class _Direct:
 
     # --- Mul / Add after a layer, once the BatchNorms are gone -------------------------
 
-    def _scale_shift_after(self, plans: list[_Plan], graph_name: str) -> list[Candidate]:
-        """What match finds of Mul/Add nodes in the folded graph: only Muls by a factor
-        computed at run time are taken here, as skipped candidates."""
+    def _second_round(self, plans: list[_Plan], graph_name: str) -> list[Candidate]:
+        """What match.find reports of the folded graph, in its order: each BatchNorm left
+        (after no layer) and each Mul by a factor computed at run time, skipped."""
         producer = dict(self.producer)
         for plan in plans:
             producer[plan.bn.output[0]] = plan.layer
         folded = {id(plan.bn) for plan in plans}
         skipped = []
         for node in self.proto.graph.node:
-            if id(node) in folded or node.op_type not in ("Mul", "Add"):
+            if id(node) in folded or node.domain not in _DEFAULT:
                 continue
-            if node.domain not in _DEFAULT:
-                continue
-            layer, other = _layer_operand(node, producer)
-            if layer is None:
-                continue
-            _require(len(node.input) == 2 and all(node.input))
-            if node.op_type == "Add":
-                _require(self._surely_computed(other, producer, 0, {}))
-                continue  # Add(layer, something computed): a residual connection
-            why = self._computed(other, producer)
-            _require(bool(node.name) and bool(layer.name))
-            label = f"{node.op_type} '{node.name}'"
-            skipped.append(
-                Candidate(
-                    node=node.name,
-                    graph=graph_name,
-                    layer=layer.name,
-                    layer_op=layer.op_type,
-                    op=node.op_type,
-                    skip=Skip.NOT_CONSTANT,
-                    reason=f"the other factor of {label} is computed at run time: {why}",
-                )
-            )
+            if _is_batchnorm(node):
+                _require(not self._after_layer(node, producer))  # it would fold in round two
+                skipped.append(self._no_layer(node, producer, graph_name))
+            elif node.op_type in ("Mul", "Add"):
+                candidate = self._scale_shift(node, producer, graph_name)
+                if candidate is not None:
+                    skipped.append(candidate)
         return skipped
+
+    def _no_layer(self, bn: Any, producer: dict[str, Any], graph_name: str) -> Candidate:
+        """A BatchNorm after no layer, reported as match._match_bn reports it."""
+        norm = self._norm(bn)
+        readers = self.readers.get(bn.output[0], [])
+        following = (
+            len(readers) == 1 and readers[0].op_type == "Conv" and readers[0].domain in _DEFAULT
+        )
+        _require(not following and bool(bn.name))  # the following Conv is the full path's
+        source = producer.get(bn.input[0])
+        if source is None:
+            reason = "its input is a graph input, not a layer's output"
+        else:
+            _require(bool(source.name))
+            reason = (
+                f"its input comes from {source.op_type} '{source.name}', which has no weight "
+                "to fold into"
+            )
+        refusal = legality.Refusal(Skip.NO_LAYER, reason)
+        decided = legality.decide(norm, refusal, ())
+        _require(decided == refusal)
+        return Candidate(
+            node=bn.name,
+            graph=graph_name,
+            layer=source.name if source is not None else None,
+            layer_op=source.op_type if source is not None else None,
+            consumers=tuple(r.name or r.op_type for r in readers),
+            skip=refusal.skip,
+            reason=refusal.reason,
+            health=legality.health(norm, refusal, decided),
+        )
+
+    def _scale_shift(
+        self, node: Any, producer: dict[str, Any], graph_name: str
+    ) -> Candidate | None:
+        """A Mul or Add after a layer, as match._match_scale_shift finds it: None for a
+        residual Add, a skip for a Mul by a computed factor; the rest is the full path's."""
+        layer, other = _layer_operand(node, producer)
+        if layer is None:
+            return None
+        _require(len(node.input) == 2 and all(node.input))
+        if node.op_type == "Add":
+            _require(self._surely_computed(other, producer, 0, {}))
+            return None  # Add(layer, something computed): a residual connection
+        why = self._computed(other, producer)
+        _require(bool(node.name) and bool(layer.name))
+        label = f"{node.op_type} '{node.name}'"
+        return Candidate(
+            node=node.name,
+            graph=graph_name,
+            layer=layer.name,
+            layer_op=layer.op_type,
+            op=node.op_type,
+            skip=Skip.NOT_CONSTANT,
+            reason=f"the other factor of {label} is computed at run time: {why}",
+        )
 
     def _computed(self, name: str, producer: dict[str, Any]) -> str:
         """Why ``name`` is no constant, in constants.constant_array's words; a value that
@@ -425,6 +478,10 @@ def _need(value: T | None) -> T:
     if value is None:
         raise _NotDirect
     return value
+
+
+def _is_batchnorm(node: Any) -> bool:
+    return bool(node.op_type == "BatchNormalization" and node.domain in _DEFAULT)
 
 
 def _op(node: Any) -> str:

@@ -219,7 +219,7 @@ def _norm(bn: ir.Node, ir_version: int) -> legality.Norm:
 
 # Ops that only regroup or move elements: a BatchNorm behind them may still fold.
 SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
-_LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 _MAX_CHAIN = 8
 
 
@@ -258,7 +258,7 @@ def _shape_chain(producer: ir.Node) -> tuple[tuple[ir.Node, ...], ir.Node]:
     ):
         chain.append(origin)
         origin = origin.inputs[0].producer()
-    if not chain or origin is None or origin.op_type not in _LAYER_OPS:
+    if not chain or origin is None or origin.op_type not in LAYER_OPS:
         return (), producer
     return tuple(reversed(chain)), origin
 

@@ -33,6 +33,8 @@ TAKEN = [
     "conv_depthwise_bn.onnx",
     "convtranspose_g4_nobias_bn.onnx",
     "skip_conv_mul_runtime.onnx",
+    "skip_bn_after_concat.onnx",
+    "torch_densenet_opset17.onnx",
     "layernorm_untouched.onnx",
     "torch_mobilenet_opset17.onnx",
     "torch_resnet_opset17.onnx",
@@ -122,11 +124,25 @@ def _with(model: onnx.ModelProto, change: str) -> onnx.ModelProto:
     return model
 
 
+def _bn_after_bn() -> onnx.ModelProto:
+    """Conv -> BN -> BN: the second folds once the first has (match.find's second round)."""
+    model = models.layer_bn("Conv")
+    graph = model.graph
+    relu = next(n for n in graph.node if n.op_type == "Relu")
+    second = models.bn_node(relu.input[0], "bn2_out", prefix="bn2")
+    relu.input[0] = "bn2_out"
+    graph.node.insert(2, second)
+    rng = np.random.default_rng(3)
+    graph.initializer.extend(models.bn_params(8, np.float32, rng, prefix="bn2"))
+    return model
+
+
 NOT_TAKEN = {
+    "bn_after_bn": _bn_after_bn,
+    "bn_then_conv": lambda: models.bn_then_conv(),
     # what decides, or reports, beyond plain Conv -> BN: the full path's matcher
     "training_mode_bn": lambda: models.training_mode_bn(),
     "fp16_overflow_skip": lambda: models.fp16_overflow(),
-    "bn_after_concat": lambda: models.bn_after_concat(),
     "gemm_bn": lambda: models.layer_bn("Gemm", trans_b=1),
     "matmul_bn": lambda: models.layer_bn("MatMul"),
     "conv_mul_by_a_constant": lambda: models.layer_scale_shift("Conv", add_shape=None),
@@ -182,6 +198,17 @@ def test_a_skipped_batchnorm_is_reported_by_the_full_path(tmp_path: Path) -> Non
     assert [c.skip for c in result.candidates] == [Skip.TRAINING_MODE]
 
 
+@pytest.mark.parametrize("case", ["bn_on_graph_input", "bn_after_concat"])
+def test_a_batchnorm_after_no_layer_is_reported_as_by_the_full_path(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(getattr(models, case)(), src)
+    assert takes(src)
+    assert_same_as_full_path(src, tmp_path, monkeypatch)
+    assert Skip.NO_LAYER in [c.skip for c in bnfuse.fuse(src, dry_run=True).candidates]
+
+
 @pytest.mark.parametrize("fault", ["truncated", "short_raw_data", "opset_too_new"])
 def test_a_faulty_model_gets_the_full_paths_error(tmp_path: Path, fault: str) -> None:
     model = models.layer_bn("Conv")
@@ -225,13 +252,13 @@ def test_the_folded_weights_are_the_exact_fold_rounded_once(tmp_path: Path) -> N
 def test_exported_networks_come_out_as_from_the_full_path(
     name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch.onnx exports of networks built in code; DenseNet (a BatchNorm after a Concat)
-    and the BatchNorm1d MLP (Gemm) take the full path."""
+    """torch.onnx exports of networks built in code; the BatchNorm1d MLP (Gemm) takes the
+    full path, DenseNet's BatchNorms after a Concat are reported as the full path does."""
     pytest.importorskip("torch")
     from sample_models.torch_nets import NETS, build, export_onnx
 
     spec = next(s for s in NETS if s.name == name)
     src = tmp_path / f"{name}.onnx"
     src.write_bytes(export_onnx(build(spec), spec.input_shape, 17))
-    assert takes(src) == (name not in ("densenet", "bn1d_mlp"))
+    assert takes(src) == (name != "bn1d_mlp")
     assert_same_as_full_path(src, tmp_path, monkeypatch)
