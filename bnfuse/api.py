@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any, overload
 from bnfuse import outputs
 from bnfuse.errors import OutputError
 from bnfuse.formats import TORCH_FORMATS, detect, require_torch
-from bnfuse.onnx import direct, io, match
-from bnfuse.onnx.rewrite import FoldBatchNorms, op_counts
+from bnfuse.onnx import direct, light
 from bnfuse.result import Candidate, FuseResult
 
 if TYPE_CHECKING:
@@ -170,6 +169,9 @@ def fold_all(model: ir.Model) -> list[Candidate]:
     each layer takes at most one fold, since plans are computed from the
     weights as they were when matched.
     """
+    from bnfuse.onnx import match
+    from bnfuse.onnx.rewrite import FoldBatchNorms
+
     folded: list[Candidate] = []
     for _ in range(MAX_ROUNDS):
         matches = match.find(model)
@@ -209,6 +211,9 @@ def fuse_onnx(
     quick = _fuse_direct(Path(input), out, force, dry_run, also_writes, also_reads)
     if quick is not None:
         return quick
+    from bnfuse.onnx import io  # the full path: onnx-ir's graph
+    from bnfuse.onnx.rewrite import op_counts
+
     source = io.load(Path(input))
     if out is not None and not dry_run:
         targets = [*io.output_targets(source, out), *also_writes]
@@ -243,7 +248,7 @@ def _fuse_direct(
 ) -> FuseResult | None:
     """fuse_onnx on bnfuse.onnx.direct's path, where it takes the model; None elsewhere."""
     writes = out is not None and not dry_run
-    fused = direct.fuse(path, size_limit=io.whole_file_limit(), rewrite=writes)
+    fused = direct.fuse(path, size_limit=light.whole_file_limit(), rewrite=writes)
     if fused is None:
         return None
     targets = [*([("output", out)] if writes and out is not None else []), *also_writes]
@@ -258,5 +263,5 @@ def _fuse_direct(
         dry_run=not writes,
     )
     if writes and out is not None:
-        result.outputs = io.save_proto(fused.proto, out, force=force)
+        result.outputs = direct.save(fused, out, force=force)
     return result

@@ -270,6 +270,14 @@ _WRITE_ERRORS = {
 }
 
 
+def write_all(fd: int, data: memoryview | bytes) -> None:
+    """Write every byte of ``data`` (os.write may write fewer)."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
 def write_error(path: Path, exc: OSError, what: str = "") -> OutputError:
     """One line for a failed write, naming the cause in words (nothing was left behind)."""
     cause = _WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))

@@ -168,18 +168,19 @@ def test_a_file_that_appears_meanwhile_is_not_replaced(
     route: str, folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two runs on one -o without --force: the second to finish refuses, the first's file stays."""
-    from bnfuse.onnx import direct, io
+    from bnfuse import outputs
+    from bnfuse.onnx import direct
 
     if route == "full":
         monkeypatch.setattr(direct, "fuse", lambda *args, **kwargs: None)
     out = folder / "f.onnx"
-    real = io._write_file
+    real = outputs.publish
 
-    def other_run_finishes_first(path: Path, *args: object, **kwargs: object) -> None:
-        real(path, *args, **kwargs)  # type: ignore[arg-type]
-        out.write_bytes(b"the other run's model")
+    def other_run_finishes_first(tmp: Path, final: Path, *, force: bool) -> None:
+        out.write_bytes(b"the other run's model")  # this run's file is written, not yet in place
+        real(tmp, final, force=force)
 
-    monkeypatch.setattr(io, "_write_file", other_run_finishes_first)
+    monkeypatch.setattr(outputs, "publish", other_run_finishes_first)
     code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(out), "--no-verify"], capsys)
     assert code == 2 and "appeared there while bnfuse was writing it" in err
     assert out.read_bytes() == b"the other run's model"
@@ -244,12 +245,12 @@ def _bnfuse(fault: str, args: list[str]) -> subprocess.CompletedProcess[str]:
 
 
 _WHILE_WRITING = """
-from bnfuse.onnx import io
-real = io.mapped.write_all
+from bnfuse import outputs
+real = outputs.write_all
 def write_all(fd, data):
     os.kill({target}, signal.{sig})  # the output file is open, and empty
     real(fd, data)
-io.mapped.write_all = write_all
+outputs.write_all = write_all
 """
 # Takes the full path (io.load -> match -> rewrite -> io.save) for a model the direct
 # path (bnfuse.onnx.direct) would fold.
@@ -318,8 +319,8 @@ def test_signal_while_verifying_removes_the_unverified_output(folder: Path) -> N
 
 _SHRINK_INPUT = """
 from bnfuse import fold
-from bnfuse.onnx import io
-io.LIGHT_FROM = 0  # map the weights as for a large file (a small one is parsed whole)
+from bnfuse.onnx import io, light
+light.LIGHT_FROM = 0  # map the weights as for a large file (a small one is parsed whole)
 real = fold.fold_weight_rounded
 def shrink_then_fold(*args, **kwargs):
     os.truncate(sys.argv[1], 100)  # another process shrinks the memory-mapped input

@@ -23,12 +23,11 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfuse.fold import Array
-from bnfuse.onnx.light import array_of
+from bnfuse.onnx.light import raw_array
+from bnfuse.onnx.ops import EVALUATED, MAX_DEPTH
 
 # IR version 4 is where initializers stopped having to be graph inputs.
 OVERRIDABLE_SINCE_IR = 4
-# Sub-expressions deeper than this are not evaluated (and so are not constants).
-MAX_DEPTH = 32
 # No evaluated value may hold more elements than this (2**24: 128 MB in float64). A
 # BatchNorm parameter or bias is one value per channel, and the largest weight of a
 # real network is well under it; a 2 KB model can otherwise ask for gigabytes
@@ -47,7 +46,16 @@ class NotConstant:
 def evaluates(node: ir.Node | Any) -> bool:
     """Whether ``node`` is one of the ops whose output may be a constant sub-expression
     (an ir.Node or a NodeProto)."""
-    return node.domain in ("", "ai.onnx") and node.op_type in _EVALUATORS
+    return node.domain in ("", "ai.onnx") and node.op_type in EVALUATED
+
+
+def array_of(tensor: ir.TensorProtocol) -> Array:
+    """``tensor.numpy()``, through light.raw_array where that applies."""
+    if isinstance(tensor, ir.serde.TensorProtoTensor):
+        fast = raw_array(tensor.raw)
+        if fast is not None:
+            return fast
+    return tensor.numpy()
 
 
 def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | NotConstant:
@@ -253,3 +261,4 @@ _EVALUATORS: dict[str, Callable[[ir.Node, int, int], Array]] = {
     "Mul": _binary(np.multiply),
     "Div": _binary(np.divide),
 }
+assert set(_EVALUATORS) == set(EVALUATED), "ops.EVALUATED names these evaluators"

@@ -12,7 +12,7 @@ ModelProto is edited in place and serialised once.
 ``fuse`` takes a model only where it is sure to do what the full path
 (io.load -> match.find -> rewrite -> io.save) does:
 
-- one file under io.LIGHT_FROM, parsed whole; no external data, no subgraph,
+- one file under light.LIGHT_FROM, parsed whole; no external data, no subgraph,
   no model-local function, no sparse initializer;
 - every initializer held as raw data that fills its shape, none also a graph
   input; node outputs named once each, and read only after they are computed;
@@ -31,6 +31,7 @@ initializer). tests/test_direct.py holds it to that on every model it takes.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +39,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 import onnx
-import onnx_ir as ir
+from onnx import TensorProto
 
-from bnfuse import fold, legality
+from bnfuse import fold, legality, outputs
 from bnfuse.onnx import validate
-from bnfuse.onnx.constants import MAX_DEPTH, evaluates
-from bnfuse.onnx.light import raw_array
-from bnfuse.onnx.match import FLOAT_TYPES, LAYER_OPS, SHAPE_OPS
+from bnfuse.onnx.light import numpy_dtype, raw_array
+from bnfuse.onnx.ops import EVALUATED, FLOAT_TYPES, LAYER_OPS, MAX_DEPTH, SHAPE_OPS
 from bnfuse.result import Candidate, Skip
 
 T = TypeVar("T")
@@ -86,6 +86,25 @@ def fuse(path: Path, size_limit: int, *, rewrite: bool = True) -> Fused | None:
         raise
     except Exception:  # protobuf's DecodeError, a fault in the model: the full path says it
         return None
+
+
+def save(fused: Fused, output: Path, *, force: bool = False) -> list[Path]:
+    """Write the fused model by bnfuse.outputs' rules (staged, then published whole)."""
+
+    def write(tmpdir: Path) -> outputs.Staged:
+        staged = tmpdir / output.name
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            outputs.write_all(fd, fused.proto.SerializeToString())
+        finally:
+            os.close(fd)
+        return [(staged, output)]
+
+    try:
+        outputs.write_new(output.parent, write, force=force)
+    except OSError as exc:
+        raise outputs.write_error(output, exc) from exc
+    return [output]
 
 
 @dataclass
@@ -242,7 +261,7 @@ class _Direct:
         _require(groups >= 1 and weight.shape[0] % groups == 0)
         cout = weight.shape[0] if layer.op_type == "Conv" else weight.shape[1] * groups
         _require(bias is None or bias.shape == (cout,))
-        dtype = ir.DataType(self.inits[layer.input[1]].data_type)
+        data_type = self.inits[layer.input[1]].data_type
         return legality.Layer(
             label=f"{layer.op_type} '{layer.name}'",
             weight=weight,
@@ -250,8 +269,8 @@ class _Direct:
             axis=0 if layer.op_type == "Conv" else 1,
             groups=groups,
             rank_hint=_RANK_HINT,
-            dtype=dtype.numpy() if dtype in FLOAT_TYPES else None,
-            dtype_name=str(dtype),
+            dtype=numpy_dtype(data_type) if data_type in FLOAT_TYPES else None,
+            dtype_name=TensorProto.DataType.Name(data_type),
         )
 
     # --- Mul / Add after a layer, once the BatchNorms are gone -------------------------
@@ -339,7 +358,7 @@ class _Direct:
             _require(name in {v.name for v in self.proto.graph.input})
             return f"'{name}' is a graph input, not a constant"
         node = producer[name]
-        _require(bool(node.name) and not evaluates(node))
+        _require(bool(node.name) and not _evaluates(node))
         op = node.op_type if node.domain in _DEFAULT else f"{node.domain}.{node.op_type}"
         return f"'{name}' is computed by {op} '{node.name}', not a constant"
 
@@ -351,7 +370,7 @@ class _Direct:
         if name in self.inits:
             return False
         node = producer.get(name)
-        if node is None or not evaluates(node) or depth >= MAX_DEPTH or name != node.output[0]:
+        if node is None or not _evaluates(node) or depth >= MAX_DEPTH or name != node.output[0]:
             return True  # a graph input, a computed value, or one constant_array gives up on
         if name not in memo:
             memo[name] = False  # Shape, Constant: perhaps constants
@@ -478,6 +497,12 @@ def _need(value: T | None) -> T:
     if value is None:
         raise _NotDirect
     return value
+
+
+def _evaluates(node: Any) -> bool:
+    """constants.evaluates, on a NodeProto (that module needs onnx-ir, which this one
+    does without)."""
+    return bool(node.domain in _DEFAULT and node.op_type in EVALUATED)
 
 
 def _is_batchnorm(node: Any) -> bool:

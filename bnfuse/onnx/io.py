@@ -43,13 +43,11 @@ import onnx_ir as ir
 
 from bnfuse import outputs
 from bnfuse.errors import BnfuseError, InputError, ModelError, first_line
-from bnfuse.onnx import mapped, validate, wire
-from bnfuse.onnx.light import INLINE, MAPPABLE, THRESHOLD, array_of, light_proto
+from bnfuse.onnx import light, mapped, validate, wire
+from bnfuse.onnx.constants import array_of
+from bnfuse.onnx.light import INLINE, MAPPABLE, THRESHOLD, light_proto
 from bnfuse.onnx.mapped import MappedFile
 
-# Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
-PROTOBUF_LIMIT = 2**31
-_GRAPH_MARGIN = 64 * 2**20
 # Tensors smaller than this stay inside the protobuf message, when reading and when
 # writing, inline or with external data (as onnx does).
 EXTERNAL_THRESHOLD = THRESHOLD
@@ -100,7 +98,7 @@ def load(path: Path) -> LoadedModel:
         raise InputError(f"{path}: not a file")
     try:
         with _onnx_ir_quiet():
-            proto, light = _read_proto(path)
+            proto, whole_file = _read_proto(path)
             validate.check_model(proto, path)
             model = ir.serde.deserialize_model(proto)
             ir.external_data.set_base_dir(model.graph, path.resolve().parent)
@@ -121,8 +119,8 @@ def load(path: Path) -> LoadedModel:
     _check_opsets(model, path)
     data_files: set[Path] = set()
     maps: dict[Path, MappedFile] = {}
-    if light is not None:
-        maps[path.resolve()] = light
+    if whole_file is not None:
+        maps[path.resolve()] = whole_file
     folder = path.resolve().parent
     for graph in model.graphs():
         _check_graph(graph, path)
@@ -134,7 +132,7 @@ def load(path: Path) -> LoadedModel:
                 else:
                     file = _check_external(tensor, folder, path)
                     data_files.add(file)
-                if tensor.dtype in MAPPABLE and mapped.LITTLE_ENDIAN:
+                if tensor.dtype in MAPPABLE and light.LITTLE_ENDIAN:
                     if file not in maps:
                         maps[file] = _open_mapped(file, path)
                     value.const_value = _mapped_tensor(tensor, maps[file], path)
@@ -165,23 +163,11 @@ def _onnx_ir_quiet() -> Iterator[None]:
         log.setLevel(level)
 
 
-# Files smaller than this are parsed by protobuf whole: reading each weight's place by
-# hand costs Python time per initializer, which only pays off where copying the weights
-# would cost more (memory and time grow with the file, not the graph).
-LIGHT_FROM = 32 * 2**20
-
-
-def whole_file_limit() -> int:
-    """Files smaller than this are parsed by protobuf whole, and hold a model that one
-    protobuf message can carry: what bnfuse.onnx.direct takes."""
-    return min(LIGHT_FROM, PROTOBUF_LIMIT - _GRAPH_MARGIN)
-
-
 def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
     """The ModelProto; with the file mapped where its large inline weights were left in it."""
     size = path.stat().st_size
     try:
-        if size < LIGHT_FROM:
+        if size < light.LIGHT_FROM:
             try:
                 return _parse(path), None
             except Exception:  # protobuf's words are vaguer: walk it for the exact fault
@@ -195,7 +181,7 @@ def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
         ) from exc
     if proto is not None:
         return proto, MappedFile(path)
-    if size >= PROTOBUF_LIMIT:  # protobuf would read it whole, then fail
+    if size >= light.PROTOBUF_LIMIT:  # protobuf would read it whole, then fail
         raise InputError(
             f"{path}: not a readable ONNX model (over 2 GB, and not in the layout of one)"
         )
@@ -353,7 +339,7 @@ def external_data_path(output: Path) -> Path:
 def needs_external_data(source: LoadedModel) -> bool:
     """External data when the input had it, or when one protobuf could not hold the model."""
     return source.has_external_data or (
-        initializer_bytes(source.model) + _GRAPH_MARGIN >= PROTOBUF_LIMIT
+        initializer_bytes(source.model) + light.GRAPH_MARGIN >= light.PROTOBUF_LIMIT
     )
 
 
@@ -369,17 +355,6 @@ def save(model: ir.Model, output: Path, *, external_data: bool, force: bool = Fa
             elif _write_external(model, tmp_model, tmpdir / data.name, data.name):
                 staged.append((tmpdir / data.name, data))  # the data first: no model without it
         return [*staged, (tmp_model, output)]
-
-    return _publish(output, write, force=force)
-
-
-def save_proto(proto: Any, output: Path, *, force: bool = False) -> list[Path]:
-    """Write a ModelProto held whole in memory (bnfuse.onnx.direct), by save's rules."""
-
-    def write(tmpdir: Path) -> outputs.Staged:
-        tmp_model = tmpdir / output.name
-        _write_file(tmp_model, [proto.SerializeToString()])
-        return [(tmp_model, output)]
 
     return _publish(output, write, force=force)
 
@@ -528,7 +503,7 @@ def _write_file(
     try:
         for piece in pieces:
             if isinstance(piece, bytes):
-                mapped.write_all(fd, piece)
+                outputs.write_all(fd, piece)
                 continue
             if at_offsets:
                 os.lseek(fd, piece.offset, os.SEEK_SET)
@@ -550,7 +525,7 @@ def _write_tensor(fd: int, tensor: ir.TensorProtocol) -> None:
         data = tensor.tobytes()
     if len(data) != n:
         raise ModelError(f"tensor '{tensor.name}' gives {len(data)} bytes, its type and shape {n}")
-    mapped.write_all(fd, data)
+    outputs.write_all(fd, data)
 
 
 def _root_cause(exc: BaseException) -> str:

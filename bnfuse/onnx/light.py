@@ -13,17 +13,25 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnx_ir as ir
-from onnx import TensorProto
+from onnx import TensorProto, helper
 
 from bnfuse.onnx import wire
-from bnfuse.onnx.mapped import LITTLE_ENDIAN
+
+LITTLE_ENDIAN = sys.byteorder == "little"  # ONNX stores raw data little-endian
+# Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
+PROTOBUF_LIMIT = 2**31
+GRAPH_MARGIN = 64 * 2**20
+# Files smaller than this are parsed by protobuf whole: reading each weight's place by
+# hand costs Python time per initializer, which only pays off where copying the weights
+# would cost more (memory and time grow with the file, not the graph).
+LIGHT_FROM = 32 * 2**20
 
 # Initializers with less raw data than this stay inside the message (as onnx's
 # external-data threshold).
@@ -47,7 +55,18 @@ MAPPABLE: dict[int, int] = {
     TensorProto.INT64: 8,
     TensorProto.UINT64: 8,
 }
-_NUMPY = {t: np.dtype(ir.DataType(t).numpy()).newbyteorder("<") for t in MAPPABLE}
+_NUMPY = {t: np.dtype(helper.tensor_dtype_to_np_dtype(t)).newbyteorder("<") for t in MAPPABLE}
+
+
+def numpy_dtype(data_type: int) -> np.dtype[Any]:
+    """The numpy dtype of a mappable ONNX element type (bfloat16: ml_dtypes')."""
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def whole_file_limit() -> int:
+    """Files smaller than this are parsed by protobuf whole, and hold a model that one
+    protobuf message can carry: what bnfuse.onnx.direct takes."""
+    return min(LIGHT_FROM, PROTOBUF_LIMIT - GRAPH_MARGIN)
 
 
 def raw_array(tensor: TensorProto) -> npt.NDArray[Any] | None:
@@ -67,15 +86,6 @@ def raw_array(tensor: TensorProto) -> npt.NDArray[Any] | None:
     if len(raw) != math.prod(dims) * dtype.itemsize:
         return None
     return np.frombuffer(raw, dtype=dtype).reshape(dims)
-
-
-def array_of(tensor: ir.TensorProtocol) -> npt.NDArray[Any]:
-    """``tensor.numpy()``, through raw_array where that applies."""
-    if isinstance(tensor, ir.serde.TensorProtoTensor):
-        fast = raw_array(tensor.raw)
-        if fast is not None:
-            return fast
-    return tensor.numpy()
 
 
 def light_proto(path: Path) -> Any:

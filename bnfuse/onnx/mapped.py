@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,9 @@ import numpy as np
 import numpy.typing as npt
 import onnx_ir as ir
 
+from bnfuse import outputs
+
 PAGE = mmap.PAGESIZE
-LITTLE_ENDIAN = sys.byteorder == "little"  # ONNX stores raw data little-endian
 
 
 class MappedFile:
@@ -100,15 +100,8 @@ def copy_to(mapped: MappedFile, offset: int, length: int, fd: int) -> None:
         try:
             n = os.copy_file_range(mapped.fileno, fd, length - done, offset + done)
         except (OSError, AttributeError):  # not between these files, or not Linux: via memory
-            write_all(fd, mapped.buffer[offset + done : offset + length])
+            outputs.write_all(fd, mapped.buffer[offset + done : offset + length])
             return
         if n == 0:
             raise OSError(f"{mapped.path}: ended before {offset + length} bytes")
         done += n
-
-
-def write_all(fd: int, data: memoryview | bytes) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]

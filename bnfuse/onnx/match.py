@@ -39,14 +39,8 @@ from bnfuse.fold import Affine, Array
 from bnfuse.legality import Refusal
 from bnfuse.onnx import io, mapped
 from bnfuse.onnx.constants import NotConstant, constant_array
+from bnfuse.onnx.ops import FLOAT_TYPES, LAYER_OPS, SHAPE_OPS
 from bnfuse.result import Candidate, Skip
-
-FLOAT_TYPES = {
-    ir.DataType.FLOAT16,
-    ir.DataType.FLOAT,
-    ir.DataType.DOUBLE,
-    ir.DataType.BFLOAT16,
-}
 
 
 @dataclass(frozen=True)
@@ -217,9 +211,6 @@ def _norm(bn: ir.Node, ir_version: int) -> legality.Norm:
     )
 
 
-# Ops that only regroup or move elements: a BatchNorm behind them may still fold.
-SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 _MAX_CHAIN = 8
 
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfuse
 from bnfuse import Skip
 from bnfuse.errors import InputError
-from bnfuse.onnx import direct, io
+from bnfuse.onnx import direct, light
 from bnfuse.result import FuseResult
 from sample_models import models
 
@@ -57,7 +57,7 @@ def assert_same_as_full_path(src: Path, tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def takes(src: Path) -> bool:
-    return direct.fuse(src, io.whole_file_limit()) is not None
+    return direct.fuse(src, light.whole_file_limit()) is not None
 
 
 DIRECT_SAMPLES = [name for name in ALL_SAMPLES if takes(SAMPLES / name)]

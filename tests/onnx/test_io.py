@@ -11,7 +11,8 @@ import pytest
 from onnx import helper
 
 import bnfuse
-from bnfuse.onnx import direct, io
+from bnfuse import outputs
+from bnfuse.onnx import direct, light
 from sample_models.models import layer_bn, random_feeds
 from tests.helpers import assert_same_outputs, run_reference
 
@@ -139,7 +140,7 @@ def test_model_past_the_protobuf_limit_gets_external_data(
     """The >2 GB rule, with the limit lowered so the test stays small."""
     src = tmp_path / "m.onnx"
     onnx.save(layer_bn("Conv"), src)
-    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 0)
+    monkeypatch.setattr(light, "PROTOBUF_LIMIT", 0)
     result = bnfuse.fuse(src, tmp_path / "f.onnx")
     assert result.outputs == [tmp_path / "f.onnx", tmp_path / "f.onnx.data"]
     onnx.checker.check_model(str(tmp_path / "f.onnx"), full_check=True)
@@ -196,7 +197,7 @@ def test_failed_write_leaves_nothing_behind(
     if route == "full":
         monkeypatch.setattr(direct, "fuse", lambda *args, **kwargs: None)
     before = sorted(p.name for p in tmp_path.iterdir())
-    real_write = io.mapped.write_all
+    real_write = outputs.write_all
     calls = []
 
     def disk_fills(fd: int, data: bytes | memoryview) -> None:
@@ -205,7 +206,7 @@ def test_failed_write_leaves_nothing_behind(
             raise OSError(28, "No space left on device")
         real_write(fd, data)
 
-    monkeypatch.setattr(io.mapped, "write_all", disk_fills)
+    monkeypatch.setattr(outputs, "write_all", disk_fills)
     with pytest.raises(bnfuse.BnfuseError, match="the disk is full"):
         bnfuse.fuse(src, tmp_path / "f.onnx")
     assert len(calls) == fails_at

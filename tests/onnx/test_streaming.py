@@ -20,7 +20,7 @@ from onnx import numpy_helper
 import bnfuse
 from bnfuse.api import fold_all
 from bnfuse.errors import InputError
-from bnfuse.onnx import io, mapped, wire
+from bnfuse.onnx import io, light, mapped, wire
 from sample_models.models import layer_bn
 
 SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
@@ -47,7 +47,7 @@ def test_fused_file_is_byte_identical_to_whole_model_serialisation(
 def test_large_weights_are_views_of_the_file_not_copies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(io, "LIGHT_FROM", 0)  # a small file: parsed whole unless told
+    monkeypatch.setattr(light, "LIGHT_FROM", 0)  # a small file: parsed whole unless told
     src = tmp_path / "m.onnx"
     onnx.save(layer_bn("Conv", cin=16, cout=32), src)
     model = io.load(src).model

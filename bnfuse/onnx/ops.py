@@ -1,0 +1,22 @@
+"""The ONNX op names and element types that the two ONNX paths (match and direct) and the
+constant evaluator agree on. No onnx-ir here: the direct path runs without it."""
+
+from __future__ import annotations
+
+from onnx import TensorProto
+
+# Layers a BatchNorm folds into (an Add: a MatMul's bias).
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
+# Ops that only regroup or move elements: a BatchNorm behind them may still fold.
+SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
+# Element types of a layer bnfuse folds into.
+FLOAT_TYPES: frozenset[int] = frozenset(
+    {TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+)
+# Ops whose output may be a constant sub-expression (constants._EVALUATORS evaluates them).
+EVALUATED = (
+    "Constant", "Identity", "Cast", "CastLike", "Shape", "Expand", "Reshape", "Unsqueeze",
+    "Squeeze", "Transpose", "ConstantOfShape", "Concat", "Add", "Sub", "Mul", "Div",
+)  # fmt: skip
+# Sub-expressions deeper than this are not evaluated (and so are not constants).
+MAX_DEPTH = 32
