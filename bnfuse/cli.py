@@ -590,7 +590,11 @@ def main(argv: list[str] | None = None) -> None:
     from bnfuse import supervise
 
     if argv is None and supervise.available() and not os.environ.get("BNFUSE_IN_PROCESS"):
-        raise SystemExit(supervise.run(lambda: _exit_code(args)))
+        code = supervise.run(lambda: _exit_code(args))
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing to add
+                stream.flush()
+        os._exit(code)  # the child did the work: nothing here needs the interpreter's teardown
     raise SystemExit(_exit_code(args))
 
 
