@@ -389,23 +389,22 @@ class _Direct:
         graph = self.proto.graph
         names = _Names(graph)
         uses: Counter[str] = Counter(i for n in graph.node for i in n.input if i)
-        replaced: dict[str, onnx.TensorProto] = {}  # initializers rewritten where they stand
-        added: list[onnx.TensorProto] = []  # new initializers, after the others
         maybe_dead: list[str] = []
 
-        def set_input(node: Any, index: int, tensor: onnx.TensorProto, what: str) -> str | None:
+        def set_input(node: Any, index: int, array: Any, data_type: int, what: str) -> str | None:
+            """As FoldBatchNorms._set_const: an initializer only ``node`` reads is rewritten
+            where it stands, under its name; otherwise a new one goes after the others."""
             old = node.input[index] if index < len(node.input) and node.input[index] else None
             if old is not None and old in self.inits and uses[old] == 1 and old not in self.outputs:
-                tensor.name = old
-                replaced[old] = tensor
+                _fill(self.inits[old], old, array, data_type)
                 return None
             base = old if old is not None else f"{node.name or node.op_type}.{what}"
-            tensor.name = names.fresh(f"{base}_bnfused")
-            added.append(tensor)
+            name = names.fresh(f"{base}_bnfused")
+            _fill(graph.initializer.add(), name, array, data_type)
             while len(node.input) <= index:
                 node.input.append("")
-            node.input[index] = tensor.name
-            uses[tensor.name] += 1
+            node.input[index] = name
+            uses[name] += 1
             if old is not None:
                 uses[old] -= 1
                 maybe_dead.append(old)
@@ -421,24 +420,20 @@ class _Direct:
             layer, data_type = plan.layer, self.inits[plan.layer.input[1]].data_type
             affine, dtype = plan.decided.affine, plan.decided.dtype
             bias = fold.round_to(fold.fold_bias(plan.bias, affine), dtype)
-            old_bias = set_input(layer, 2, _tensor(bias, data_type), "bias")
+            old_bias = set_input(layer, 2, bias, data_type, "bias")
             if old_bias is not None:
                 drop_if_dead(old_bias)
             weight = fold.fold_weight_rounded(
                 plan.weight, affine.scale, plan.axis, plan.groups, dtype
             )
-            set_input(layer, 1, _tensor(weight, data_type), "weight")
+            set_input(layer, 1, weight, data_type, "weight")
             for name in plan.bn.input:
                 uses[name] -= 1
             maybe_dead.extend(plan.bn.input[1:])
             layer.output[0] = plan.bn.output[0]  # the layer takes over the BatchNorm's output
         for name in maybe_dead:
             drop_if_dead(name)
-        for tensor in graph.initializer:
-            if tensor.name in replaced:
-                tensor.CopyFrom(replaced[tensor.name])
         _delete(graph.initializer, lambda t: t.name in dead)
-        graph.initializer.extend(added)
         folded = {id(plan.bn) for plan in plans}
         _delete(graph.node, lambda n: id(n) in folded)
         infos = self._infos(plans)
@@ -532,13 +527,14 @@ def _layer_operand(node: Any, producer: dict[str, Any]) -> tuple[Any, str]:
     return None, ""
 
 
-def _tensor(array: np.ndarray[Any, Any], data_type: int) -> onnx.TensorProto:
-    """A TensorProto as onnx-ir writes an in-memory tensor: dims, type, raw little-endian bytes."""
-    tensor = onnx.TensorProto()
+def _fill(tensor: Any, name: str, array: np.ndarray[Any, Any], data_type: int) -> None:
+    """``tensor`` as onnx-ir writes an in-memory tensor: a name, dims, the element type and
+    the raw little-endian bytes, nothing else (a rewritten initializer keeps no old field)."""
+    tensor.Clear()
+    tensor.name = name
     tensor.dims.extend(array.shape)
     tensor.data_type = data_type
     tensor.raw_data = np.ascontiguousarray(array).tobytes()
-    return tensor
 
 
 def _init_info(tensor: onnx.TensorProto) -> Any:
