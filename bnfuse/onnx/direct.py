@@ -44,7 +44,7 @@ from onnx import TensorProto
 from bnfuse import fold, legality, outputs
 from bnfuse.onnx import validate
 from bnfuse.onnx.light import numpy_dtype, raw_array
-from bnfuse.onnx.ops import EVALUATED, FLOAT_TYPES, LAYER_OPS, MAX_DEPTH, SHAPE_OPS
+from bnfuse.onnx.ops import EVALUATED, FLOAT_TYPES, LAYER_OPS, MAX_DEPTH, SHAPE_OPS, FreshNames
 from bnfuse.result import Candidate, Skip
 
 T = TypeVar("T")
@@ -387,7 +387,7 @@ class _Direct:
 
     def _rewrite(self, plans: list[_Plan]) -> None:
         graph = self.proto.graph
-        names = _Names(graph)
+        names = _names(graph)
         uses: Counter[str] = Counter(i for n in graph.node for i in n.input if i)
         maybe_dead: list[str] = []
 
@@ -463,24 +463,14 @@ def _delete(repeated: Any, doomed: Any) -> None:
         del repeated[index]
 
 
-class _Names:
-    """rewrite._Names on the ModelProto: fresh names that clash with nothing in it."""
-
-    def __init__(self, graph: Any) -> None:
-        self._taken = {v.name for v in graph.input if v.name}
-        self._taken.update(t.name for t in graph.initializer)
-        for node in graph.node:
-            if node.name:
-                self._taken.add(node.name)
-            self._taken.update(o for o in node.output if o)
-
-    def fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self._taken:
-            n += 1
-            name = f"{base}_{n}"
-        self._taken.add(name)
-        return name
+def _names(graph: Any) -> FreshNames:
+    """rewrite._names on the ModelProto: new names that clash with nothing in it."""
+    taken = {v.name for v in graph.input if v.name} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        if node.name:
+            taken.add(node.name)
+        taken.update(o for o in node.output if o)
+    return FreshNames(taken)
 
 
 def _require(condition: bool) -> None:

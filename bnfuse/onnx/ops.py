@@ -3,6 +3,8 @@ constant evaluator agree on. No onnx-ir here: the direct path runs without it.""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from onnx import TensorProto
 
 # Layers a BatchNorm folds into (an Add: a MatMul's bias).
@@ -20,3 +22,18 @@ EVALUATED = (
 )  # fmt: skip
 # Sub-expressions deeper than this are not evaluated (and so are not constants).
 MAX_DEPTH = 32
+
+
+class FreshNames:
+    """Fresh, deterministic names (``base``, ``base_2``...) that clash with none taken."""
+
+    def __init__(self, taken: Iterable[str]) -> None:
+        self._taken = set(taken)
+
+    def fresh(self, base: str) -> str:
+        name, n = base, 1
+        while name in self._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self._taken.add(name)
+        return name

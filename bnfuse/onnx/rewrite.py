@@ -26,6 +26,7 @@ from bnfuse import fold
 from bnfuse.fold import Array
 from bnfuse.onnx.constants import OVERRIDABLE_SINCE_IR
 from bnfuse.onnx.match import BEFORE, Plan
+from bnfuse.onnx.ops import FreshNames
 
 
 def op_counts(model: ir.Model) -> Counter[str]:
@@ -75,26 +76,17 @@ def _folded_weight(plan: Plan, name: str) -> ir.TensorProtocol:
     )
 
 
-class _Names:
-    """Fresh, deterministic names that clash with no value or node in the model."""
-
-    def __init__(self, model: ir.Model) -> None:
-        self._taken: set[str] = set()
-        for graph in model.graphs():
-            self._taken.update(v.name for v in graph.inputs if v.name)
-            self._taken.update(graph.initializers)
-            for node in graph:
-                if node.name:
-                    self._taken.add(node.name)
-                self._taken.update(v.name for v in node.outputs if v.name)
-
-    def fresh(self, base: str) -> str:
-        name, n = base, 1
-        while name in self._taken:
-            n += 1
-            name = f"{base}_{n}"
-        self._taken.add(name)
-        return name
+def _names(model: ir.Model) -> FreshNames:
+    """New names that clash with no value or node in the model."""
+    taken: set[str] = set()
+    for graph in model.graphs():
+        taken.update(v.name for v in graph.inputs if v.name)
+        taken.update(graph.initializers)
+        for node in graph:
+            if node.name:
+                taken.add(node.name)
+            taken.update(v.name for v in node.outputs if v.name)
+    return FreshNames(taken)
 
 
 class FoldBatchNorms:
@@ -102,7 +94,7 @@ class FoldBatchNorms:
 
     def __init__(self, model: ir.Model) -> None:
         self.model = model
-        self._names = _Names(model)
+        self._names = _names(model)
         self._maybe_dead: list[ir.Value] = []
 
     def apply(self, plans: Iterable[Plan]) -> int:
