@@ -1,8 +1,8 @@
 """bnfuse side by side with the peers, on the same files, as whole processes.
 
-    python benchmarks/peers.py                       # generated chains (4 sizes + fp16), a
-                                                     # 24 MB MobileNetV2, ResNet-50, graphs
-                                                     # of 3,000 and 30,000 nodes
+    python benchmarks/peers.py                       # generated chains (4 sizes + fp16),
+                                                     # 8 and 24 MB MobileNetV2s, ResNet-50,
+                                                     # graphs of 3,000 and 30,000 nodes
     python benchmarks/peers.py model.onnx other.onnx # your own models too
     python benchmarks/peers.py --runs 5 --sizes 12 50 100 200 400 --out table.md
 
