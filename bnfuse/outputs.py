@@ -214,7 +214,38 @@ on_event: Callable[[str, Path], None] | None = None
 
 
 def publish(tmp: Path, final: Path, *, force: bool) -> None:
-    """Move the finished file ``tmp`` to ``final``; without ``force`` never replace a file."""
+    """Move the finished file ``tmp`` to ``final``; without ``force`` never replace a file.
+
+    A terminating signal waits until the file is in place and recorded: one that
+    came between the two would leave a file that no cleanup knows of.
+    """
+    with _signals_held():
+        _publish(tmp, final, force=force)
+
+
+# While not None, terminate_on_signals' handler notes a signal here instead of raising.
+_held: list[int] | None = None
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A terminating signal that comes during the block is raised (Terminated) after it.
+
+    Held in the handler, not with a signal mask: the mask is per thread, and a
+    process-directed signal goes to any thread that does not block it (numpy's
+    BLAS threads), whose handler would still interrupt the main thread.
+    """
+    global _held
+    outer, _held = _held, []
+    try:
+        yield
+    finally:
+        came, _held = _held, outer
+        if came:
+            raise Terminated(came[0])
+
+
+def _publish(tmp: Path, final: Path, *, force: bool) -> None:
     if force:
         ident = file_id(final)
         if ident is not None and not stat.S_ISREG(os.stat(final).st_mode):
@@ -313,6 +344,9 @@ def terminate_on_signals() -> Iterator[None]:
     def handler(signum: int, _frame: FrameType | None) -> None:
         for sig in _TERMINATING:
             signal.signal(sig, signal.SIG_IGN)
+        if _held is not None:  # a file is being published: after it is recorded
+            _held.append(signum)
+            return
         raise Terminated(signum)
 
     try:

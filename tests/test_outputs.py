@@ -309,6 +309,32 @@ def test_signal_after_the_output_is_in_place_removes_it(target: str, folder: Pat
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
+_WHILE_PUBLISHING = """
+from bnfuse import outputs
+real = outputs.file_id
+sent = []
+def file_id(path):
+    if not sent and path.name == "f.onnx" and os.path.exists(path):
+        sent.append(path)  # the output is in place; publish() is about to record it
+        os.kill({target}, signal.SIGTERM)
+    return real(path)
+outputs.file_id = file_id
+"""
+
+
+@pytest.mark.parametrize("target", ["os.getpid()", "os.getppid()"], ids=["child", "supervisor"])
+def test_signal_between_placing_and_recording_the_output_removes_it(
+    target: str, folder: Path
+) -> None:
+    """The output is linked into place, then recorded for cleanup: a signal in between
+    waits for the record, so the cleanup knows of the file."""
+    before = sorted(p.name for p in folder.iterdir())
+    fault = _WHILE_PUBLISHING.format(target=target)
+    proc = _bnfuse(fault, [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "--no-verify"])
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
 def test_signal_while_verifying_removes_the_unverified_output(folder: Path) -> None:
     before = sorted(p.name for p in folder.iterdir())
     proc = _bnfuse(_WHILE_VERIFYING, [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "-q"])
