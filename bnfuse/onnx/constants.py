@@ -17,14 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from bnfuse.fold import Array
 from bnfuse.onnx.light import raw_array
-from bnfuse.onnx.ops import EVALUATED, MAX_DEPTH
+from bnfuse.onnx.ops import EVALUATED, MAX_DEPTH, evaluates, op_name
 
 # IR version 4 is where initializers stopped having to be graph inputs.
 OVERRIDABLE_SINCE_IR = 4
@@ -41,12 +40,6 @@ class NotConstant:
 
     reason: str
     overridable: bool = False
-
-
-def evaluates(node: ir.Node | Any) -> bool:
-    """Whether ``node`` is one of the ops whose output may be a constant sub-expression
-    (an ir.Node or a NodeProto)."""
-    return node.domain in ("", "ai.onnx") and node.op_type in EVALUATED
 
 
 def array_of(tensor: ir.TensorProtocol) -> Array:
@@ -76,8 +69,7 @@ def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | 
     if node is None:
         return NotConstant(f"'{name}' has no producer and no value")
     if not evaluates(node):
-        op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-        return NotConstant(f"'{name}' is computed by {op} '{node.name}', not a constant")
+        return NotConstant(f"'{name}' is computed by {op_name(node)} '{node.name}', not a constant")
     if depth >= MAX_DEPTH:
         return NotConstant(f"'{name}' is a constant expression deeper than {MAX_DEPTH} nodes")
     if value is not node.outputs[0]:

@@ -16,17 +16,18 @@ ModelProto is edited in place and serialised once.
   no model-local function, no sparse initializer;
 - every initializer held as raw data that fills its shape, none also a graph
   input; node outputs named once each, and read only after they are computed;
-- every BatchNorm folds (legality.decide) into the Conv or ConvTranspose
-  right before it, its parameters initializers;
+- every BatchNorm either folds (legality.decide) into the Conv or
+  ConvTranspose right before it, or follows no layer at all (a Concat, a graph
+  input: reported as skipped), its parameters initializers;
 - no Mul or Add by a constant after a layer, and no Add after one at all
   besides residual ones; a Mul by a computed factor (SiLU's ``x * sigmoid(x)``)
   is reported as the full path reports it.
 
 For anything else, a model with any fault included, it returns None and the
-full path runs, and says what is wrong. Its output has the same nodes,
-initializers (in the same order), inputs and outputs as the full path's; the
-value_info stays the input's own (onnx-ir's writer adds a type for every
-initializer). tests/test_direct.py holds it to that on every model it takes.
+full path runs, and says what is wrong. What it writes is byte for byte what
+the full path writes, down to onnx-ir's writer's habits (a value_info for
+every initializer, opset imports with their domain spelt out);
+tests/onnx/test_direct.py holds it to that on every model it takes.
 """
 
 from __future__ import annotations
@@ -44,14 +45,23 @@ from onnx import TensorProto
 from bnfuse import fold, legality, outputs
 from bnfuse.onnx import validate
 from bnfuse.onnx.light import numpy_dtype, raw_array
-from bnfuse.onnx.ops import EVALUATED, FLOAT_TYPES, LAYER_OPS, MAX_DEPTH, SHAPE_OPS, FreshNames
+from bnfuse.onnx.ops import (
+    DEFAULT_DOMAINS,
+    FLOAT_TYPES,
+    LAYER_OPS,
+    MAX_DEPTH,
+    SCALE_SHIFT_LAYERS,
+    SHAPE_OPS,
+    FreshNames,
+    evaluates,
+    is_batchnorm,
+    op_name,
+)
 from bnfuse.result import Candidate, Skip
 
 T = TypeVar("T")
 
-_DEFAULT = ("", "ai.onnx")
 _LAYERS = ("Conv", "ConvTranspose")
-_SCALE_SHIFT_LAYERS = ("Conv", "ConvTranspose", "Gemm")  # as match._match_scale_shift
 _ALL_INPUTS = ("Add", "Sub", "Mul", "Div", "Concat")  # evaluators that need every input
 _RANK_HINT = "run onnx shape inference first"
 # BatchNorm attributes and the values that keep it an inference BatchNorm.
@@ -111,11 +121,8 @@ def save(fused: Fused, output: Path, *, force: bool = False) -> list[Path]:
 class _Plan:
     bn: Any  # onnx.NodeProto
     layer: Any
+    facts: legality.Layer
     decided: legality.Fold
-    weight: np.ndarray[Any, Any]
-    bias: np.ndarray[Any, Any] | None
-    axis: int
-    groups: int
     layer_output: str  # the layer's own output name, before it takes the BatchNorm's
 
 
@@ -134,10 +141,10 @@ class _Direct:
         self._index()
         graph = self.proto.graph
         name = graph.name or "main"
-        ops_before = Counter(_op(n) for n in graph.node)
+        ops_before = Counter(op_name(n) for n in graph.node)
         plans, folded = [], []
         for node in graph.node:  # match.find's first round: every BatchNorm after a layer folds
-            if _is_batchnorm(node) and self._after_layer(node, self.producer):
+            if is_batchnorm(node) and self._after_layer(node, self.producer):
                 plan, candidate = self._batchnorm(node, name)
                 plans.append(plan)
                 folded.append(candidate)
@@ -154,11 +161,9 @@ class _Direct:
         node = producer.get(bn.input[0])
         if node is None:
             return False
-        _require(node.domain in _DEFAULT and node.op_type not in SHAPE_OPS)
+        _require(node.domain in DEFAULT_DOMAINS and node.op_type not in SHAPE_OPS)
         _require(node.op_type in _LAYERS or node.op_type not in LAYER_OPS)
         return bool(node.op_type in _LAYERS)
-
-    # --- What the model must be -------------------------------------------------------
 
     # --- What the model must be -------------------------------------------------------
 
@@ -210,7 +215,7 @@ class _Direct:
     def _batchnorm(self, bn: Any, graph_name: str) -> tuple[_Plan, Candidate]:
         norm = self._norm(bn)
         layer = _need(self.producer.get(bn.input[0]))
-        _require(layer.op_type in _LAYERS and layer.domain in _DEFAULT and bool(layer.name))
+        _require(layer.op_type in _LAYERS and layer.domain in DEFAULT_DOMAINS and bool(layer.name))
         out = layer.output[0]
         _require(self.readers.get(out) == [bn])  # read by the BatchNorm alone, not even a Shape
         facts = self._layer(layer)
@@ -229,8 +234,7 @@ class _Direct:
             consumers=tuple(r.name or r.op_type for r in self.readers.get(bn.output[0], [])),
             health=legality.health(norm, facts, decided),
         )
-        plan = _Plan(bn, layer, decided, facts.weight, facts.bias, facts.axis, facts.groups, out)
-        return plan, candidate
+        return _Plan(bn, layer, facts, decided, out), candidate
 
     def _norm(self, bn: Any) -> legality.Norm:
         """An inference BatchNorm's facts, its parameters initializers (as match._norm)."""
@@ -284,9 +288,9 @@ class _Direct:
         folded = {id(plan.bn) for plan in plans}
         skipped = []
         for node in self.proto.graph.node:
-            if id(node) in folded or node.domain not in _DEFAULT:
+            if id(node) in folded or node.domain not in DEFAULT_DOMAINS:
                 continue
-            if _is_batchnorm(node):
+            if is_batchnorm(node):
                 _require(not self._after_layer(node, producer))  # it would fold in round two
                 skipped.append(self._no_layer(node, producer, graph_name))
             elif node.op_type in ("Mul", "Add"):
@@ -300,7 +304,9 @@ class _Direct:
         norm = self._norm(bn)
         readers = self.readers.get(bn.output[0], [])
         following = (
-            len(readers) == 1 and readers[0].op_type == "Conv" and readers[0].domain in _DEFAULT
+            len(readers) == 1
+            and readers[0].op_type == "Conv"
+            and readers[0].domain in DEFAULT_DOMAINS
         )
         _require(not following and bool(bn.name))  # the following Conv is the full path's
         source = producer.get(bn.input[0])
@@ -358,9 +364,8 @@ class _Direct:
             _require(name in {v.name for v in self.proto.graph.input})
             return f"'{name}' is a graph input, not a constant"
         node = producer[name]
-        _require(bool(node.name) and not _evaluates(node))
-        op = node.op_type if node.domain in _DEFAULT else f"{node.domain}.{node.op_type}"
-        return f"'{name}' is computed by {op} '{node.name}', not a constant"
+        _require(bool(node.name) and not evaluates(node))
+        return f"'{name}' is computed by {op_name(node)} '{node.name}', not a constant"
 
     def _surely_computed(
         self, name: str, producer: dict[str, Any], depth: int, memo: dict[str, bool]
@@ -370,7 +375,7 @@ class _Direct:
         if name in self.inits:
             return False
         node = producer.get(name)
-        if node is None or not _evaluates(node) or depth >= MAX_DEPTH or name != node.output[0]:
+        if node is None or not evaluates(node) or depth >= MAX_DEPTH or name != node.output[0]:
             return True  # a graph input, a computed value, or one constant_array gives up on
         if name not in memo:
             memo[name] = False  # Shape, Constant: perhaps constants
@@ -417,14 +422,18 @@ class _Direct:
                 dead.add(name)
 
         for plan in plans:
-            layer, data_type = plan.layer, self.inits[plan.layer.input[1]].data_type
+            layer, facts, data_type = (
+                plan.layer,
+                plan.facts,
+                self.inits[plan.layer.input[1]].data_type,
+            )
             affine, dtype = plan.decided.affine, plan.decided.dtype
-            bias = fold.round_to(fold.fold_bias(plan.bias, affine), dtype)
+            bias = fold.round_to(fold.fold_bias(facts.bias, affine), dtype)
             old_bias = set_input(layer, 2, bias, data_type, "bias")
             if old_bias is not None:
                 drop_if_dead(old_bias)
             weight = fold.fold_weight_rounded(
-                plan.weight, affine.scale, plan.axis, plan.groups, dtype
+                facts.weight, affine.scale, facts.axis, facts.groups, dtype
             )
             set_input(layer, 1, weight, data_type, "weight")
             for name in plan.bn.input:
@@ -484,20 +493,6 @@ def _need(value: T | None) -> T:
     return value
 
 
-def _evaluates(node: Any) -> bool:
-    """constants.evaluates, on a NodeProto (that module needs onnx-ir, which this one
-    does without)."""
-    return bool(node.domain in _DEFAULT and node.op_type in EVALUATED)
-
-
-def _is_batchnorm(node: Any) -> bool:
-    return bool(node.op_type == "BatchNormalization" and node.domain in _DEFAULT)
-
-
-def _op(node: Any) -> str:
-    return node.op_type if node.domain in _DEFAULT else f"{node.domain}.{node.op_type}"
-
-
 def _int_attr(node: Any, name: str, default: int) -> int:
     for attr in node.attribute:
         if attr.name == name:
@@ -511,7 +506,11 @@ def _layer_operand(node: Any, producer: dict[str, Any]) -> tuple[Any, str]:
     for index in (0, 1):
         name = node.input[index] if index < len(node.input) else ""
         layer = producer.get(name) if name else None
-        if layer is not None and layer.op_type in _SCALE_SHIFT_LAYERS and layer.domain in _DEFAULT:
+        if (
+            layer is not None
+            and layer.op_type in SCALE_SHIFT_LAYERS
+            and layer.domain in DEFAULT_DOMAINS
+        ):
             other = node.input[1 - index] if len(node.input) > 1 - index else ""
             return layer, other
     return None, ""

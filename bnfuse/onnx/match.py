@@ -39,7 +39,7 @@ from bnfuse.fold import Affine, Array
 from bnfuse.legality import Refusal
 from bnfuse.onnx import io, mapped
 from bnfuse.onnx.constants import NotConstant, constant_array
-from bnfuse.onnx.ops import FLOAT_TYPES, LAYER_OPS, SHAPE_OPS
+from bnfuse.onnx.ops import FLOAT_TYPES, LAYER_OPS, SCALE_SHIFT_LAYERS, SHAPE_OPS, is_batchnorm
 from bnfuse.result import Candidate, Skip
 
 
@@ -84,10 +84,6 @@ class Plan:
 class Match:
     candidate: Candidate
     plan: Plan | None = None
-
-
-def is_batchnorm(node: ir.Node) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
 
 
 def find(model: ir.Model) -> list[Match]:
@@ -613,8 +609,6 @@ def _padding(conv: ir.Node, weight: Array) -> str | None:
 
 # --- Conv / ConvTranspose / Gemm -> Mul or Add by a constant -----------------------
 
-_SCALE_SHIFT_LAYERS = ("Conv", "ConvTranspose", "Gemm")
-
 
 def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match | None:
     """A Mul/Add right after a layer; None when it is no candidate (e.g. a residual Add)."""
@@ -623,7 +617,7 @@ def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match
         layer = x.producer() if x is not None else None
         if (
             layer is not None
-            and layer.op_type in _SCALE_SHIFT_LAYERS
+            and layer.op_type in SCALE_SHIFT_LAYERS
             and layer.domain in ("", "ai.onnx")
         ):
             break

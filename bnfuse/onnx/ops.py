@@ -4,8 +4,12 @@ constant evaluator agree on. No onnx-ir here: the direct path runs without it.""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from onnx import TensorProto
+
+# The default ONNX domain, as models spell it.
+DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # Layers a BatchNorm folds into (an Add: a MatMul's bias).
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
@@ -15,6 +19,8 @@ SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose")
 FLOAT_TYPES: frozenset[int] = frozenset(
     {TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 )
+# Layers a Mul or Add by a constant folds into.
+SCALE_SHIFT_LAYERS = ("Conv", "ConvTranspose", "Gemm")
 # Ops whose output may be a constant sub-expression (constants._EVALUATORS evaluates them).
 EVALUATED = (
     "Constant", "Identity", "Cast", "CastLike", "Shape", "Expand", "Reshape", "Unsqueeze",
@@ -22,6 +28,24 @@ EVALUATED = (
 )  # fmt: skip
 # Sub-expressions deeper than this are not evaluated (and so are not constants).
 MAX_DEPTH = 32
+
+
+# Each takes an onnx-ir Node or a NodeProto: both have ``op_type`` and ``domain``.
+
+
+def op_name(node: Any) -> str:
+    """The op as a report names it: ``Conv``, or ``com.microsoft.FusedConv`` off the
+    default domain."""
+    return str(node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}")
+
+
+def is_batchnorm(node: Any) -> bool:
+    return bool(node.op_type == "BatchNormalization" and node.domain in DEFAULT_DOMAINS)
+
+
+def evaluates(node: Any) -> bool:
+    """Whether ``node``'s output may be a constant sub-expression (constants evaluates it)."""
+    return bool(node.domain in DEFAULT_DOMAINS and node.op_type in EVALUATED)
 
 
 class FreshNames:

@@ -26,17 +26,14 @@ from bnfuse import fold
 from bnfuse.fold import Array
 from bnfuse.onnx.constants import OVERRIDABLE_SINCE_IR
 from bnfuse.onnx.match import BEFORE, Plan
-from bnfuse.onnx.ops import FreshNames
+from bnfuse.onnx.ops import FreshNames, op_name
 
 
 def op_counts(model: ir.Model) -> Counter[str]:
     counts: Counter[str] = Counter()
     for graph in model.graphs():
         for node in graph:
-            key = (
-                node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            )
-            counts[key] += 1
+            counts[op_name(node)] += 1
     return counts
 
 
