@@ -39,7 +39,6 @@ __all__ = [
     "fold_weight_rounded",
     "max_abs_per_channel",
     "round_to",
-    "weight_fits",
 ]
 
 
@@ -253,16 +252,8 @@ def _largest(dtype: np.dtype[Any]) -> float:
     return _LARGEST[dtype]
 
 
-def weight_fits(max_abs: F64, scale: F64, dtype: npt.DTypeLike) -> int | None:
-    """The first output channel whose folded weight would not be finite in ``dtype``.
-
-    Rounding is monotonic, so the largest folded element overflows exactly when
-    ``max|W_c| * |s_c|`` does. Returns None when every channel fits.
-    """
-    return _first_overflow(max_abs * np.abs(scale), dtype)
-
-
 def _first_overflow(values: F64, dtype: npt.DTypeLike) -> int | None:
+    """The first of ``values`` not finite once rounded to ``dtype``; None when all are."""
     rounded = round_to(values, dtype)
     if np.isfinite(rounded).all():
         return None
@@ -283,6 +274,8 @@ def check_fits(
     Cheap: the weight is reduced to one peak per channel, never folded whole.
     """
     peaks = max_abs_per_channel(weight, axis, groups)
+    # Rounding is monotonic, so channel c's largest folded element overflows exactly
+    # when max|W_c| * |s_c| does.
     folded_peaks = peaks * np.abs(affine.scale)
     bad = _first_overflow(folded_peaks, dtype)
     if bad is not None:

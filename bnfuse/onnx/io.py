@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,10 +356,6 @@ def save(model: ir.Model, output: Path, *, external_data: bool, force: bool = Fa
                 staged.append((tmpdir / data.name, data))  # the data first: no model without it
         return [*staged, (tmp_model, output)]
 
-    return _publish(output, write, force=force)
-
-
-def _publish(output: Path, write: Callable[[Path], outputs.Staged], *, force: bool) -> list[Path]:
     try:
         written = outputs.write_new(output.parent, write, force=force)
     except OSError as exc:

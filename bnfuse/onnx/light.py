@@ -55,12 +55,14 @@ MAPPABLE: dict[int, int] = {
     TensorProto.INT64: 8,
     TensorProto.UINT64: 8,
 }
-_NUMPY = {t: np.dtype(helper.tensor_dtype_to_np_dtype(t)).newbyteorder("<") for t in MAPPABLE}
 
 
 def numpy_dtype(data_type: int) -> np.dtype[Any]:
-    """The numpy dtype of a mappable ONNX element type (bfloat16: ml_dtypes')."""
+    """The numpy dtype of an ONNX element type (bfloat16: ml_dtypes')."""
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+
+
+_NUMPY = {t: numpy_dtype(t).newbyteorder("<") for t in MAPPABLE}  # raw data is little-endian
 
 
 def whole_file_limit() -> int:
