@@ -42,7 +42,8 @@ print(time.perf_counter() - start)
 VERIFICATION = """
 import sys, time
 from pathlib import Path
-from bnfuse.verify.compare import VerifyOptions, verify_models
+from bnfuse.verify.compare import verify_models
+from bnfuse.verify.options import VerifyOptions
 import numpy.random, onnxruntime  # imports, as the one-inference process has made its own
 start = time.perf_counter()
 result = verify_models(Path(sys.argv[1]), Path(sys.argv[2]), VerifyOptions(device="cpu"))

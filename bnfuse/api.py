@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from bnfuse.result import VerifyResult
-    from bnfuse.verify.compare import Step, VerifyOptions
+    from bnfuse.verify.options import Step, VerifyOptions
 
 
 @overload

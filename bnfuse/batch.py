@@ -25,7 +25,7 @@ from bnfuse.errors import BnfuseError, InputError, OutputError
 from bnfuse.result import FuseResult, VerifyResult
 
 if TYPE_CHECKING:
-    from bnfuse.verify.compare import VerifyOptions
+    from bnfuse.verify.options import VerifyOptions
 
 MODEL_SUFFIXES = (".onnx", ".pt", ".pt2")
 

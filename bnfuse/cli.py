@@ -25,7 +25,7 @@ from bnfuse.errors import BnfuseError, first_line, printable
 if TYPE_CHECKING:
     from bnfuse.batch import BatchResult
     from bnfuse.result import FuseResult, VerifyResult
-    from bnfuse.verify.compare import Step, VerifyOptions
+    from bnfuse.verify.options import Step, VerifyOptions
 
 T = TypeVar("T")
 
@@ -147,8 +147,7 @@ def _verify_options(
     rtol: float | None,
     trust_pickle: bool = False,
 ) -> VerifyOptions:
-    from bnfuse.verify.compare import VerifyOptions
-    from bnfuse.verify.inputs import parse_input_shapes
+    from bnfuse.verify.options import VerifyOptions, parse_input_shapes
 
     return VerifyOptions(
         device=device,
@@ -509,7 +508,7 @@ def inspect_command(
 
     def work() -> FuseResult:
         from bnfuse.api import fuse_file
-        from bnfuse.verify.inputs import parse_input_shapes
+        from bnfuse.verify.options import parse_input_shapes
 
         shapes = parse_input_shapes(input_shape or [])
         return fuse_file(input, None, dry_run=True, trust_pickle=trust_pickle, input_shapes=shapes)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,28 +27,13 @@ from bnfuse.errors import BnfuseError, InputError
 from bnfuse.result import Comparison, VerifyResult
 from bnfuse.verify import inputs as inputs_mod
 from bnfuse.verify.metrics import compare, stack
+from bnfuse.verify.options import Step, VerifyOptions
 from bnfuse.verify.precision import lower, onnx_compute_dtypes, torch_compute_dtype
 from bnfuse.verify.runners import CPU, CUDA, NoKernel, Runner, onnx_devices, pick_devices
 from bnfuse.verify.sources import Source, open_source
 
 # Protobuf cannot hold 2 GiB; a model with extra outputs is passed to onnxruntime as bytes.
 _INLINE_LIMIT = 2**31 - 2**26
-
-
-@dataclass
-class VerifyOptions:
-    device: str = "all"
-    seed: int = 0
-    samples: int = 1
-    atol: float | None = None
-    rtol: float | None = None
-    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    inputs: Path | None = None
-    per_layer: bool = False
-    trust_pickle: bool = False
-
-
-Step = Callable[[str, int, int], None]  # (what runs now, steps done, steps in all)
 
 
 def resolve_feeds(source: Source, opts: VerifyOptions) -> tuple[list[dict[str, np.ndarray]], str]:

@@ -49,25 +49,6 @@ def onnx_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def parse_input_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
-    """``["x:1x3x224x224", "mask:1x224"]`` -> {"x": (1, 3, 224, 224), ...}."""
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.rpartition(":")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shape = tuple(int(d) for d in dims.lower().split("x")) if dims else ()
-            if any(d < 0 for d in shape):
-                raise ValueError
-        except ValueError:
-            raise InputError(
-                f"--input-shape {item!r}: expected NAME:DxDxD, e.g. input:1x3x224x224"
-            ) from None
-        shapes[name] = shape
-    return shapes
-
-
 def concrete_shapes(
     specs: list[InputSpec], overrides: dict[str, tuple[int, ...]]
 ) -> dict[str, tuple[int, ...]]:

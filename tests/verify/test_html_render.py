@@ -12,7 +12,8 @@ import pytest
 
 import bnfuse
 from bnfuse.report import write_reports
-from bnfuse.verify.compare import VerifyOptions, verify_models
+from bnfuse.verify.compare import verify_models
+from bnfuse.verify.options import VerifyOptions
 from sample_models.models import conv_chain
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -14,7 +14,8 @@ import pytest
 from onnx import numpy_helper
 
 import bnfuse
-from bnfuse.verify.compare import VerifyOptions, verify_models
+from bnfuse.verify.compare import verify_models
+from bnfuse.verify.options import VerifyOptions
 from sample_models.models import deep_chain
 from tests.test_cli import run_cli
 
