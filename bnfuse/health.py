@@ -109,7 +109,11 @@ _RANGES: dict[np.dtype[Any], tuple[str, float]] = {}
 def _range(dt: np.dtype[Any]) -> tuple[str, float]:
     """The dtype's name and largest finite value (looked up once per dtype)."""
     if dt not in _RANGES:
-        import ml_dtypes  # finfo that knows bfloat16 too
+        if dt.kind == "f":  # numpy's own float types
+            peak = float(np.finfo(dt).max)
+        else:
+            import ml_dtypes  # finfo that knows bfloat16 too
 
-        _RANGES[dt] = (dt.name, float(ml_dtypes.finfo(dt).max))  # type: ignore[no-untyped-call]
+            peak = float(ml_dtypes.finfo(dt).max)  # type: ignore[no-untyped-call]
+        _RANGES[dt] = (dt.name, peak)
     return _RANGES[dt]
