@@ -213,7 +213,8 @@ def test_help_does_not_import_heavy_modules() -> None:
 
 def test_onnx_fuse_imports_only_what_it_uses(tmp_path: Path) -> None:
     """The start is most of a fuse's time: no torch, onnxruntime, sympy or pydantic behind it,
-    and for a model the direct path takes, no onnx-ir either.
+    and for a model the direct path takes, no onnx-ir, no onnx package (its generated
+    messages only: bnfuse.onnx.proto) and no ml_dtypes either.
 
     sympy is behind onnx-ir (deferred in bnfuse.onnx), pydantic behind typer
     0.29 (typer is capped below it in pyproject.toml). The work runs in this
@@ -224,7 +225,7 @@ def test_onnx_fuse_imports_only_what_it_uses(tmp_path: Path) -> None:
     code = (
         "import sys; from bnfuse.cli import main\n"
         "try:\n    main()\nexcept SystemExit:\n    pass\n"
-        "heavy = ('torch', 'onnxruntime', 'sympy', 'pydantic', 'onnx_ir')\n"
+        "heavy = ('torch', 'onnxruntime', 'sympy', 'pydantic', 'onnx_ir', 'onnx', 'ml_dtypes')\n"
         "print(sorted(m for m in heavy if type(sys.modules.get(m)).__name__ == 'module'))"
     )
     argv = [str(src), "-o", str(tmp_path / "f.onnx"), "--no-verify", "-q"]

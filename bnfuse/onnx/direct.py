@@ -39,8 +39,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-import onnx
-from onnx import TensorProto
 
 from bnfuse import fold, legality, outputs
 from bnfuse.onnx import validate
@@ -57,6 +55,7 @@ from bnfuse.onnx.ops import (
     is_batchnorm,
     op_name,
 )
+from bnfuse.onnx.proto import AttributeProto, ModelProto, TensorProto, ValueInfoProto, knows_opset
 from bnfuse.result import Candidate, Skip
 
 T = TypeVar("T")
@@ -76,7 +75,7 @@ class _NotDirect(Exception):
 class Fused:
     """The fused ModelProto and what the full path would report of it."""
 
-    proto: Any  # onnx.ModelProto
+    proto: Any  # ModelProto
     candidates: list[Candidate]
     ops_before: Counter[str]
     ops_after: Counter[str]
@@ -88,7 +87,7 @@ def fuse(path: Path, size_limit: int, *, rewrite: bool = True) -> Fused | None:
     try:
         if path.suffix.lower() != ".onnx" or path.stat().st_size >= size_limit:
             return None
-        proto = onnx.ModelProto.FromString(path.read_bytes())
+        proto = ModelProto.FromString(path.read_bytes())
         return _Direct(proto, path).fuse(rewrite)
     except _NotDirect:
         return None
@@ -170,14 +169,13 @@ class _Direct:
     def _check(self) -> None:
         model = self.proto
         graph = model.graph
-        newest = onnx.defs.onnx_opset_version()
         versions = {o.domain: o.version for o in model.opset_import}
         default = versions.get("", versions.get("ai.onnx"))
-        _require(model.ir_version >= 4 and default is not None and 0 < default <= newest)
+        _require(model.ir_version >= 4 and default is not None and knows_opset(default))
         _require(not model.functions and not model.training_info)
         validate.check_model(model, self.path)  # raises: the full path says it better
         for tensor in graph.initializer:
-            _require(tensor.data_location != onnx.TensorProto.EXTERNAL)
+            _require(tensor.data_location != TensorProto.EXTERNAL)
             _require(not tensor.external_data)
             self.inits[tensor.name] = tensor
             self.arrays[tensor.name] = _need(raw_array(tensor))
@@ -187,7 +185,7 @@ class _Direct:
         known = inputs | self.inits.keys()
         for node in graph.node:
             for attr in node.attribute:
-                _require(attr.type not in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS))
+                _require(attr.type not in (AttributeProto.GRAPH, AttributeProto.GRAPHS))
                 _require(not attr.HasField("t") or not attr.t.external_data)
                 _require(all(not t.external_data for t in attr.tensors))
             _require(all(i in known for i in node.input if i))
@@ -242,10 +240,10 @@ class _Direct:
         eps = 1e-5
         for attr in bn.attribute:
             if attr.name == "epsilon":
-                _require(attr.type == onnx.AttributeProto.FLOAT)
+                _require(attr.type == AttributeProto.FLOAT)
                 eps = attr.f
             elif attr.name in _BN_PLAIN:
-                _require(attr.type == onnx.AttributeProto.INT and attr.i == _BN_PLAIN[attr.name])
+                _require(attr.type == AttributeProto.INT and attr.i == _BN_PLAIN[attr.name])
             else:
                 _require(attr.name in ("momentum", "consumed_inputs"))
         _require(all(not self.readers.get(o) and o not in self.outputs for o in bn.output[1:]))
@@ -496,7 +494,7 @@ def _need(value: T | None) -> T:
 def _int_attr(node: Any, name: str, default: int) -> int:
     for attr in node.attribute:
         if attr.name == name:
-            _require(attr.type == onnx.AttributeProto.INT)
+            _require(attr.type == AttributeProto.INT)
             return int(attr.i)
     return default
 
@@ -526,9 +524,9 @@ def _fill(tensor: Any, name: str, array: np.ndarray[Any, Any], data_type: int) -
     tensor.raw_data = np.ascontiguousarray(array).tobytes()
 
 
-def _init_info(tensor: onnx.TensorProto) -> Any:
+def _init_info(tensor: TensorProto) -> Any:
     """The value_info onnx-ir writes for an initializer: its type and shape."""
-    info = onnx.ValueInfoProto(name=tensor.name)
+    info = ValueInfoProto(name=tensor.name)
     tensor_type = info.type.tensor_type
     tensor_type.elem_type = tensor.data_type
     tensor_type.shape.SetInParent()  # a scalar has a shape, with no dims

@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnx
-from onnx import TensorProto, helper
 
 from bnfuse.onnx import wire
+from bnfuse.onnx.proto import ModelProto, TensorProto
 
 LITTLE_ENDIAN = sys.byteorder == "little"  # ONNX stores raw data little-endian
 # Protobuf cannot serialise a message of 2 GiB or more; keep a margin for the graph itself.
@@ -57,12 +56,40 @@ MAPPABLE: dict[int, int] = {
 }
 
 
+# The element types numpy has of its own, as onnx.helper.tensor_dtype_to_np_dtype maps them.
+_NATIVE: dict[int, np.dtype[Any]] = {
+    TensorProto.FLOAT: np.dtype(np.float32),
+    TensorProto.DOUBLE: np.dtype(np.float64),
+    TensorProto.FLOAT16: np.dtype(np.float16),
+    TensorProto.INT8: np.dtype(np.int8),
+    TensorProto.UINT8: np.dtype(np.uint8),
+    TensorProto.INT16: np.dtype(np.int16),
+    TensorProto.UINT16: np.dtype(np.uint16),
+    TensorProto.INT32: np.dtype(np.int32),
+    TensorProto.UINT32: np.dtype(np.uint32),
+    TensorProto.INT64: np.dtype(np.int64),
+    TensorProto.UINT64: np.dtype(np.uint64),
+}
+
+
 def numpy_dtype(data_type: int) -> np.dtype[Any]:
     """The numpy dtype of an ONNX element type (bfloat16: ml_dtypes')."""
+    native = _NATIVE.get(data_type)
+    if native is not None:
+        return native
+    from onnx import helper  # bfloat16, float8...: onnx's table (and ml_dtypes) on first use
+
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
 
 
-_NUMPY = {t: numpy_dtype(t).newbyteorder("<") for t in MAPPABLE}  # raw data is little-endian
+_RAW: dict[int, np.dtype[Any]] = {}  # MAPPABLE's dtypes, little-endian as raw data is
+
+
+def _raw_dtype(data_type: int) -> np.dtype[Any] | None:
+    dtype = _RAW.get(data_type)
+    if dtype is None and data_type in MAPPABLE:
+        dtype = _RAW[data_type] = numpy_dtype(data_type).newbyteorder("<")
+    return dtype
 
 
 def whole_file_limit() -> int:
@@ -80,7 +107,7 @@ def raw_array(tensor: TensorProto) -> npt.NDArray[Any] | None:
     writing alike. None for other types, other fields, big-endian hosts, and
     data that does not fill the tensor's shape (onnx-ir then says why).
     """
-    dtype = _NUMPY.get(tensor.data_type)
+    dtype = _raw_dtype(tensor.data_type)
     if dtype is None or not LITTLE_ENDIAN or not tensor.HasField("raw_data"):
         return None
     dims = tuple(tensor.dims)
@@ -102,6 +129,8 @@ def light_proto(path: Path) -> Any:
     once where the outer levels are malformed, without reading the rest (a
     corrupt 3 GB file is refused in milliseconds, not after reading it whole).
     """
+    import onnx.serialization  # the full path's: onnx-ir imports onnx anyway
+
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
     if fmt not in (None, "protobuf") or not LITTLE_ENDIAN or not hasattr(os, "pread"):
         return None  # text formats; big-endian hosts; no pread (Windows): protobuf reads it
@@ -134,7 +163,7 @@ def light_proto(path: Path) -> Any:
         part if part is not None else wire.len_prefix(7, len(graph_bytes)) + graph_bytes
         for part in model_parts
     )
-    return onnx.ModelProto.FromString(model_bytes)
+    return ModelProto.FromString(model_bytes)
 
 
 def _light_tensor(buf: wire.FileBytes, field: wire.Field) -> bytes | None:
@@ -151,11 +180,11 @@ def _light_tensor(buf: wire.FileBytes, field: wire.Field) -> bytes | None:
     length = raw.end - raw.value_start if raw is not None else 0
     if raw is None or length < THRESHOLD:
         return None
-    tensor = onnx.TensorProto.FromString(b"".join(header))
+    tensor = TensorProto.FromString(b"".join(header))
     count = int(np.prod(list(tensor.dims), dtype=np.int64))
     if tensor.data_type not in MAPPABLE or count * MAPPABLE[tensor.data_type] != length:
         return None  # kept inline; the load's checks say what is wrong with it
-    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.data_location = TensorProto.EXTERNAL
     for key, value in (("location", INLINE), ("offset", raw.value_start), ("length", length)):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, str(value)

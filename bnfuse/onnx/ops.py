@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from onnx import TensorProto
+from bnfuse.onnx.proto import TensorProto
 
 # The default ONNX domain, as models spell it.
 DEFAULT_DOMAINS = ("", "ai.onnx")

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import onnx
-from onnx import TensorProto
+from typing import TYPE_CHECKING, Any
 
 from bnfuse.errors import InputError
+from bnfuse.onnx.proto import ModelProto, TensorProto
+
+if TYPE_CHECKING:
+    from onnx import GraphProto, NodeProto
 
 # The typed field each element type keeps its values in, when not in raw_data.
 _INT32_TYPES = {
@@ -39,7 +40,7 @@ _FIELDS = {
 _KNOWN_TYPES = set(TensorProto.DataType.values())
 
 
-def check_model(proto: onnx.ModelProto, path: Path) -> None:
+def check_model(proto: ModelProto, path: Path) -> None:
     """Raise InputError for the first thing onnx-ir would read wrongly or not at all."""
     _check_graph(proto.graph, path, outer=set())
     for function in proto.functions:
@@ -47,7 +48,7 @@ def check_model(proto: onnx.ModelProto, path: Path) -> None:
             _check_node_tensors(node, path)
 
 
-def _check_graph(graph: onnx.GraphProto, path: Path, outer: set[str]) -> None:
+def _check_graph(graph: GraphProto, path: Path, outer: set[str]) -> None:
     where = f"graph '{graph.name}'" if graph.name else "the graph"
     if len(graph.sparse_initializer):
         name = graph.sparse_initializer[0].values.name
@@ -79,13 +80,13 @@ def _check_graph(graph: onnx.GraphProto, path: Path, outer: set[str]) -> None:
         names.update(node.output)
 
 
-def _subgraphs(attr: Any) -> Iterator[onnx.GraphProto]:
+def _subgraphs(attr: Any) -> Iterator[GraphProto]:
     if attr.HasField("g"):
         yield attr.g
     yield from attr.graphs
 
 
-def all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+def all_tensors(graph: GraphProto) -> Iterator[TensorProto]:
     """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
     yield from graph.initializer
     for node in graph.node:
@@ -97,7 +98,7 @@ def all_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
                 yield from all_tensors(sub)
 
 
-def _check_node_tensors(node: onnx.NodeProto, path: Path) -> None:
+def _check_node_tensors(node: NodeProto, path: Path) -> None:
     for attr in node.attribute:
         if attr.HasField("t"):
             _check_tensor(attr.t, path, f"the tensor of node '{node.name or node.op_type}'")
