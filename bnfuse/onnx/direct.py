@@ -136,8 +136,8 @@ class _Direct:
     arrays: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
 
     def fuse(self, rewrite: bool = True) -> Fused:
-        self._check()
         self._index()
+        self._check()
         graph = self.proto.graph
         name = graph.name or "main"
         ops_before = Counter(op_name(n) for n in graph.node)
@@ -174,11 +174,14 @@ class _Direct:
         _require(model.ir_version >= 4 and default is not None and knows_opset(default))
         _require(not model.functions and not model.training_info)
         validate.check_model(model, self.path)  # raises: the full path says it better
+        folds_read = self._fold_inputs()
         for tensor in graph.initializer:
             _require(tensor.data_location != TensorProto.EXTERNAL)
             _require(not tensor.external_data)
             self.inits[tensor.name] = tensor
-            self.arrays[tensor.name] = _need(raw_array(tensor))
+            array = _need(raw_array(tensor))  # every one must read as the full path reads it
+            if tensor.name in folds_read:  # the others' copies go at once, to be reused
+                self.arrays[tensor.name] = array
         _require(len(self.inits) == len(graph.initializer))
         inputs = {v.name for v in graph.input}
         _require(not inputs & self.inits.keys())  # an initializer a caller may override
@@ -196,6 +199,17 @@ class _Direct:
         _require(all(v.name in known for v in graph.output) and not graph.quantization_annotation)
         infos = [v.name for v in graph.value_info]  # onnx-ir keeps those of node outputs only
         _require(len(set(infos)) == len(infos) and set(infos) <= known - inputs - self.inits.keys())
+
+    def _fold_inputs(self) -> set[str]:
+        """What a fold may read: each BatchNorm's parameters, its layer's weight and bias."""
+        names: set[str] = set()
+        for node in self.proto.graph.node:
+            if is_batchnorm(node):
+                names.update(node.input[1:])
+                layer = self.producer.get(node.input[0]) if node.input else None
+                if layer is not None and layer.op_type in _LAYERS:
+                    names.update(layer.input[1:3])
+        return names
 
     def _index(self) -> None:
         graph = self.proto.graph
