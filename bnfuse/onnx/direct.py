@@ -88,6 +88,7 @@ def fuse(path: Path, size_limit: int, *, rewrite: bool = True) -> Fused | None:
         if path.suffix.lower() != ".onnx" or path.stat().st_size >= size_limit:
             return None
         proto = ModelProto.FromString(path.read_bytes())
+        proto.DiscardUnknownFields()  # fields this onnx does not define: onnx-ir drops them too
         return _Direct(proto, path).fuse(rewrite)
     except _NotDirect:
         return None

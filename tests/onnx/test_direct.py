@@ -228,6 +228,33 @@ def test_a_faulty_model_gets_the_full_paths_error(tmp_path: Path, fault: str) ->
     assert not (tmp_path / "f.onnx").exists()
 
 
+def _with_unknown_field(model: onnx.ModelProto, where: str) -> bytes:
+    """The model's bytes with a field this onnx does not define, in the model or its graph (as a
+    newer onnx's model reads here): number 99 on the model, reserved number 3 on the graph."""
+    from bnfuse.onnx import wire
+
+    if where == "model":
+        return model.SerializeToString() + wire.encode_varint(99 << 3) + wire.encode_varint(7)
+    graph = model.graph.SerializeToString() + wire.encode_varint(3 << 3) + wire.encode_varint(5)
+    outer = onnx.ModelProto()
+    outer.CopyFrom(model)
+    outer.ClearField("graph")
+    head = outer.SerializeToString()
+    cut = wire.split_at(head, 7)
+    return head[:cut] + wire.len_prefix(7, len(graph)) + graph + head[cut:]
+
+
+@pytest.mark.parametrize("where", ["model", "graph"])
+def test_fields_onnx_does_not_know_are_dropped_as_by_the_full_path(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnx-ir drops a field onnx does not define; the direct path must write what it writes."""
+    src = tmp_path / "m.onnx"
+    src.write_bytes(_with_unknown_field(models.layer_bn("Conv"), where))
+    assert takes(src)
+    assert_same_as_full_path(src, tmp_path, monkeypatch)
+
+
 def test_the_folded_weights_are_the_exact_fold_rounded_once(tmp_path: Path) -> None:
     """Independent of both paths: the float64 formula, rounded to fp16 once."""
     src = tmp_path / "m.onnx"
