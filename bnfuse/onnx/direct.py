@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from bnfuse import fold, legality, outputs
-from bnfuse.onnx import validate
+from bnfuse.onnx import validate, wire
 from bnfuse.onnx.light import numpy_dtype, raw_array
 from bnfuse.onnx.ops import (
     DEFAULT_DOMAINS,
@@ -73,12 +73,18 @@ class _NotDirect(Exception):
 
 @dataclass
 class Fused:
-    """The fused ModelProto and what the full path would report of it."""
+    """The fused ModelProto and what the full path would report of it.
+
+    The folded weights are not in the message: ``weights`` holds them by initializer
+    name, each written from its array by ``save`` (copying them into the message, then
+    serialising it whole, took longer than the fold itself on a 24 MB model).
+    """
 
     proto: Any  # ModelProto
     candidates: list[Candidate]
     ops_before: Counter[str]
     ops_after: Counter[str]
+    weights: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
 
 
 def fuse(path: Path, size_limit: int, *, rewrite: bool = True) -> Fused | None:
@@ -99,13 +105,17 @@ def fuse(path: Path, size_limit: int, *, rewrite: bool = True) -> Fused | None:
 
 
 def save(fused: Fused, output: Path, *, force: bool = False) -> list[Path]:
-    """Write the fused model by bnfuse.outputs' rules (staged, then published whole)."""
+    """Write the fused model by bnfuse.outputs' rules (staged, then published whole).
+
+    Once only: the message gives up its initializers on the way (_serialized).
+    """
 
     def write(tmpdir: Path) -> outputs.Staged:
         staged = tmpdir / output.name
         fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            outputs.write_all(fd, fused.proto.SerializeToString())
+            for piece in _serialized(fused):
+                outputs.write_all(fd, piece)
         finally:
             os.close(fd)
         return [(staged, output)]
@@ -115,6 +125,38 @@ def save(fused: Fused, output: Path, *, force: bool = False) -> list[Path]:
     except OSError as exc:
         raise outputs.write_error(output, exc) from exc
     return [output]
+
+
+def _serialized(fused: Fused) -> list[bytes | memoryview]:
+    """The model's bytes as ``SerializeToString`` lays them out, in pieces.
+
+    Each initializer is serialised on its own, a folded weight from its array:
+    its message holds name, dims and type (fields 8, 1, 2), and its raw_data
+    (field 9) comes last. The graph and the model around them are serialised
+    without them (which takes them out of the message) and cut where their
+    initializers (graph field 5) and graph (model field 7) go, as
+    bnfuse.onnx.io._write_inline lays out the full path's.
+    """
+    proto = fused.proto
+    pieces: list[bytes | memoryview] = []
+    for tensor in proto.graph.initializer:
+        head = tensor.SerializeToString()
+        array = fused.weights.get(tensor.name)
+        if array is None:
+            pieces += [wire.len_prefix(5, len(head)), head]
+            continue
+        data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data  # little-endian
+        raw = wire.len_prefix(9, len(data))
+        pieces += [wire.len_prefix(5, len(head) + len(raw) + len(data)), head, raw, data]
+    proto.graph.ClearField("initializer")
+    graph = proto.graph.SerializeToString()
+    cut = wire.split_at(graph, 5)
+    pieces = [graph[:cut], *pieces, graph[cut:]]
+    proto.ClearField("graph")
+    outer = proto.SerializeToString()
+    cut = wire.split_at(outer, 7)
+    size = sum(len(piece) for piece in pieces)
+    return [outer[:cut] + wire.len_prefix(7, size), *pieces, outer[cut:]]
 
 
 @dataclass
@@ -135,6 +177,7 @@ class _Direct:
     readers: dict[str, list[Any]] = field(default_factory=dict)  # one entry per input slot
     outputs: set[str] = field(default_factory=set)
     arrays: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    weights: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)  # folded, by name
 
     def fuse(self, rewrite: bool = True) -> Fused:
         self._index()
@@ -152,7 +195,7 @@ class _Direct:
         if rewrite:
             self._rewrite(plans)
         ops_after = ops_before - Counter({"BatchNormalization": len(plans)})
-        return Fused(self.proto, folded + skipped, ops_before, ops_after)
+        return Fused(self.proto, folded + skipped, ops_before, ops_after, self.weights)
 
     def _after_layer(self, bn: Any, producer: dict[str, Any]) -> bool:
         """True for a BatchNorm right after a Conv/ConvTranspose; False for one after no
@@ -414,11 +457,11 @@ class _Direct:
             where it stands, under its name; otherwise a new one goes after the others."""
             old = node.input[index] if index < len(node.input) and node.input[index] else None
             if old is not None and old in self.inits and uses[old] == 1 and old not in self.outputs:
-                _fill(self.inits[old], old, array, data_type)
+                self._fill(self.inits[old], old, array, data_type)
                 return None
             base = old if old is not None else f"{node.name or node.op_type}.{what}"
             name = names.fresh(f"{base}_bnfused")
-            _fill(graph.initializer.add(), name, array, data_type)
+            self._fill(graph.initializer.add(), name, array, data_type)
             while len(node.input) <= index:
                 node.input.append("")
             node.input[index] = name
@@ -466,6 +509,16 @@ class _Direct:
         del graph.value_info[:]
         graph.value_info.extend(value_info)
         _as_onnx_ir_writes(self.proto)
+
+    def _fill(self, tensor: Any, name: str, array: np.ndarray[Any, Any], data_type: int) -> None:
+        """``tensor`` as onnx-ir writes an in-memory tensor: a name, dims, the element type and
+        the raw little-endian bytes, nothing else (a rewritten initializer keeps no old
+        field). The bytes stay in ``array`` until saved (_serialized)."""
+        tensor.Clear()
+        tensor.name = name
+        tensor.dims.extend(array.shape)
+        tensor.data_type = data_type
+        self.weights[name] = array
 
     def _infos(self, plans: list[_Plan]) -> dict[str, Any]:
         """The value_info of node outputs after the fold, as onnx-ir writes them: the
@@ -527,16 +580,6 @@ def _layer_operand(node: Any, producer: dict[str, Any]) -> tuple[Any, str]:
             other = node.input[1 - index] if len(node.input) > 1 - index else ""
             return layer, other
     return None, ""
-
-
-def _fill(tensor: Any, name: str, array: np.ndarray[Any, Any], data_type: int) -> None:
-    """``tensor`` as onnx-ir writes an in-memory tensor: a name, dims, the element type and
-    the raw little-endian bytes, nothing else (a rewritten initializer keeps no old field)."""
-    tensor.Clear()
-    tensor.name = name
-    tensor.dims.extend(array.shape)
-    tensor.data_type = data_type
-    tensor.raw_data = np.ascontiguousarray(array).tobytes()
 
 
 def _init_info(tensor: TensorProto) -> Any:
