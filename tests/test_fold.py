@@ -49,3 +49,45 @@ def test_peak_per_channel_matches_abs_max(dtype: type, axis: int, groups: int) -
         g = a.reshape(groups, 2, 6, 3, 3)
         expected = np.moveaxis(g, 2, 1).reshape(groups * 6, -1).max(axis=1)
     assert np.array_equal(fold.max_abs_per_channel(w, axis, groups), expected)
+
+
+def _wide_values(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Normal values over 26 decades, with a NaN, both infinities, zeros of both signs."""
+    values = rng.normal(0, 1, shape) * 10.0 ** rng.uniform(-13, 13, shape)
+    flat = values.reshape(-1)
+    flat[:5] = [np.nan, np.inf, -np.inf, 0.0, -0.0]
+    return values
+
+
+@pytest.mark.parametrize(
+    ("weight_dtype", "dtype"),
+    [(np.float16, np.float16), (np.float32, np.float32), (np.float64, np.float64),
+     (np.float16, np.float32), (np.float32, np.float16)],
+    ids=["fp16", "fp32", "fp64", "fp16-into-fp32", "fp32-into-fp16"],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    ("shape", "axis", "groups"),
+    [((37, 5, 3, 3), 0, 1), ((37, 5, 3, 3), 1, 1), ((8, 5, 3, 3), 1, 4), ((300, 7), 0, 1),
+     ((7, 300), 1, 1), ((600, 1000), 0, 1)],
+    ids=["conv", "convtranspose", "convtranspose_g4", "gemm_transb", "matmul", "large"],
+)  # fmt: skip
+def test_one_pass_fold_has_the_bits_of_round_to(
+    weight_dtype: type, dtype: type, shape: tuple[int, ...], axis: int, groups: int
+) -> None:
+    """Widen, scale and round in one numpy multiply: the bits of fold_weight then round_to,
+    overflow to inf, subnormals, NaN and signed zeros included."""
+    rng = np.random.default_rng(11)
+    with np.errstate(over="ignore"):
+        w = _wide_values(rng, shape).astype(weight_dtype)
+    channels = shape[axis] * (groups if axis == 1 else 1)
+    decades = {np.float16: 9, np.float32: 45, np.float64: 300}[dtype]  # past both ends
+    scale = 10.0 ** rng.uniform(-decades, decades, channels) * rng.choice([-1.0, 1.0], channels)
+    scale[0], scale[-1] = 10.0**-decades, -(10.0**decades)
+    with np.errstate(over="ignore"):  # fp64 products past float64 itself: inf either way
+        expected = fold.round_to(fold.fold_weight(w, scale, axis, groups), dtype)
+    got = fold.fold_weight_rounded(w, scale, axis, groups, dtype)
+    assert got.dtype == expected.dtype == np.dtype(dtype)
+    assert np.array_equal(got.view(np.uint8), expected.view(np.uint8))
+    magnitude = np.abs(got[np.isfinite(got)])
+    subnormal = (magnitude > 0) & (magnitude < np.finfo(dtype).tiny)
+    assert np.isinf(got).any() and (got == 0).any() and subnormal.any()  # extremes reached
