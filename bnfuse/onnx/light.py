@@ -150,12 +150,15 @@ def light_proto(path: Path) -> Any:
         if graph_field is None:
             return None
         graph_parts: list[bytes] = []
+        kept = graph_field.value_start  # where the run of fields kept as they are began
         for f in wire.fields(buf, graph_field.value_start, graph_field.end):
-            light = _light_tensor(buf, f) if f.number == 5 and f.wire_type == wire.LEN else None
-            if light is None:
-                graph_parts.append(buf[f.start : f.end])
-            else:  # GraphProto.initializer, its raw_data replaced by a reference
-                graph_parts += [wire.len_prefix(5, len(light)), light]
+            # GraphProto.initializer, large enough to hold a large weight
+            if f.number == 5 and f.wire_type == wire.LEN and f.end - f.value_start > THRESHOLD:
+                light = _light_tensor(buf, f)
+                if light is not None:  # its raw_data replaced by a reference
+                    graph_parts += [buf[kept : f.start], wire.len_prefix(5, len(light)), light]
+                    kept = f.end
+        graph_parts.append(buf[kept : graph_field.end])  # one read per run, not per field
     finally:
         os.close(fd)
     graph_bytes = b"".join(graph_parts)
@@ -181,7 +184,7 @@ def _light_tensor(buf: wire.FileBytes, field: wire.Field) -> bytes | None:
     if raw is None or length < THRESHOLD:
         return None
     tensor = TensorProto.FromString(b"".join(header))
-    count = int(np.prod(list(tensor.dims), dtype=np.int64))
+    count = math.prod(tensor.dims)
     if tensor.data_type not in MAPPABLE or count * MAPPABLE[tensor.data_type] != length:
         return None  # kept inline; the load's checks say what is wrong with it
     tensor.data_location = TensorProto.EXTERNAL
