@@ -7,7 +7,11 @@ else in the run: on a graph of 3,000 nodes, 0.4 s to build and 0.3 s to
 serialise, where protobuf parses and serialises the same file in 0.02 s. Here
 the parsed ModelProto is indexed by name, each fold is decided by
 bnfuse.legality as on every other path and computed by bnfuse.fold, and the
-ModelProto is edited in place and serialised once.
+ModelProto is edited in place; the folded weights stay in their arrays and
+are written from them, the rest of the model serialised piece by piece
+around them (``save``). Fields this onnx does not define are dropped, as
+onnx-ir drops them; the onnx package itself is never imported
+(bnfuse.onnx.proto).
 
 ``fuse`` takes a model only where it is sure to do what the full path
 (io.load -> match.find -> rewrite -> io.save) does:
