@@ -136,10 +136,9 @@ def _serialized(fused: Fused) -> list[bytes | memoryview]:
 
     Each initializer is serialised on its own, a folded weight from its array:
     its message holds name, dims and type (fields 8, 1, 2), and its raw_data
-    (field 9) comes last. The graph and the model around them are serialised
-    without them (which takes them out of the message) and cut where their
-    initializers (graph field 5) and graph (model field 7) go, as
-    bnfuse.onnx.io._write_inline lays out the full path's.
+    (field 9) comes last. wire.around_initializers puts the graph and the model
+    around them (and takes them out of the message), as for the full path's
+    inline writer (bnfuse.onnx.io._write_inline).
     """
     proto = fused.proto
     pieces: list[bytes | memoryview] = []
@@ -152,15 +151,7 @@ def _serialized(fused: Fused) -> list[bytes | memoryview]:
         data = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data  # little-endian
         raw = wire.len_prefix(9, len(data))
         pieces += [wire.len_prefix(5, len(head) + len(raw) + len(data)), head, raw, data]
-    proto.graph.ClearField("initializer")
-    graph = proto.graph.SerializeToString()
-    cut = wire.split_at(graph, 5)
-    pieces = [graph[:cut], *pieces, graph[cut:]]
-    proto.ClearField("graph")
-    outer = proto.SerializeToString()
-    cut = wire.split_at(outer, 7)
-    size = sum(len(piece) for piece in pieces)
-    return [outer[:cut] + wire.len_prefix(7, size), *pieces, outer[cut:]]
+    return wire.around_initializers(proto, pieces, len)
 
 
 @dataclass

@@ -465,15 +465,11 @@ def _write_inline(model: ir.Model, path: Path) -> None:
         else:
             blob = tensor.SerializeToString()
             pieces.append(wire.len_prefix(5, len(blob)) + blob)
-    proto.graph.ClearField("initializer")
-    graph = proto.graph.SerializeToString()
-    cut = wire.split_at(graph, 5)
-    pieces = [graph[:cut], *pieces, graph[cut:]]
-    proto.ClearField("graph")
-    outer = proto.SerializeToString()
-    cut = wire.split_at(outer, 7)
-    size = sum(nbytes(p.tensor) if isinstance(p, _Streamed) else len(p) for p in pieces)
-    _write_file(path, [outer[:cut] + wire.len_prefix(7, size), *pieces, outer[cut:]])
+    _write_file(path, wire.around_initializers(proto, pieces, _length))
+
+
+def _length(piece: bytes | _Streamed) -> int:
+    return nbytes(piece.tensor) if isinstance(piece, _Streamed) else len(piece)
 
 
 def _write_external(model: ir.Model, path: Path, data_path: Path, location: str) -> bool:

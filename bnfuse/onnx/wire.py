@@ -18,8 +18,8 @@ number) when writing, so the bytes are those SerializeToString would give.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import NamedTuple, overload
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple, TypeVar, overload
 
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
 
@@ -140,3 +140,25 @@ def split_at(message: bytes, number: int) -> int:
         if field.number > number:
             return field.start
     return len(message)
+
+
+Piece = TypeVar("Piece")
+
+
+def around_initializers(
+    model: Any, initializers: list[Piece], length: Callable[[bytes | Piece], int]
+) -> list[bytes | Piece]:
+    """A ModelProto's bytes with its graph's initializers given apart, as ``initializers``
+    (already serialised, each with its GraphProto field 5 tag; ``length`` tells any piece's
+    size): the graph and the model are serialised without them, which takes them out of
+    the message, and cut where the initializers (GraphProto field 5) and the graph
+    (ModelProto field 7) go, as protobuf orders fields by number."""
+    model.graph.ClearField("initializer")
+    graph = model.graph.SerializeToString()
+    cut = split_at(graph, 5)
+    inner: list[bytes | Piece] = [graph[:cut], *initializers, graph[cut:]]
+    model.ClearField("graph")
+    outer = model.SerializeToString()
+    cut = split_at(outer, 7)
+    size = sum(length(piece) for piece in inner)
+    return [outer[:cut] + len_prefix(7, size), *inner, outer[cut:]]
