@@ -183,6 +183,17 @@ def _progress(quiet: bool) -> Iterator[Step | None]:
         yield on_step
 
 
+def _print(text: str, nl: bool = True) -> None:
+    """A line of the summary on standard output; a reader that has gone changes nothing
+    (bnfuse.report.terminal.reader_left)."""
+    try:
+        typer.echo(text, nl=nl)
+    except BrokenPipeError:
+        from bnfuse.report.terminal import reader_left
+
+        reader_left()
+
+
 def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool, force: bool) -> None:
     from bnfuse.report.batch import print_batch_summary, write_batch_reports
 
@@ -194,7 +205,7 @@ def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool, force: 
     if quiet:
         from bnfuse.report.line import batch_line
 
-        typer.echo(batch_line(result))
+        _print(batch_line(result))
     else:
         from bnfuse.report.terminal import console as terminal_console
 
@@ -225,7 +236,7 @@ def _finish(
     if quiet:
         from bnfuse.report.line import one_line
 
-        typer.echo(one_line(fusion, verification))
+        _print(one_line(fusion, verification))
     else:
         from bnfuse.report.terminal import console as terminal_console
         from bnfuse.report.terminal import print_fuse_summary, print_verify_summary
@@ -517,7 +528,7 @@ def inspect_command(
     if json_out:
         from bnfuse.report.json_report import render_inspect
 
-        typer.echo(render_inspect(result), nl=False)
+        _print(render_inspect(result), nl=False)
         return
     from bnfuse.report.terminal import console as terminal_console
     from bnfuse.report.terminal import print_inspect

@@ -336,3 +336,68 @@ def test_several_inputs_without_output_say_batch_needs_a_folder(
 ) -> None:
     code, _, err = run_cli([str(model_path), str(model_path.with_name("gemm.onnx"))], capsys)
     assert code == 2 and "needs -o DIR" in err
+
+
+def _with_reader_gone(argv: list[str], in_process: bool) -> subprocess.CompletedProcess[str]:
+    """bnfuse with standard output a pipe whose reader has already gone, as `| head -0`
+    leaves it: every write to it fails (EPIPE)."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {**os.environ, "BNFUSE_IN_PROCESS": "1" if in_process else ""}
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "bnfuse", *argv], stdout=write, stderr=subprocess.PIPE,
+            text=True, env=env, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+
+
+def _perturbed(src: Path, fused: Path, bad: Path) -> None:
+    """``fused`` with one weight moved by 0.5: a fusion verification must fail."""
+    import bnfuse
+
+    bnfuse.fuse(src, fused)
+    model = onnx.load(str(fused))
+    weight = next(t for t in model.graph.initializer if t.name == "layer.W")
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 0.5
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, bad)
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["supervised", "in-process"])
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [("fuse", 0), ("fuse-quiet", 0), ("fuse-report", 0), ("inspect", 0), ("inspect-json", 0),
+     ("batch", 0), ("verify-fails", 1)],
+)  # fmt: skip
+def test_a_reader_that_leaves_early_changes_no_outcome(
+    case: str, code: int, in_process: bool, tmp_path: Path
+) -> None:
+    """`bnfuse ... | head -1` under `set -o pipefail`: the exit code is the run's (0 for a
+    pass, 1 for a failed verification), never click's or rich's 1 for a closed pipe or an
+    error, and the run writes all it was asked to."""
+    src = tmp_path / "m.onnx"
+    onnx.save(layer_bn("Conv"), src)
+    out, report = tmp_path / "f.onnx", tmp_path / "r.json"
+    argv = {
+        "fuse": [str(src), "-o", str(out)],
+        "fuse-quiet": [str(src), "-o", str(out), "-q"],
+        "fuse-report": [str(src), "-o", str(out), "--report", str(report)],
+        "inspect": ["inspect", str(src)],
+        "inspect-json": ["inspect", str(src), "--json"],
+        "batch": [str(src), str(SAMPLES / "conv2d_bn.onnx"), "-o", f"{tmp_path / 'out'}/"],
+        "verify-fails": ["verify", str(src), str(tmp_path / "bad.onnx")],
+    }[case]
+    if case == "verify-fails":
+        _perturbed(src, tmp_path / "good.onnx", tmp_path / "bad.onnx")
+    proc = _with_reader_gone(argv, in_process)
+    assert proc.returncode == code, proc.stderr
+    assert "error" not in proc.stderr
+    if case.startswith("fuse"):
+        assert onnx.load(str(out)).graph.node[0].op_type == "Conv"
+    if case == "fuse-report":
+        assert json.loads(report.read_text())["passed"] is True
+    if case == "batch":
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["conv2d_bn.onnx", "m.onnx"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
@@ -15,13 +18,32 @@ _MAX_LISTED = 10
 UNBOUNDED = 100_000
 
 
+def reader_left() -> None:
+    """Standard output's reader has gone (``bnfuse ... | head`` closes the pipe early).
+
+    What is left to print goes nowhere, and the run goes on to the exit code its
+    outcome gives: the model is written and judged whatever was read of the summary.
+    (Python's own advice exits 1, and click and rich do: to bnfuse, 1 means a failed
+    verification.)
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich's own exits 1
+        self.quiet = True
+        reader_left()
+
+
 def console(*, stderr: bool = False) -> Console:
     """A console for bnfuse's output: the terminal's width at a terminal, else unbounded."""
-    import sys
-
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() else UNBOUNDED
-    return Console(soft_wrap=True, stderr=stderr, width=width)
+    return _Console(soft_wrap=True, stderr=stderr, width=width)
 
 
 def print_fuse_summary(result: FuseResult, console: Console) -> None:
