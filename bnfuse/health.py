@@ -13,12 +13,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from bnfuse.fold import Array
+from bnfuse.fold import Array, largest
 
 TINY_VARIANCE = 1e-5
 DEAD_GAMMA = 1e-6
@@ -90,7 +89,10 @@ def bn_health(
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = np.abs(g) / np.sqrt(denom)
     finite = scale[np.isfinite(scale)]
-    dtype_name, dtype_max = _range(np.dtype(dtype)) if dtype is not None else (None, None)
+    dtype_name, dtype_max = None, None
+    if dtype is not None:
+        dt = np.dtype(dtype)
+        dtype_name, dtype_max = dt.name, largest(dt)
     return BNHealth(
         channels=int(mu.shape[0]),
         never_updated=bool(not mu.any() and (v == 1).all()),
@@ -101,19 +103,3 @@ def bn_health(
         dtype=dtype_name,
         dtype_max=dtype_max,
     )
-
-
-_RANGES: dict[np.dtype[Any], tuple[str, float]] = {}
-
-
-def _range(dt: np.dtype[Any]) -> tuple[str, float]:
-    """The dtype's name and largest finite value (looked up once per dtype)."""
-    if dt not in _RANGES:
-        if dt.kind == "f":  # numpy's own float types
-            peak = float(np.finfo(dt).max)
-        else:
-            import ml_dtypes  # finfo that knows bfloat16 too
-
-            peak = float(ml_dtypes.finfo(dt).max)  # type: ignore[no-untyped-call]
-        _RANGES[dt] = (dt.name, peak)
-    return _RANGES[dt]

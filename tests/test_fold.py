@@ -91,3 +91,12 @@ def test_one_pass_fold_has_the_bits_of_round_to(
     magnitude = np.abs(got[np.isfinite(got)])
     subnormal = (magnitude > 0) & (magnitude < np.finfo(dtype).tiny)
     assert np.isinf(got).any() and (got == 0).any() and subnormal.any()  # extremes reached
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.float16, np.float32, np.float64, ml_dtypes.bfloat16], ids=lambda d: d.__name__
+)
+def test_largest_is_ml_dtypes_finfo(dtype: type) -> None:
+    """numpy's finfo for its own floats, ml_dtypes' for bfloat16: the same largest value."""
+    dt = np.dtype(dtype)
+    assert fold.largest(dt) == float(ml_dtypes.finfo(dt).max)

@@ -12,13 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from bnfuse.health import _range
 from bnfuse.onnx import light, proto
 
 # After loading, the script imports onnx itself and checks that onnx still works whole:
@@ -129,12 +127,3 @@ _TYPES = sorted(
 def test_numpy_dtype_is_onnx_helpers(data_type: int) -> None:
     """light's own table for numpy's types, onnx.helper's for the rest: the same dtypes."""
     assert light.numpy_dtype(data_type) == np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
-
-
-@pytest.mark.parametrize(
-    "dtype", [np.float16, np.float32, np.float64, ml_dtypes.bfloat16], ids=lambda d: d.__name__
-)
-def test_dtype_range_is_ml_dtypes_finfo(dtype: type) -> None:
-    """numpy's finfo for its own floats, ml_dtypes' for bfloat16: the same largest value."""
-    dt = np.dtype(dtype)
-    assert _range(dt) == (dt.name, float(ml_dtypes.finfo(dt).max))
