@@ -99,6 +99,14 @@ Reports = Annotated[
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only (for CI logs).")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
+TrustPickle = Annotated[
+    bool,
+    typer.Option(
+        "--trust-pickle",
+        help="Trust the model file to run its own code: load a full torch.save pickle, and "
+        "TorchScript or .pt2 code that calls more than tensor arithmetic.",
+    ),
+]
 
 
 def _run(
@@ -286,13 +294,7 @@ def fuse_command(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Write the fused model without comparing outputs.")
     ] = False,
-    trust_pickle: Annotated[
-        bool,
-        typer.Option(
-            "--trust-pickle",
-            help="Load a full torch.save pickle; unpickling runs code stored in the file.",
-        ),
-    ] = False,
+    trust_pickle: TrustPickle = False,
     device: Device = "all",
     seed: Seed = 0,
     samples: Samples = 1,
@@ -470,6 +472,7 @@ def verify_command(
         bool, typer.Option("--force", "-f", help="Replace existing report files.")
     ] = False,
     quiet: Quiet = False,
+    trust_pickle: TrustPickle = False,
     debug: Debug = False,
 ) -> None:
     """Compare two models with the same inputs and outputs; exit 1 if any output differs.
@@ -486,7 +489,9 @@ def verify_command(
         from bnfuse.report import check_report_paths
 
         _check_reports(check_report_paths(reports), reads, force)
-        options = _verify_options(device, seed, samples, input_shape, inputs, per_layer, atol, rtol)
+        options = _verify_options(
+            device, seed, samples, input_shape, inputs, per_layer, atol, rtol, trust_pickle
+        )
         from bnfuse.verify.compare import verify_models
 
         with _progress(quiet) as on_step:
@@ -506,9 +511,7 @@ def inspect_command(
         bool, typer.Option("--json", help="Print JSON (schema bnfuse-inspect) instead of a table.")
     ] = False,
     input_shape: InputShape = None,
-    trust_pickle: Annotated[
-        bool, typer.Option("--trust-pickle", help="Load a full torch.save pickle (runs its code).")
-    ] = False,
+    trust_pickle: TrustPickle = False,
     debug: Debug = False,
 ) -> None:
     """Show every BatchNorm (and constant Mul/Add after a layer): what it reads and feeds,

@@ -12,6 +12,14 @@ member can run any code stored in it. Which ones (torch 2.13/2.14):
   whose ``serialized_*.pt`` members are loaded like sample inputs;
 - ``data/aotinductor/``: native libraries, loaded and run.
 
+Beyond pickles, the graph itself (``models/*.json``) can run code: torch
+resolves a node's target to any callable it reaches by name (``torch.os.system``
+would do), hands each symbolic expression to ``sympy.sympify`` (an ``eval``)
+and ``exec``s the guards. So every node target must be pure tensor
+arithmetic, every expression and guard must be one and nothing more
+(bnfuse.torch.allowed), and no JSON member may pass ``MAX_JSON_BYTES``
+(torch reads it whole, and a megabyte of zip can hold a gigabyte of spaces).
+
 ``check`` walks every member of the archive. A member torch reads as raw
 bytes (the weights and constants its configs list without ``use_pickle``),
 as JSON or as text is fine; a member torch would ``torch.load`` must load
@@ -34,6 +42,8 @@ from typing import Any
 
 import torch
 
+from bnfuse.torch.allowed import guard_ok, pt2_target_ok, sym_expr_ok
+
 # Members read as text or JSON, never unpickled (names below the archive's root folder).
 _TEXT = (
     "archive_format",
@@ -44,6 +54,8 @@ _TEXT = (
 )
 _TEXT_PREFIXES = ("models/", "extra/")
 _TORCH_LOADED = ("data/sample_inputs/",)
+# A JSON member torch parses whole: far beyond real graphs (30,000 nodes: about 60 MB).
+MAX_JSON_BYTES = 256 << 20
 
 
 def check(path: Path) -> str | None:
@@ -59,6 +71,17 @@ def check(path: Path) -> str | None:
             )
         root = roots.pop() + "/"
         members = {n[len(root) :]: n for n in names if not n.endswith("/")}
+        for info in archive.infolist():
+            if info.filename.endswith(".json") and info.file_size > MAX_JSON_BYTES:
+                return (
+                    f"'{info.filename[len(root) :]}' is {info.file_size / 2**20:.0f} MiB of "
+                    f"JSON, over bnfuse's bound of {MAX_JSON_BYTES >> 20} MiB"
+                )
+        for rel, name in members.items():
+            if rel.startswith("models/") and rel.endswith(".json"):
+                why = _graph(rel, archive.read(name))
+                if why is not None:
+                    return why
         raw = _raw_payloads(archive, members)
         if isinstance(raw, str):
             return raw
@@ -67,6 +90,38 @@ def check(path: Path) -> str | None:
             if why is not None:
                 return why
     return None
+
+
+def _graph(rel: str, data: bytes) -> str | None:
+    """Why the serialized program ``rel`` could call more than tensor arithmetic, or None."""
+    try:
+        program = json.loads(data)
+    except (ValueError, RecursionError):
+        return f"'{rel}' is not readable JSON"
+    if isinstance(program, dict):
+        for guard in program.get("guards_code") or []:
+            if not isinstance(guard, str) or not guard_ok(guard):
+                return f"'{rel}' has a guard that is more than a shape check: {_short(guard)}"
+    stack: list[Any] = [program]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            target = item.get("target")
+            called = "inputs" in item and target is not None
+            if called and (not isinstance(target, str) or not pt2_target_ok(target)):
+                return f"its graph calls {_short(target)}, which is not pure tensor arithmetic"
+            expr = item.get("expr_str")
+            if expr is not None and (not isinstance(expr, str) or not sym_expr_ok(expr)):
+                return f"'{rel}' has a symbolic expression that is more than one: {_short(expr)}"
+            stack.extend(item.values())
+    return None
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _raw_payloads(archive: zipfile.ZipFile, members: dict[str, str]) -> set[str] | str:

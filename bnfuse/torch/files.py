@@ -75,7 +75,7 @@ def load_exported(path: Path, trust_pickle: bool = False) -> torch.export.Export
         if why is not None:
             raise InputError(
                 f"{path}: loading this ExportedProgram would run code stored in the file ({why})",
-                hint="pass --trust-pickle if you trust it",
+                hint="pass --trust-pickle if you trust the file to run its own code",
             )
         guard = archive.guard()
     try:
@@ -87,7 +87,24 @@ def load_exported(path: Path, trust_pickle: bool = False) -> torch.export.Export
         ) from exc
 
 
-def load_script(path: Path) -> torch.jit.ScriptModule:
+def load_script(path: Path, trust: bool = False) -> torch.jit.ScriptModule:
+    """The TorchScript module in ``path``; unless ``trust``, only once its code is known
+    to call pure tensor arithmetic and to run nothing on load (bnfuse.torch.script_archive)."""
+    if not trust:
+        from bnfuse.torch import script_archive
+
+        try:
+            why = script_archive.check(path)
+        except Exception as exc:
+            raise InputError(
+                f"{path}: not a readable TorchScript archive ({type(exc).__name__})"
+            ) from exc
+        if why is not None:
+            raise InputError(
+                f"{path}: this TorchScript module would run code stored in the file, beyond "
+                f"tensor arithmetic ({why})",
+                hint="pass --trust-pickle if you trust the file to run its own code",
+            )
     try:
         module: torch.jit.ScriptModule = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     except Exception as exc:
@@ -246,7 +263,7 @@ def fuse_torch_file(
     outputs.check_targets(targets, [("the input model", input), *also_reads], force=force)
     to_onnx = output is not None and output.suffix.lower() == ".onnx"
     if fmt is Format.TORCHSCRIPT:
-        result, write = _fuse_script(input, to_onnx, input_shapes or {})
+        result, write = _fuse_script(input, to_onnx, trust_pickle, input_shapes or {})
     else:
         result, write = _fuse_fx(input, fmt, to_onnx, trust_pickle, input_shapes or {})
     result.input = input
@@ -262,11 +279,11 @@ Writer = Callable[[Path], None]
 
 
 def _fuse_script(
-    input: Path, to_onnx: bool, input_shapes: Mapping[str, tuple[int, ...]]
+    input: Path, to_onnx: bool, trust: bool, input_shapes: Mapping[str, tuple[int, ...]]
 ) -> tuple[FuseResult, Writer]:
     from bnfuse.torch.script_fuse import fuse_script_module
 
-    script = load_script(input)
+    script = load_script(input, trust)
     example = script_example_inputs(script, input_shapes)
     fused, result = fuse_script_module(script, example)
 

@@ -108,7 +108,7 @@ def _open_torch(path: Path, fmt: Format, trust_pickle: bool) -> Source:
     from bnfuse.torch.tensors import input_dtype, numpy_dtype
 
     if fmt is Format.TORCHSCRIPT:
-        module = load_script(path).eval()
+        module = load_script(path, trust_pickle).eval()
         # A saved TorchScript module records no input shapes: float32 of shapes the user gives.
         dtype = numpy_dtype(input_dtype(module))  # the dtype its first layer computes in
         specs = [InputSpec(n, dtype, None) for n in script_input_names(module)]
