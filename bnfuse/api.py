@@ -108,6 +108,7 @@ def fuse_file(
     )
 
 
+@outputs.replacing()
 def fuse_and_verify(
     input: Path,
     output: Path | None,
@@ -128,9 +129,10 @@ def fuse_and_verify(
     before anything is written, so that a verification that cannot run fails
     first. If verification fails to run, or the run is interrupted (Ctrl-C,
     SIGTERM), the output just written is removed: no unverified output is
-    left. A verification that runs and finds a difference is a result, not an
-    error: the output stays, and the VerifyResult says FAIL. ``on_fused`` is
-    told the fusion result as soon as there is one.
+    left, and a file it replaced (``force``) is put back. A verification that
+    runs and finds a difference is a result, not an error: the output stays,
+    and the VerifyResult says FAIL. ``on_fused`` is told the fusion result as
+    soon as there is one.
     """
     checking = verify is not None and not dry_run and output is not None
     opened = None

@@ -640,13 +640,15 @@ def _exit_code(args: list[str]) -> int:
     from bnfuse.outputs import Terminated, terminate_on_signals
 
     outputs.published.clear()  # this run's files only
-    try:
-        with terminate_on_signals(), _quiet_libraries("--debug" in args):
-            app(args=args, prog_name="bnfuse")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except Terminated as exc:
-        outputs.remove_published()  # a stopped run leaves nothing, not even a complete output
-        typer.echo(f"bnfuse: error: stopped by {exc}; nothing partial was left behind", err=True)
-        return 128 + exc.signum
+    with outputs.replacing():  # a file replaced with --force comes back if the run fails
+        try:
+            with terminate_on_signals(), _quiet_libraries("--debug" in args):
+                app(args=args, prog_name="bnfuse")
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Terminated as exc:
+            outputs.remove_published()  # a stopped run leaves nothing, not even a complete one
+            message = f"bnfuse: error: stopped by {exc}; nothing partial was left behind"
+            typer.echo(message, err=True)
+            return 128 + exc.signum
     return 0

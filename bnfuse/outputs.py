@@ -13,10 +13,17 @@ file, and each report. Every one of them follows these rules:
   ``--force`` the move is a hard link, which fails if a file appeared there
   meanwhile (another run): a file is never replaced silently. With ``--force``
   it is a rename.
-- The temporary folder is held with an ``flock`` while the run lives. SIGTERM,
-  SIGHUP and Ctrl-C unwind the run (``terminate_on_signals``), which removes
-  it; after a SIGKILL, the next run that writes into that folder removes every
-  such folder whose lock is free.
+- The temporary folder is held with an ``flock`` while the run lives, and
+  marked as bnfuse's (``MARK``) once it is held. SIGTERM, SIGHUP and Ctrl-C
+  unwind the run (``terminate_on_signals``), which removes it; after a
+  SIGKILL, the next run that writes into that folder removes every such
+  folder that is marked and whose lock is free, and none that holds a file
+  the run reads. A folder of that name that bnfuse did not make is never
+  touched.
+- A file replaced with ``--force`` is not lost if the run then fails (its
+  verification cannot run, a report cannot be written) or is stopped: within
+  ``replacing()``, the previous file is kept (a hard link in a held temporary
+  folder) until the run ends, and ``remove`` puts it back.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from types import FrameType
 from bnfuse.errors import OutputError
 
 TMP_PREFIX = ".bnfuse-tmp-"
+# Written into a temporary folder once its run holds the lock: only folders with it are swept.
+MARK = ".bnfuse-staging"
 
 
 class Terminated(BaseException):
@@ -72,6 +81,7 @@ def check_targets(
     e.g. ("the input model", model.onnx).
     """
     read_ids = {i: (label, p) for label, p in reads if (i := file_id(p)) is not None}
+    _reading.update(os.path.realpath(p) for _, p in reads)
     seen: dict[object, tuple[str, Path]] = {}
     for what, path in targets:
         where = f"{what} {path}" if what.startswith("-") else str(path)
@@ -137,12 +147,25 @@ def _read_only_fs(folder: Path) -> bool:
         return False
 
 
+# Every file this run reads (real paths): a folder holding one is never swept.
+_reading: set[str] = set()
+
+
 @contextlib.contextmanager
 def staging(folder: Path) -> Iterator[Path]:
     """A private temporary folder in ``folder``, locked while in use and removed afterwards.
 
-    Leftovers of killed runs in ``folder`` (their lock is free) are removed first.
+    Leftovers of killed runs in ``folder`` (marked, their lock free) are removed first.
     """
+    tmp, fd = _held_folder(folder)
+    try:
+        yield tmp
+    finally:
+        _drop(tmp, fd)
+
+
+def _held_folder(folder: Path) -> tuple[Path, int]:
+    """A new temporary folder in ``folder``, locked (the descriptor holds it), then marked."""
     sweep(folder)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
@@ -151,12 +174,18 @@ def staging(folder: Path) -> Iterator[Path]:
     fd = os.open(tmp, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(os.open(tmp / MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         if on_event is not None:
             on_event("staging", tmp)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.close(fd)
+    except BaseException:
+        _drop(tmp, fd)
+        raise
+    return tmp, fd
+
+
+def _drop(tmp: Path, fd: int) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.close(fd)
 
 
 Staged = list[tuple[Path, Path]]  # (temporary file, where it goes), in publishing order
@@ -192,6 +221,11 @@ def sweep(folder: Path) -> list[Path]:
     for entry in entries:
         if not entry.name.startswith(TMP_PREFIX) or not entry.is_dir(follow_symlinks=False):
             continue
+        if not os.path.isfile(os.path.join(entry.path, MARK)):
+            continue  # not bnfuse's, or a run that has not locked it yet
+        inside = os.path.realpath(entry.path) + os.sep
+        if any(p.startswith(inside) for p in _reading):
+            continue  # this run reads a file in it
         try:
             fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except OSError:
@@ -207,10 +241,11 @@ def sweep(folder: Path) -> list[Path]:
     return removed
 
 
-# Told of each temporary folder made ("staging") and each file published ("published"):
+# Told of each temporary folder made ("staging", folder), each file published ("published",
+# file) and each file kept to be put back ("previous", file, where its old version is):
 # the supervising process (bnfuse.supervise) keeps the list, so that it can clean up if
 # this process dies of a crash.
-on_event: Callable[[str, Path], None] | None = None
+on_event: Callable[..., None] | None = None
 
 
 def publish(tmp: Path, final: Path, *, force: bool) -> None:
@@ -250,6 +285,8 @@ def _publish(tmp: Path, final: Path, *, force: bool) -> None:
         ident = file_id(final)
         if ident is not None and not stat.S_ISREG(os.stat(final).st_mode):
             raise OutputError(f"{final}: not a regular file; bnfuse only replaces regular files")
+        if ident is not None and _previous is not None and final not in _previous:
+            _keep_previous(final)
         os.replace(tmp, final)
     else:
         try:
@@ -282,12 +319,70 @@ published: list[tuple[Path, _FileId | None]] = []
 
 
 def remove_published() -> None:
-    """Remove the files this process published that are still the ones it wrote."""
+    """Remove the files this process published that are still the ones it wrote
+    (putting back the file each replaced, if any)."""
     for path, ident in published:
         if ident is not None and file_id(path) == ident:
-            with contextlib.suppress(OSError):
-                path.unlink()
+            _take_back(path)
     published.clear()
+
+
+# While ``replacing()`` runs: each file replaced with --force -> its previous version,
+# hard-linked into a held temporary folder beside it (with that folder's descriptor).
+_previous: dict[Path, tuple[Path, Path, int]] | None = None
+
+
+@contextlib.contextmanager
+def replacing() -> Iterator[None]:
+    """Within the block, a file replaced with ``--force`` can still be put back.
+
+    A run publishes its model before it verifies it and writes its reports;
+    if the run then fails or is stopped, ``remove`` and ``remove_published``
+    restore the file that was there before, so that "nothing was written"
+    holds for ``--force`` too. When the block ends the kept versions go.
+    Nested blocks are one.
+    """
+    global _previous
+    if _previous is not None:
+        yield
+        return
+    _previous = {}
+    try:
+        yield
+    finally:
+        kept, _previous = _previous, None
+        for _backup, tmp, fd in kept.values():
+            _drop(tmp, fd)
+
+
+def _keep_previous(final: Path) -> None:
+    assert _previous is not None
+    tmp, fd = _held_folder(final.parent)
+    backup = tmp / "previous"
+    try:
+        try:
+            os.link(final, backup, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            shutil.copy2(final, backup)  # no hard links on this file system
+    except BaseException:
+        _drop(tmp, fd)
+        raise
+    _previous[final] = (backup, tmp, fd)
+    if on_event is not None:
+        on_event("previous", final, backup)
+
+
+def _take_back(path: Path) -> None:
+    """Remove the file this run published at ``path``, or put back the one it replaced."""
+    kept = _previous.pop(path, None) if _previous is not None else None
+    with contextlib.suppress(OSError):
+        if kept is not None:
+            os.replace(kept[0], path)
+            _drop(kept[1], kept[2])
+        else:
+            path.unlink()
 
 
 _WRITE_ERRORS = {
@@ -317,10 +412,10 @@ def write_error(path: Path, exc: OSError, what: str = "") -> OutputError:
 
 
 def remove(paths: Sequence[Path]) -> None:
-    """Remove files this run published (on failure); never raises."""
+    """Remove files this run published (on failure), putting back any it replaced;
+    never raises."""
     for path in paths:
-        with contextlib.suppress(OSError):
-            path.unlink()
+        _take_back(path)
 
 
 _TERMINATING = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)

@@ -69,6 +69,7 @@ def run(work: Callable[[], int]) -> int:
             os.kill(child[0], signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in _FORWARDED}
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: bnfuse.cli installs its own handlers (outputs.Terminated)
         for sig, old in previous.items():
@@ -76,6 +77,7 @@ def run(work: Callable[[], int]) -> int:
         os.close(read_fd)
         code = EXIT_USAGE
         try:
+            _die_with(parent)
             outputs.on_event = _reporter(write_fd)
             code = work()
         except BaseException:  # --debug lets errors through: show them as Python would
@@ -96,9 +98,27 @@ def run(work: Callable[[], int]) -> int:
             signal.signal(sig, old)
 
 
-def _reporter(fd: int) -> Callable[[str, Path], None]:
-    def report(kind: str, path: Path) -> None:
-        record = f"{kind}\0{os.path.abspath(path)}\0{_identity(path)}\n"
+def _die_with(parent: int) -> None:
+    """Have the kernel send this child SIGTERM when ``parent`` dies (Linux), however it dies.
+
+    A parent killed by SIGKILL or by a signal it does not forward (SIGUSR1) would
+    otherwise leave the child running, to publish its output and print PASS after
+    the command has exited. SIGTERM lets the child clean up what it wrote.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the request took
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _reporter(fd: int) -> Callable[..., None]:
+    def report(kind: str, path: Path, kept: Path | None = None) -> None:
+        third = os.path.abspath(kept) if kept is not None else _identity(path)
+        record = f"{kind}\0{os.path.abspath(path)}\0{third}\n"
         os.write(fd, os.fsencode(record))
 
     return report
@@ -143,17 +163,24 @@ def _stopped(signum: int) -> int:
 
 
 def _clean_up(data: bytes) -> None:
-    """Remove what the dead child published (if unchanged since) and its temporary folders."""
+    """Remove what the dead child published (if unchanged since), putting back any file it
+    replaced, and its temporary folders."""
     folders: set[Path] = set()
+    previous: dict[Path, Path] = {}
     for line in os.fsdecode(data).splitlines():
         parts = line.split("\0")
         if len(parts) != 3:
             continue
-        kind, path, identity = parts[0], Path(parts[1]), parts[2]
+        kind, path, third = parts[0], Path(parts[1]), parts[2]
         if kind == "staging":
             folders.add(path.parent)
-        elif kind == "published" and identity and _identity(path) == identity:
+        elif kind == "previous":
+            previous[path] = Path(third)
+        elif kind == "published" and third and _identity(path) == third:
             with contextlib.suppress(OSError):
-                path.unlink()
+                if path in previous:
+                    os.replace(previous.pop(path), path)
+                else:
+                    path.unlink()
     for folder in folders:
         outputs.sweep(folder)

@@ -22,6 +22,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+from bnfuse import outputs
 from sample_models.models import layer_bn
 from tests.test_cli import run_cli
 
@@ -187,14 +188,21 @@ def test_a_file_that_appears_meanwhile_is_not_replaced(
     assert not [p for p in folder.iterdir() if p.name.startswith(".bnfuse-tmp-")]
 
 
+def _leftover(folder: Path, name: str, *, marked: bool = True) -> Path:
+    """A temporary folder as a run leaves it: a partial file, bnfuse's mark once locked."""
+    path = folder / name
+    path.mkdir()
+    (path / "f.onnx").write_bytes(b"partial")
+    if marked:
+        (path / outputs.MARK).touch()
+    return path
+
+
 def test_leftovers_of_a_killed_run_are_swept(
     folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    dead = folder / ".bnfuse-tmp-dead1234"
-    dead.mkdir()
-    (dead / "f.onnx").write_bytes(b"partial")
-    live = folder / ".bnfuse-tmp-live5678"  # another run, still writing: its lock is held
-    live.mkdir()
+    dead = _leftover(folder, ".bnfuse-tmp-dead1234")
+    live = _leftover(folder, ".bnfuse-tmp-live5678")  # another run, still writing: locked
     fd = os.open(live, os.O_RDONLY)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
@@ -203,6 +211,42 @@ def test_leftovers_of_a_killed_run_are_swept(
         assert not dead.exists() and live.exists()
     finally:
         os.close(fd)
+
+
+def test_a_folder_bnfuse_did_not_mark_is_never_swept(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A user's folder of that name, or another run's between its creation and its lock."""
+    mine = _leftover(folder, ".bnfuse-tmp-mine", marked=False)
+    code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(folder / "f.onnx")], capsys)
+    assert code == 0, err
+    assert (mine / "f.onnx").read_bytes() == b"partial"
+
+
+def test_the_folder_holding_the_input_is_never_swept(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = _leftover(folder, ".bnfuse-tmp-models")  # marked, unlocked: it looks left over
+    (folder / "m.onnx").rename(models / "m.onnx")
+    code, _, err = run_cli([str(models / "m.onnx"), "-o", str(folder / "f.onnx")], capsys)
+    assert code == 0, err
+    assert (models / "m.onnx").is_file()
+
+
+def test_parallel_runs_into_one_folder_all_succeed(folder: Path) -> None:
+    """Each run sweeps the folder as it starts; none may take another's temporary folder."""
+
+    def run(i: int) -> subprocess.Popen[str]:
+        args = [str(folder / "m.onnx"), "-o", str(folder / f"f{i}.onnx"), "--no-verify", "-q"]
+        return subprocess.Popen(
+            [sys.executable, "-m", "bnfuse", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+
+    runs = [run(i) for i in range(12)]
+    results = [(r.wait(timeout=120), r.stderr.read() if r.stderr else "") for r in runs]
+    assert all(code == 0 for code, _ in results), results
+    assert not list(folder.glob(".bnfuse-tmp-*"))
 
 
 def test_disk_full_report_leaves_nothing(
@@ -364,4 +408,123 @@ def test_input_shrunk_during_the_run_ends_in_one_line(folder: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "SIGBUS" in lines[0], proc.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+# --- a file replaced with --force is put back when the run then fails ----------------------
+
+
+def _with_old_output(folder: Path) -> dict[str, str]:
+    (folder / "f.onnx").write_bytes(b"the user's previous fused model")
+    return _digest(folder)
+
+
+def test_force_then_verification_that_cannot_run_keeps_the_old_file(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    before = _with_old_output(folder)
+    np.savez(folder / "x.npz", x=np.zeros((1, 3, 5), np.float32))  # the wrong rank
+    before = _digest(folder)
+    args = [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "--force",
+            "--inputs", str(folder / "x.npz")]  # fmt: skip
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    assert _digest(folder) == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)
+
+
+_KILL_WHILE_VERIFYING = """
+from bnfuse.verify import compare
+real = compare.verify_models
+def verify_models(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # the child dies; the supervisor cleans up
+compare.verify_models = verify_models
+"""
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [(_WHILE_VERIFYING, 128 + signal.SIGTERM), (_KILL_WHILE_VERIFYING, 2)],
+    ids=["sigterm", "child-killed"],
+)
+def test_force_then_a_stopped_verification_keeps_the_old_file(
+    fault: str, code: int, folder: Path
+) -> None:
+    before = _with_old_output(folder)
+    args = [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "--force", "-q"]
+    proc = _bnfuse(fault, args)
+    assert proc.returncode == code, proc.stderr
+    assert _digest(folder) == before
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)
+
+
+def test_force_and_a_verified_run_replaces_the_file(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _with_old_output(folder)
+    args = [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "--force", "-q"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert onnx.load(folder / "f.onnx").graph.node
+    assert not list(folder.glob(".bnfuse-tmp-*"))
+
+
+# --- the child dies with its parent ------------------------------------------------------
+
+_SLOW_VERIFY = """
+from bnfuse.verify import compare
+import time
+real = compare.verify_models
+def verify_models(*args, **kwargs):
+    with open({marker!r}, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(4)
+    return real(*args, **kwargs)
+compare.verify_models = verify_models
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie no one has reaped yet does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal")
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGUSR1"])
+def test_the_child_dies_with_its_parent(sig: str, folder: Path) -> None:
+    """Killing the ``bnfuse`` process alone (not its group) ends the work too: nothing is
+    published, and nothing is printed, after the command has exited."""
+    import time
+
+    before = sorted(p.name for p in folder.iterdir())
+    marker = folder / "f.onnx.started"
+    fault = textwrap.dedent(_SLOW_VERIFY.format(marker=str(marker)))
+    code = _RUNNER.format(root=str(ROOT), fault=fault)
+    args = [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "-q"]
+    env = {k: v for k, v in os.environ.items() if k != "BNFUSE_IN_PROCESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "verification never started"
+    time.sleep(0.2)
+    child = int(marker.read_text())
+    proc.send_signal(signal.Signals[sig])
+    proc.wait(timeout=30)
+    marker.unlink()
+    deadline = time.monotonic() + 30
+    while _alive(child):
+        if time.monotonic() > deadline:
+            pytest.fail("the child outlived its parent")
+        time.sleep(0.05)
+    time.sleep(0.5)
     assert sorted(p.name for p in folder.iterdir()) == before
