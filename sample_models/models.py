@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 # The IR version each opset shipped with (onnx.helper.VERSION_TABLE), so old
 # opsets get old IR versions, as their exporters wrote them.
-IR_FOR_OPSET = {7: 3, 8: 3, 9: 4, 11: 6, 13: 7, 14: 7, 15: 8, 17: 8, 18: 8, 21: 10}
+IR_FOR_OPSET = {6: 3, 7: 3, 8: 3, 9: 4, 11: 6, 13: 7, 14: 7, 15: 8, 17: 8, 18: 8, 21: 10}
 
 ONNX_TYPE = {
     np.dtype(np.float16): TensorProto.FLOAT16,

@@ -55,6 +55,8 @@ from bnfuse.onnx.ops import (
     SCALE_SHIFT_LAYERS,
     SHAPE_OPS,
     FreshNames,
+    batch_statistics,
+    default_opset,
     evaluates,
     is_batchnorm,
     op_name,
@@ -208,8 +210,7 @@ class _Direct:
     def _check(self) -> None:
         model = self.proto
         graph = model.graph
-        versions = {o.domain: o.version for o in model.opset_import}
-        default = versions.get("", versions.get("ai.onnx"))
+        default = default_opset({o.domain: o.version for o in model.opset_import})
         _require(model.ir_version >= 4 and default is not None and knows_opset(default))
         _require(not model.functions and not model.training_info)
         validate.check_model(model, self.path)  # raises: the full path says it better
@@ -300,6 +301,16 @@ class _Direct:
             else:
                 _require(attr.name in ("momentum", "consumed_inputs"))
         _require(all(not self.readers.get(o) and o not in self.outputs for o in bn.output[1:]))
+        versions = {o.domain: o.version for o in self.proto.opset_import}
+        is_test = next((a.i for a in bn.attribute if a.name == "is_test"), None)
+        training = next((a.i for a in bn.attribute if a.name == "training_mode"), 0)
+        outputs = sum(1 for o in bn.output if o)
+        _require(
+            batch_statistics(
+                default_opset(versions), training_mode=training, is_test=is_test, outputs=outputs
+            )
+            is None
+        )
         gamma, beta, mean, var = (_need(self.arrays.get(name)) for name in bn.input[1:])
         _require(all(fold.is_float(p) for p in (gamma, beta, mean, var)))
         return legality.Norm(params=legality.Params(gamma, beta, mean, var, eps))

@@ -39,7 +39,15 @@ from bnfuse.fold import Affine, Array
 from bnfuse.legality import Refusal
 from bnfuse.onnx import io, mapped
 from bnfuse.onnx.constants import NotConstant, constant_array
-from bnfuse.onnx.ops import FLOAT_TYPES, LAYER_OPS, SCALE_SHIFT_LAYERS, SHAPE_OPS, is_batchnorm
+from bnfuse.onnx.ops import (
+    FLOAT_TYPES,
+    LAYER_OPS,
+    SCALE_SHIFT_LAYERS,
+    SHAPE_OPS,
+    batch_statistics,
+    default_opset,
+    is_batchnorm,
+)
 from bnfuse.result import Candidate, Skip
 
 
@@ -97,12 +105,13 @@ def find(model: ir.Model) -> list[Match]:
 
 def _find(model: ir.Model) -> list[Match]:
     matches = []
+    opset = default_opset(dict(model.opset_imports))
     for graph in model.graphs():
         graph_name = graph.name or "main"
         for node in graph:
             try:
                 if is_batchnorm(node):
-                    matches.append(_match_bn(node, graph_name, model.ir_version))
+                    matches.append(_match_bn(node, graph_name, model.ir_version, opset))
                 elif node.op_type in ("Mul", "Add") and node.domain in ("", "ai.onnx"):
                     match = _match_scale_shift(node, graph_name, model.ir_version)
                     if match is not None:
@@ -146,7 +155,7 @@ def _name(node: ir.Node) -> str:
     return node.name or (node.outputs[0].name or "<unnamed>")
 
 
-def _match_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
+def _match_bn(bn: ir.Node, graph_name: str, ir_version: int, opset: int | None) -> Match:
     x = bn.inputs[0]
     producer = x.producer() if x is not None else None
     candidate = Candidate(
@@ -156,7 +165,7 @@ def _match_bn(bn: ir.Node, graph_name: str, ir_version: int) -> Match:
         layer_op=producer.op_type if producer is not None else None,
         consumers=_consumers(bn),
     )
-    norm = _norm(bn, ir_version)
+    norm = _norm(bn, ir_version, opset)
     site = _site_before(bn, producer, ir_version)
     if isinstance(site, Site) and site.chain:  # name the layer, not the shape op before the BN
         candidate = replace(candidate, layer=site.tail.name, layer_op=site.tail.op_type)
@@ -192,16 +201,19 @@ def _plan(node: ir.Node, site: Site, decided: legality.Fold, direction: str = AF
     )  # fmt: skip
 
 
-def _norm(bn: ir.Node, ir_version: int) -> legality.Norm:
+def _norm(bn: ir.Node, ir_version: int, opset: int | None) -> legality.Norm:
     """The facts about a BatchNormalization node."""
-    training = (
-        bn.attributes.get_int("training_mode", 0) != 0 or bn.attributes.get_int("is_test", 1) == 0
+    training = batch_statistics(
+        opset,
+        training_mode=bn.attributes.get_int("training_mode", 0),
+        is_test=bn.attributes.get_int("is_test", None),
+        outputs=sum(1 for v in bn.outputs if v.name),
     )
     used = [v.name for v in bn.outputs[1:] if v.uses() or v.is_graph_output()]
     spatial = bn.attributes.get_int("spatial", 1) != 1
     return legality.Norm(
         params=_bn_params(bn, ir_version),
-        batch_statistics="training_mode=1 (or is_test=0)" if training else None,
+        batch_statistics=training,
         stats_output=used[0] if used else None,
         variant="spatial=0 (per-element statistics, opset 7/8)" if spatial else None,
     )

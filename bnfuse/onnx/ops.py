@@ -43,6 +43,33 @@ def is_batchnorm(node: Any) -> bool:
     return bool(node.op_type == "BatchNormalization" and node.domain in DEFAULT_DOMAINS)
 
 
+def default_opset(versions: dict[str, int]) -> int | None:
+    """The model's opset of the default domain (``""`` or ``"ai.onnx"``), if it imports one."""
+    return versions.get("", versions.get("ai.onnx"))
+
+
+def batch_statistics(
+    opset: int | None, *, training_mode: int, is_test: int | None, outputs: int
+) -> str | None:
+    """Why a BatchNormalization computes batch statistics (training mode), or None.
+
+    ONNX has spelt the mode three ways: ``is_test`` up to opset 6, whose default 0
+    means training; the number of outputs in opsets 7 to 13, where five (mean,
+    variance and their saved copies) means training whether or not they are read;
+    ``training_mode`` from opset 14. ``outputs`` counts the declared (named) outputs.
+    """
+    if training_mode != 0:
+        return "training_mode=1"
+    if is_test == 0 and opset is not None and opset >= 7:
+        return "is_test=0"
+    if opset is not None and opset < 7 and is_test != 1:
+        said = "is_test=0" if is_test == 0 else "is_test is not set"
+        return f"{said}, which in opset {opset} means training mode"
+    if opset is not None and 7 <= opset < 14 and outputs > 1:
+        return f"it declares {outputs} outputs, which in opset {opset} means training mode"
+    return None
+
+
 def evaluates(node: Any) -> bool:
     """Whether ``node``'s output may be a constant sub-expression (constants evaluates it)."""
     return bool(node.domain in DEFAULT_DOMAINS and node.op_type in EVALUATED)
