@@ -19,6 +19,7 @@ This module knows nothing about ONNX or torch; both paths call it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,8 @@ def bn_affine(
         for name, arr in (("scale", g), ("bias", b), ("mean", mu), ("variance", v)):
             if not np.isfinite(arr).all():
                 raise FoldError(f"BatchNorm {name} contains NaN or Inf")
+    if not math.isfinite(eps):
+        raise FoldError(f"BatchNorm epsilon is {eps}, not a finite number")
     denom = v + np.float64(eps)
     if (denom <= 0).any():
         worst = int(np.argmin(denom))

@@ -5,6 +5,7 @@
 - near-zero variance: var < 1e-5 in a channel; gamma/sigma is then close to
   gamma/sqrt(eps), which blows small input noise up.
 - dead channel: |gamma| < 1e-6; the channel outputs its constant beta.
+- an epsilon that is not a finite number (NaN, Inf): no channel folds.
 - fused weight against the dtype's range: the largest folded weight as a
   fraction of the dtype's largest finite value (fp16: 65504); above 1 the
   fold is refused, above 1/16 it is flagged as at risk.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +36,7 @@ class BNHealth:
     fused_peak: float | None = None  # max |folded weight|, where the layer is known
     dtype: str | None = None
     dtype_max: float | None = None
+    epsilon: float = 1e-5
 
     @property
     def range_fraction(self) -> float | None:
@@ -54,6 +57,8 @@ class BNHealth:
             )
         if self.dead:
             out.append(f"dead channel(s) (gamma ~ 0) {_list(self.dead)}")
+        if not math.isfinite(self.epsilon):
+            out.append(f"epsilon is {self.epsilon}, not a finite number")
         fraction = self.range_fraction
         if fraction is not None and fraction > RISKY_FRACTION:
             verdict = "overflows" if fraction > 1 else "overflow risk"
@@ -102,4 +107,5 @@ def bn_health(
         fused_peak=folded_weight_peak,
         dtype=dtype_name,
         dtype_max=dtype_max,
+        epsilon=float(eps),
     )

@@ -62,3 +62,37 @@ def test_bad_input(
         assert out.exists()
         if expected == "skip":
             assert "skipped 1" in text
+
+
+SKIP_REASONS = {
+    "nan_params.onnx": "BatchNorm variance contains NaN or Inf",
+    "nan_epsilon.onnx": "BatchNorm epsilon is nan, not a finite number",
+    "inf_epsilon.onnx": "BatchNorm epsilon is inf, not a finite number",
+}
+
+
+@pytest.mark.parametrize("name", list(SKIP_REASONS))
+def test_nonfinite_parameters_reach_every_report(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The skip is worded, health flags it, and JSON (which has no NaN) says null."""
+    import json
+
+    corpus = tmp_path / "in"
+    make(corpus)
+    code, text, err = run_cli(["inspect", str(corpus / name), "--json"], capsys)
+    assert code == 0 and not err, err
+    (cand,) = json.loads(text)["candidates"]
+    assert cand["skip_code"] == "bad_parameters" and cand["reason"] == SKIP_REASONS[name]
+    out = tmp_path / "f.onnx"
+    reports = [tmp_path / f"r.{s}" for s in ("json", "md", "xml", "html")]
+    args = [str(corpus / name), "-o", str(out), *(a for r in reports for a in ("--report", str(r)))]
+    code, text, err = run_cli(args, capsys)
+    assert code == 0, text + err
+    assert out.exists() and all(r.exists() for r in reports)
+    report = json.loads(reports[0].read_text())
+    (cand,) = report["fusion"]["candidates"]
+    assert cand["reason"] == SKIP_REASONS[name]
+    if "epsilon" in name:
+        assert cand["health"]["epsilon"] is None
+        assert any("epsilon is" in f for f in cand["health"]["flags"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from html import escape
 from pathlib import Path
@@ -68,7 +67,7 @@ def render_json(result: BatchResult) -> str:
         "exit_code": result.exit_code,
         "models": [_outcome_dict(o) for o in result.outcomes],
     }
-    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return json_report.dumps(data)
 
 
 def render_markdown(result: BatchResult) -> str:

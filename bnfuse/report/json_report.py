@@ -1,6 +1,7 @@
 """The JSON report: a documented, versioned schema (see README, "JSON report").
 
-Numbers are plain JSON numbers; infinities (an SNR with zero error) are null.
+Numbers are plain JSON numbers; a value that is not finite (the SNR of an exact
+match, a NaN parameter's figures) is null: ``dumps`` writes every report so.
 """
 
 from __future__ import annotations
@@ -18,8 +19,19 @@ SCHEMA = "bnfuse-report"
 SCHEMA_VERSION = 2
 
 
-def _num(x: float) -> float | None:
-    return None if math.isinf(x) or math.isnan(x) else x
+def dumps(data: Any) -> str:
+    """``data`` as JSON text, each float that is not finite (NaN, Inf) written as null."""
+    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
 
 
 def comparison_dict(c: Comparison) -> dict[str, Any]:
@@ -29,18 +41,6 @@ def comparison_dict(c: Comparison) -> dict[str, Any]:
     d["worst_index"] = list(c.worst_index)
     d["passed"] = c.passed
     d["within_floor"] = c.within_floor
-    for key in (
-        "max_abs",
-        "max_rel",
-        "mean_abs",
-        "rmse",
-        "cosine",
-        "snr_db",
-        "worst_ref",
-        "worst_got",
-        "value_range",
-    ):
-        d[key] = _num(d[key])
     return d
 
 
@@ -52,7 +52,8 @@ def health_dict(h: BNHealth | None) -> dict[str, Any] | None:
         "never_updated": h.never_updated,
         "tiny_variance_channels": list(h.tiny_variance),
         "dead_channels": list(h.dead),
-        "max_scale": _num(h.max_scale),
+        "max_scale": h.max_scale,
+        "epsilon": h.epsilon,
         "fused_peak": h.fused_peak,
         "dtype": h.dtype,
         "dtype_max": h.dtype_max,
@@ -137,7 +138,7 @@ def render(
     fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
 ) -> str:
     data = report_dict(fusion, verification, error)
-    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return dumps(data)
 
 
 INSPECT_SCHEMA = "bnfuse-inspect"
@@ -158,4 +159,4 @@ def render_inspect(result: FuseResult) -> str:
         },
         "candidates": [candidate_dict(c) for c in result.candidates],
     }
-    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+    return dumps(data)

@@ -76,6 +76,22 @@ def nan_params(path: Path) -> None:
     onnx.save(with_initializer(_valid(), "bn.var", var), path)
 
 
+def _epsilon(path: Path, value: float) -> None:
+    m = _valid()
+    (bn,) = [n for n in m.graph.node if n.op_type == "BatchNormalization"]
+    del bn.attribute[:]
+    bn.attribute.append(onnx.helper.make_attribute("epsilon", value))
+    onnx.save(m, path)
+
+
+def nan_epsilon(path: Path) -> None:
+    _epsilon(path, float("nan"))
+
+
+def inf_epsilon(path: Path) -> None:
+    _epsilon(path, float("inf"))
+
+
 def negative_variance(path: Path) -> None:
     var = np.array([1, 1, -2, 1, 1, 1, 1, 1], np.float32)
     onnx.save(with_initializer(_valid(), "bn.var", var), path)
@@ -309,6 +325,8 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "duplicate_outputs.onnx": (duplicate_outputs, "error"),
     "nan_params.onnx": (nan_params, "skip"),
     "negative_variance.onnx": (negative_variance, "skip"),
+    "nan_epsilon.onnx": (nan_epsilon, "skip"),
+    "inf_epsilon.onnx": (inf_epsilon, "skip"),
     "channel_mismatch.onnx": (channel_mismatch, "error"),
     "missing_external_data.onnx": (missing_external_data, "error"),
     "external_data_outside.onnx": (external_data_outside, "error"),
