@@ -216,11 +216,12 @@ def _finish_batch(result: BatchResult, reports: list[Path], quiet: bool, force: 
         _print(batch_line(result))
     else:
         from bnfuse.report.terminal import console as terminal_console
+        from bnfuse.report.terminal import shown
 
         console = terminal_console()
         print_batch_summary(result, console)
         for path in reports:
-            console.print(f"report: {path}", highlight=False)
+            console.print(f"report: {shown(path)}", highlight=False)
     if result.exit_code:
         raise typer.Exit(result.exit_code)
 
@@ -247,7 +248,7 @@ def _finish(
         _print(one_line(fusion, verification))
     else:
         from bnfuse.report.terminal import console as terminal_console
-        from bnfuse.report.terminal import print_fuse_summary, print_verify_summary
+        from bnfuse.report.terminal import print_fuse_summary, print_verify_summary, shown
 
         console = terminal_console()
         if fusion is not None:
@@ -255,7 +256,7 @@ def _finish(
         if verification is not None:
             print_verify_summary(verification, console)
         for path in reports:
-            console.print(f"report: {path}", highlight=False)
+            console.print(f"report: {shown(path)}", highlight=False)
     if verification is not None and not verification.passed:
         raise typer.Exit(EXIT_VERIFY_FAILED)
 

@@ -36,11 +36,18 @@ def first_line(exc: BaseException) -> str:
     return lines[0]
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127)} | {10: "\\n", 13: "\\r", 9: "\\t"}
+_CONTROL = (
+    {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160))}
+    | {10: "\\n", 13: "\\r", 9: "\\t"}
+    # line separators and the marks that reorder text (bidirectional overrides)
+    | {c: f"\\u{c:04x}" for c in (0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F))}
+    | {c: f"\\u{c:04x}" for c in range(0x2066, 0x206A)}
+)
 
 
 def printable(text: str) -> str:
-    """``text`` on one line: control characters (a newline in a node name) escaped."""
+    """``text`` on one line, shown as it is: control characters (a newline or an ESC in a
+    node name), line separators and bidirectional overrides escaped (``\\x1b``)."""
     return text.translate(_CONTROL)
 
 

@@ -11,8 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from bnfuse.batch import BatchResult, Outcome
+from bnfuse.errors import printable
 from bnfuse.report import html, json_report, junit
-from bnfuse.report.fmt import num
+from bnfuse.report.fmt import md_code, md_text, num
 
 STATUS = {0: "ok", 1: "FAIL (verification)", 2: "ERROR"}
 
@@ -24,6 +25,8 @@ def _worst_error(o: Outcome) -> float | None:
 
 
 def print_batch_summary(result: BatchResult, console: Console) -> None:
+    from bnfuse.report.terminal import shown
+
     table = Table(title=f"{len(result.outcomes)} models", title_justify="left")
     table.add_column("model", overflow="fold")
     for col in ("BN found", "folded", "skipped", "max abs err"):
@@ -35,10 +38,10 @@ def print_batch_summary(result: BatchResult, console: Console) -> None:
         status = STATUS[o.exit_code] if o.error is None else f"ERROR: {o.error}"
         style = {0: "", 1: "red", 2: "red"}[o.exit_code]
         table.add_row(
-            str(o.input),
+            shown(o.input),
             *(str(x) for x in counts) if counts else ("-", "-", "-"),
             num(_worst_error(o)),
-            status,
+            shown(status),
             style=style,
         )
     console.print(table)
@@ -82,7 +85,10 @@ def render_markdown(result: BatchResult) -> str:
         counts = o.fusion.counts().get("BatchNormalization", (0, 0, 0)) if o.fusion else None
         cells = " | ".join(str(x) for x in counts) if counts else "- | - | -"
         status = STATUS[o.exit_code] if o.error is None else f"ERROR: {o.error}"
-        lines.append(f"| `{o.input}` | {cells} | {num(_worst_error(o))} | {status} |")
+        lines.append(
+            f"| {md_code(o.input, in_table=True)} | {cells} | {num(_worst_error(o))} "
+            f"| {md_text(status)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -95,17 +101,19 @@ def render_junit(result: BatchResult) -> str:
             suite = ET.SubElement(
                 root,
                 "testsuite",
-                {"name": str(o.input), "tests": "1", "errors": "1", "failures": "0"},
+                {"name": printable(str(o.input)), "tests": "1", "errors": "1", "failures": "0"},
             )
             case = ET.SubElement(
-                suite, "testcase", {"classname": "bnfuse.fuse", "name": str(o.input), "time": "0"}
+                suite,
+                "testcase",
+                {"classname": "bnfuse.fuse", "name": printable(str(o.input)), "time": "0"},
             )
-            ET.SubElement(case, "error", {"message": o.error, "type": "BnfuseError"})
+            ET.SubElement(case, "error", {"message": printable(o.error), "type": "BnfuseError"})
             tests, errors = tests + 1, errors + 1
             continue
         single = ET.fromstring(junit.render(o.fusion, o.verification))
         for suite in single.findall("testsuite"):
-            suite.set("name", str(o.input))
+            suite.set("name", printable(str(o.input)))
             root.append(suite)
             tests += int(suite.get("tests", "0"))
             failures += int(suite.get("failures", "0"))

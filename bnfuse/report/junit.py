@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+from bnfuse.errors import printable
 from bnfuse.report.fmt import db, num
 from bnfuse.result import Comparison, FuseResult, VerifyResult
 
@@ -38,10 +39,12 @@ def render(
         "skipped": "0",
     }
     suites = ET.Element("testsuites", {"name": "bnfuse", **counts})
-    target = (
-        verification.candidate.name
-        if verification is not None
-        else (fusion.input if fusion is not None else "")
+    target = printable(
+        str(
+            verification.candidate.name
+            if verification is not None
+            else (fusion.input if fusion is not None else "")
+        )
     )
     suite = ET.SubElement(suites, "testsuite", {"name": f"bnfuse verify {target}", **counts})
     if fusion is not None:
@@ -54,10 +57,14 @@ def render(
             ET.SubElement(props, "property", name=key, value=str(value))
     if error is not None:
         case = ET.SubElement(suite, "testcase", classname="bnfuse", name="run", time="0")
-        ET.SubElement(case, "error", message=error, type="BnfuseError")
+        ET.SubElement(case, "error", message=printable(error), type="BnfuseError")
     for c in cases:
         case = ET.SubElement(
-            suite, "testcase", classname=f"bnfuse.verify.{c.device}", name=c.name, time="0"
+            suite,
+            "testcase",
+            classname=f"bnfuse.verify.{c.device}",
+            name=printable(c.name),
+            time="0",
         )
         if c.passed:
             ET.SubElement(case, "system-out").text = _metrics(c)
@@ -66,7 +73,7 @@ def render(
             case,
             "failure",
             message=(
-                f"output '{c.name}' on {c.device}: {c.failed} of {c.total} elements beyond "
+                f"output '{printable(c.name)}' on {c.device}: {c.failed} of {c.total} elements beyond "
                 f"tolerance (max abs {c.max_abs!r}, noise floor {num(c.floor_max_abs)})"
             ),
             type="ToleranceExceeded",

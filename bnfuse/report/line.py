@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bnfuse.errors import printable
 from bnfuse.report.fmt import num
 from bnfuse.result import Comparison, FuseResult, VerifyResult
 
@@ -32,12 +33,13 @@ def one_line(fusion: FuseResult | None, verification: VerifyResult | None) -> st
     if verification is None:
         assert fusion is not None
         where = f"wrote {fusion.outputs[0]}" if fusion.outputs else f"{fusion.input}"
-        return f"{where}: {folded} (not verified)" if not fusion.dry_run else f"{where}: {folded}"
+        line = f"{where}: {folded} (not verified)" if not fusion.dry_run else f"{where}: {folded}"
+        return printable(line)
     v = verification
     worst = _worst(v)
     parts = [p for p in (folded, _output(worst) if worst is not None else "") if p]
     verdict = "PASS" if v.passed else "FAIL"
-    return f"{verdict}: {v.candidate} against {v.original} ({'; '.join(parts)})"
+    return printable(f"{verdict}: {v.candidate} against {v.original} ({'; '.join(parts)})")
 
 
 def batch_line(result: BatchResult) -> str:
@@ -54,4 +56,4 @@ def batch_line(result: BatchResult) -> str:
     if errors:
         parts.append(f"{len(errors)} of {n} could not be fused or verified")
     first = (failed or errors)[0].input
-    return f"{'FAIL' if failed else 'ERROR'}: {', '.join(parts)} (first: {first})"
+    return printable(f"{'FAIL' if failed else 'ERROR'}: {', '.join(parts)} (first: {first})")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bnfuse.report.fmt import db, num, pct
+from bnfuse.report.fmt import db, md_code, md_text, num, pct
 from bnfuse.result import Comparison, FuseResult, VerifyResult
 from bnfuse.verify.metrics import VERDICT_RULE
 
@@ -20,8 +20,7 @@ def render(
 
 def _heading(verification: VerifyResult | None, error: str | None) -> list[str]:
     if error is not None:
-        text = error.replace("`", "'")
-        return ["## bnfuse: :x: ERROR", "", f"`{text}`", ""]
+        return ["## bnfuse: :x: ERROR", "", md_code(error), ""]
     if verification is not None:
         mark = "PASS" if verification.passed else "FAIL"
         icon = ":white_check_mark:" if verification.passed else ":x:"
@@ -36,31 +35,33 @@ def _first(items: list[str], limit: int = 10) -> list[str]:
 
 
 def _fusion(fusion: FuseResult) -> list[str]:
-    lines = [f"**{fusion.input}**: {fusion.headline()}.", ""]
+    lines = [f"**{md_text(fusion.input)}**: {md_text(fusion.headline())}.", ""]
     for skip, cands in fusion.skipped_by_reason().items():
         lines.append(f"- skipped {len(cands)}: {skip.value}")
-        lines += _first([f"  - `{c.node}`: {c.reason}" for c in cands])
+        lines += _first([f"  - {md_code(c.node)}: {md_text(c.reason)}" for c in cands])
     if fusion.skipped:
         lines.append("")
     flags = fusion.health_flags()
     if flags:
         lines.append(f"- health: {len(flags)} flag(s)")
-        lines += _first([f"  - `{bn}`: {flag}" for bn, flag in flags])
+        lines += _first([f"  - {md_code(bn)}: {md_text(flag)}" for bn, flag in flags])
         lines.append("")
     before, after = fusion.ops_before, fusion.ops_after
     changed = sorted(op for op in set(before) | set(after) if before[op] != after[op])
     if changed:
         lines += ["| op | before | after |", "| --- | ---: | ---: |"]
-        lines += [f"| {op} | {before[op]} | {after[op]} |" for op in changed]
+        lines += [
+            f"| {md_code(op, in_table=True)} | {before[op]} | {after[op]} |" for op in changed
+        ]
         lines += [f"| total | {sum(before.values())} | {sum(after.values())} |", ""]
     return lines
 
 
 def _verification(v: VerifyResult) -> list[str]:
     lines = [
-        f"Compared `{v.candidate}` with `{v.original}` on {', '.join(v.devices)}; "
-        f"{v.samples} sample(s), {v.input_source} inputs (seed {v.seed}), "
-        f"run with {v.runtime or 'onnxruntime'}.",
+        f"Compared {md_code(v.candidate)} with {md_code(v.original)} on "
+        f"{md_text(', '.join(v.devices))}; {v.samples} sample(s), {md_text(v.input_source)} "
+        f"inputs (seed {v.seed}), run with {md_text(v.runtime or 'onnxruntime')}.",
         "",
         f"_{VERDICT_RULE}_",
         "",
@@ -70,7 +71,7 @@ def _verification(v: VerifyResult) -> list[str]:
     for c in v.ordered_outputs():
         floor = v.noise_for(c)
         lines.append(
-            f"| `{c.name}` | {c.device} | {_verdict(c)} | {num(c.max_abs)} "
+            f"| {md_code(c.name, in_table=True)} | {c.device} | {_verdict(c)} | {num(c.max_abs)} "
             f"| {num(c.max_rel)} | {num(c.cosine, 8)} | {db(c.snr_db)} | {c.failed}/{c.total} "
             f"| {num(floor.max_abs) if floor is not None else '-'} |"
         )
@@ -78,13 +79,14 @@ def _verification(v: VerifyResult) -> list[str]:
     if argmax:
         lines.append("")
         lines += [
-            f"- `{c.name}` ({c.device}): top-1 agreement {pct(c.argmax_agreement)}" for c in argmax
+            f"- {md_code(c.name)} ({c.device}): top-1 agreement {pct(c.argmax_agreement)}"
+            for c in argmax
         ]
     if v.layers:
         lines += _layers(v)
     if v.notes:
         lines.append("")
-        lines += [f"> {note}" for note in v.notes]
+        lines += [f"> {md_text(note)}" for note in v.notes]
     return lines
 
 
@@ -96,14 +98,15 @@ def _layers(v: VerifyResult) -> list[str]:
     worst, first = v.worst_layer, v.first_failing_layer
     return [
         "",
-        f"Per layer (worst: `{worst.name if worst is not None else '-'}`"
-        + (f"; first failing: `{first.name}`" if first is not None else "")
+        f"Per layer (worst: {md_code(worst.name) if worst is not None else '-'}"
+        + (f"; first failing: {md_code(first.name)}" if first is not None else "")
         + "):",
         "",
         "| tensor | max abs | range | verdict |",
         "| --- | ---: | ---: | --- |",
         *(
-            f"| `{c.name}` | {num(c.max_abs)} | {num(c.value_range)} | {_verdict(c)} |"
+            f"| {md_code(c.name, in_table=True)} | {num(c.max_abs)} | {num(c.value_range)} "
+            f"| {_verdict(c)} |"
             for c in v.layers
         ),
     ]

@@ -6,11 +6,19 @@ import os
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from bnfuse.errors import printable
 from bnfuse.result import FuseResult, VerifyResult
 
 _MAX_LISTED = 10
+
+
+def shown(text: object) -> str:
+    """A name or path from the model, safe in rich markup and on a terminal: rich's tags
+    escaped, and control characters (ESC, CR, newlines) shown as escapes."""
+    return escape(printable(str(text)))
 
 
 # Width when the output is no terminal (a CI log, a pipe): wide enough that no name or
@@ -47,19 +55,19 @@ def console(*, stderr: bool = False) -> Console:
 
 
 def print_fuse_summary(result: FuseResult, console: Console) -> None:
-    console.print(f"[bold]{result.input}[/]: {result.headline()}", highlight=False)
+    console.print(f"[bold]{shown(result.input)}[/]: {shown(result.headline())}", highlight=False)
     groups = result.skipped_by_reason()
     for skip, cands in groups.items():
         console.print(f"[yellow]skipped {len(cands)}[/]: {skip.value}")
         for cand in cands[:_MAX_LISTED]:
-            console.print(f"  {cand.node}: {cand.reason}", highlight=False, markup=False)
+            console.print(f"  {shown(cand.node)}: {shown(cand.reason)}", highlight=False)
         if len(cands) > _MAX_LISTED:
             console.print(f"  ... and {len(cands) - _MAX_LISTED} more")
     flags = result.health_flags()
     if flags:
         console.print(f"[yellow]health: {len(flags)} flag(s)[/] (bnfuse inspect shows each BN)")
         for bn, flag in flags[:_MAX_LISTED]:
-            console.print(f"  {bn}: {flag}", highlight=False, markup=False)
+            console.print(f"  {shown(bn)}: {shown(flag)}", highlight=False)
         if len(flags) > _MAX_LISTED:
             console.print(f"  ... and {len(flags) - _MAX_LISTED} more")
     if result.dry_run:
@@ -71,9 +79,9 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
             for cand in result.folded:
                 where = "the following" if cand.into == "following" else ""
                 table.add_row(
-                    f"{cand.op} '{cand.node}'",
-                    f"{where} {cand.layer_op} '{cand.layer}'".strip(),
-                    cand.graph,
+                    f"{cand.op} '{shown(cand.node)}'",
+                    f"{where} {shown(cand.layer_op)} '{shown(cand.layer)}'".strip(),
+                    shown(cand.graph),
                 )
             console.print(table)
         return
@@ -84,7 +92,7 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
     for op in sorted(set(result.ops_before) | set(result.ops_after)):
         before, after = result.ops_before[op], result.ops_after[op]
         style = "bold" if before != after else ""
-        ops.add_row(op, str(before), str(after), style=style)
+        ops.add_row(shown(op), str(before), str(after), style=style)
     ops.add_row(
         "total",
         str(sum(result.ops_before.values())),
@@ -93,7 +101,7 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
     )
     console.print(ops)
     for path in result.outputs:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {shown(path)}", highlight=False)
 
 
 def print_verify_summary(result: VerifyResult, console: Console) -> None:
@@ -101,9 +109,10 @@ def print_verify_summary(result: VerifyResult, console: Console) -> None:
 
     verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
     console.print(
-        f"verify {verdict}: {result.candidate} against {result.original} "
-        f"on {', '.join(result.devices)} ({result.samples} sample(s), {result.input_source} inputs"
-        f"{', ' + result.runtime if result.runtime else ''})"
+        f"verify {verdict}: {shown(result.candidate)} against {shown(result.original)} "
+        f"on {', '.join(result.devices)} ({result.samples} sample(s), "
+        f"{shown(result.input_source)} inputs{', ' + result.runtime if result.runtime else ''})",
+        highlight=False,
     )
     table = Table(title="Outputs (failing first)", title_justify="left")
     table.add_column("output", overflow="fold")
@@ -114,7 +123,7 @@ def print_verify_summary(result: VerifyResult, console: Console) -> None:
     for c in result.ordered_outputs():
         floor = result.noise_for(c)
         table.add_row(
-            c.name,
+            shown(c.name),
             c.device,
             "pass" if c.passed else "[red]FAIL[/]",
             num(c.max_abs),
@@ -126,44 +135,49 @@ def print_verify_summary(result: VerifyResult, console: Console) -> None:
     for c in result.outputs:
         if c.argmax_agreement is not None:
             console.print(
-                f"  {c.name} ({c.device}): top-1 agreement {100 * c.argmax_agreement:.1f}%"
+                f"  {shown(c.name)} ({c.device}): top-1 agreement {100 * c.argmax_agreement:.1f}%"
             )
     worst = result.worst_layer
     if worst is not None:
         console.print(
-            f"worst layer: {worst.name} (max abs {num(worst.max_abs)} over a range of "
+            f"worst layer: {shown(worst.name)} (max abs {num(worst.max_abs)} over a range of "
             f"{num(worst.value_range)}; {len(result.layers)} layers compared)",
             highlight=False,
         )
     first = result.first_failing_layer
     if first is not None:
         console.print(
-            f"[red]first failing layer[/]: {first.name} (max abs {num(first.max_abs)}; "
+            f"[red]first failing layer[/]: {shown(first.name)} (max abs {num(first.max_abs)}; "
             "the error starts here and flows downstream)",
             highlight=False,
         )
     for note in result.notes:
-        console.print(f"[dim]{note}[/]")
+        console.print(f"[dim]{shown(note)}[/]", highlight=False)
 
 
 def print_inspect(result: FuseResult, console: Console) -> None:
     """Every candidate: where it sits, whether it folds (and why not), its health."""
-    console.print(f"[bold]{result.input}[/]: {result.headline()}", highlight=False)
+    console.print(f"[bold]{shown(result.input)}[/]: {shown(result.headline())}", highlight=False)
     for c in result.candidates:
         console.print()
-        console.print(f"[bold]{c.op}[/] '{c.node}' [dim]({c.graph})[/]", highlight=False)
-        feeds = ", ".join(c.consumers) or "(a graph output)"
+        console.print(
+            f"[bold]{c.op}[/] '{shown(c.node)}' [dim]({shown(c.graph)})[/]", highlight=False
+        )
+        feeds = ", ".join(shown(n) for n in c.consumers) or "(a graph output)"
         if c.into == "following":
-            console.print(f"  feeds {c.layer_op} '{c.layer}'", highlight=False)
+            console.print(f"  feeds {shown(c.layer_op)} '{shown(c.layer)}'", highlight=False)
         else:
             console.print(
-                f"  reads {c.layer_op or 'a graph input'} '{c.layer or '-'}'; feeds {feeds}",
+                f"  reads {shown(c.layer_op or 'a graph input')} '{shown(c.layer or '-')}'; "
+                f"feeds {feeds}",
                 highlight=False,
             )
         if c.fusable:
-            console.print(f"  [green]folds[/] into the {c.into} {c.layer_op}", highlight=False)
+            console.print(
+                f"  [green]folds[/] into the {c.into} {shown(c.layer_op)}", highlight=False
+            )
         else:
-            console.print(f"  [yellow]stays[/]: {c.reason}", highlight=False)
+            console.print(f"  [yellow]stays[/]: {shown(c.reason)}", highlight=False)
         if c.health is None:
             continue
         h = c.health
@@ -175,4 +189,4 @@ def print_inspect(result: FuseResult, console: Console) -> None:
             continue
         console.print(f"  health ({summary}):", highlight=False)
         for flag in h.flags:
-            console.print(f"    [red]![/] {flag}", highlight=False)
+            console.print(f"    [red]![/] {shown(flag)}", highlight=False)
