@@ -98,6 +98,16 @@ Reports = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only (for CI logs).")]
+MaxMemory = Annotated[
+    float,
+    typer.Option(
+        "--max-memory",
+        min=0.01,
+        metavar="GIB",
+        help="Memory verification may hold (inputs, outputs, comparison), in GiB; a larger "
+        "one is refused before it runs.",
+    ),
+]
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error.")]
 TrustPickle = Annotated[
     bool,
@@ -154,6 +164,7 @@ def _verify_options(
     atol: float | None,
     rtol: float | None,
     trust_pickle: bool = False,
+    max_memory: float = 4.0,
 ) -> VerifyOptions:
     from bnfuse.verify.options import VerifyOptions, parse_input_shapes
 
@@ -167,6 +178,7 @@ def _verify_options(
         inputs=inputs,
         per_layer=per_layer,
         trust_pickle=trust_pickle,
+        max_bytes=int(max_memory * 2**30),
     )
 
 
@@ -304,6 +316,7 @@ def fuse_command(
     per_layer: PerLayer = False,
     atol: Atol = None,
     rtol: Rtol = None,
+    max_memory: MaxMemory = 4.0,
     report: Reports = None,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -363,6 +376,7 @@ def fuse_command(
                     atol,
                     rtol,
                     trust_pickle,
+                    max_memory,
                 )
             )
             return run_batch(
@@ -391,8 +405,9 @@ def fuse_command(
 
         targets = check_report_paths(reports)
         options = _verify_options(
-            device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle
-        )
+            device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle,
+            max_memory,
+        )  # fmt: skip
         with _progress(quiet) as on_step:
             return fuse_and_verify(
                 input, out, verify=None if no_verify else options, force=force,
@@ -468,6 +483,7 @@ def verify_command(
     per_layer: PerLayer = False,
     atol: Atol = None,
     rtol: Rtol = None,
+    max_memory: MaxMemory = 4.0,
     report: Reports = None,
     force: Annotated[
         bool, typer.Option("--force", "-f", help="Replace existing report files.")
@@ -491,8 +507,9 @@ def verify_command(
 
         _check_reports(check_report_paths(reports), reads, force)
         options = _verify_options(
-            device, seed, samples, input_shape, inputs, per_layer, atol, rtol, trust_pickle
-        )
+            device, seed, samples, input_shape, inputs, per_layer, atol, rtol, trust_pickle,
+            max_memory,
+        )  # fmt: skip
         from bnfuse.verify.compare import verify_models
 
         with _progress(quiet) as on_step:

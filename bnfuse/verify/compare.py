@@ -25,6 +25,7 @@ import onnx
 
 from bnfuse.errors import BnfuseError, InputError
 from bnfuse.result import Comparison, VerifyResult
+from bnfuse.verify import budget
 from bnfuse.verify import inputs as inputs_mod
 from bnfuse.verify.metrics import compare, stack
 from bnfuse.verify.options import Step, VerifyOptions
@@ -36,23 +37,38 @@ from bnfuse.verify.sources import Source, open_source
 _INLINE_LIMIT = 2**31 - 2**26
 
 
-def resolve_feeds(source: Source, opts: VerifyOptions) -> tuple[list[dict[str, np.ndarray]], str]:
-    """The input samples for ``source``: the user's file, or generated ones."""
+def resolve_feeds(
+    source: Source, opts: VerifyOptions, *, budgeted: bool = False
+) -> tuple[list[dict[str, np.ndarray]], str]:
+    """The input samples for ``source``: the user's file, or generated ones; unless
+    ``budgeted`` (preflight did it), first checked to fit bnfuse.verify.budget."""
     if opts.samples < 1:
         raise BnfuseError("--samples must be at least 1")
     if opts.inputs is not None:
-        return inputs_mod.load_npz(opts.inputs, source.specs), f"file {opts.inputs}"
+        given = inputs_mod.load_npz(opts.inputs, source.specs)
+        if not budgeted:
+            shapes = {name: tuple(a.shape) for name, a in given[0].items()}
+            budget.check(source.specs, shapes, len(given), source.proto, opts.max_bytes)
+        return given, f"file {opts.inputs}"
     shapes = inputs_mod.concrete_shapes(source.specs, opts.input_shapes)
+    if not budgeted:
+        budget.check(source.specs, shapes, opts.samples, source.proto, opts.max_bytes)
     return inputs_mod.generate(source.specs, shapes, opts.seed, opts.samples), "generated"
 
 
 def preflight(original: Path, opts: VerifyOptions) -> Source:
-    """Fail early, before anything is written, if the inputs or devices cannot be had.
+    """Fail early, before anything is written, if the inputs or devices cannot be had, or
+    the verification would hold more memory than bnfuse allows.
 
     Returns the opened original, for ``verify_models`` to use rather than load it again.
     """
     source = open_source(original, opts.trust_pickle)
-    resolve_feeds(source, VerifyOptions(**{**opts.__dict__, "samples": 1}))
+    if opts.inputs is None:
+        shapes = inputs_mod.concrete_shapes(source.specs, opts.input_shapes)
+        budget.check(source.specs, shapes, opts.samples, source.proto, opts.max_bytes)
+    resolve_feeds(
+        source, VerifyOptions(**{**opts.__dict__, "samples": 1}), budgeted=opts.inputs is None
+    )
     pick_devices(opts.device, available_devices(source))
     return source
 
@@ -74,7 +90,7 @@ def verify_models(
     a = opened if opened is not None else open_source(original, opts.trust_pickle)
     b = open_source(candidate, opts.trust_pickle)
     _check_interfaces(a, b, original, candidate)
-    feeds, source = resolve_feeds(a, opts)
+    feeds, source = resolve_feeds(a, opts, budgeted=opened is not None)
     devices, notes = pick_devices(opts.device, available_devices(a, b))
     layer_names = _layer_tensors(a, b, notes) if opts.per_layer else []
     models = _Models(original, candidate, layer_names)

@@ -27,6 +27,7 @@ class VerifyOptions:
     inputs: Path | None = None
     per_layer: bool = False
     trust_pickle: bool = False
+    max_bytes: int = 4 * 2**30  # what verification may hold (bnfuse.verify.budget)
 
 
 def parse_input_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
