@@ -98,6 +98,11 @@ def check_targets(
             )
         seen[key] = (what, path)
         if ident is None:
+            if os.path.islink(path) and not force:  # a link to nothing: the name is taken
+                raise OutputError(
+                    f"{where}: a symbolic link to {os.readlink(path)}, which does not exist",
+                    hint="pass --force to replace the link, or choose another name",
+                )
             continue
         if ident in read_ids:
             label, source = read_ids[ident]

@@ -130,6 +130,22 @@ def test_only_regular_files_are_replaced(
     assert check(os.stat(target).st_mode), f"{target} was replaced"
 
 
+def test_output_that_is_a_dangling_link_is_refused_and_replaced_with_force(
+    folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    link = folder / "f.onnx"
+    link.symlink_to(folder / "nowhere" / "x.onnx")
+    args = [str(folder / "m.onnx"), "-o", str(link), "--no-verify"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    assert "a symbolic link to" in err and "which does not exist" in err and "--force" in err
+    assert link.is_symlink()
+    code, _, err = run_cli([*args, "--force"], capsys)
+    assert code == 0, err
+    assert not link.is_symlink() and link.is_file()  # the link replaced, nothing written through it
+    assert not (folder / "nowhere").exists()
+
+
 def test_trailing_slash_names_a_folder(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli([str(folder / "m.onnx"), "-o", str(folder / "newdir") + "/"], capsys)
     assert code == 2 and "a trailing slash names a folder" in err

@@ -9,6 +9,7 @@ defaults to 1; any other dynamic dimension is an error that says what to pass.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,10 +140,20 @@ def generate(
 
 def load_npz(path: Path, specs: list[InputSpec]) -> list[Feeds]:
     """The user's arrays, by input name, used exactly as given (one sample)."""
+    hint = "save it with numpy.savez(path, INPUT_NAME=array, ...)"
     try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+        if head == b"\x93NUMPY":
+            raise InputError(
+                f"--inputs {path}: one array (.npy), not an .npz of input name to array",
+                hint=hint,
+            )
+        if not head.startswith(b"PK"):
+            raise InputError(f"--inputs {path}: not an .npz file (a zip of arrays)", hint=hint)
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"--inputs {path}: cannot read it as .npz ({exc})") from exc
     wanted = {s.name: s for s in specs}
     missing = sorted(set(wanted) - set(arrays))

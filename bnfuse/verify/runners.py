@@ -6,6 +6,8 @@ otherwise onnxruntime folds BatchNorm itself and "before" is already fused.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,9 +28,31 @@ class Runner(Protocol):
     def infer(self, feeds: Feeds) -> dict[str, np.ndarray]: ...
 
 
+def import_onnxruntime() -> Any:
+    """onnxruntime, imported with what it prints on stderr while it starts kept off it.
+
+    Where it cannot store its telemetry device id (HOME not writable), importing
+    onnxruntime prints a warning on stderr, once a process; bnfuse's stderr holds
+    one line for an error and nothing for a success. (An import that fails still
+    raises.)
+    """
+    if "onnxruntime" in sys.modules:
+        return sys.modules["onnxruntime"]
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import onnxruntime
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return onnxruntime
+
+
 def onnx_devices() -> dict[str, str | None]:
     """Each device and why it cannot run (None when it can)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     providers = ort.get_available_providers()
     cuda = (
@@ -61,11 +85,45 @@ class NoKernel(InputError):
     reason = ""
 
 
+def _encodable(model: Path) -> tuple[str, Any]:
+    """A path to ``model`` that onnxruntime can open, and what keeps it alive (or None).
+
+    onnxruntime takes a path as UTF-8 text, and a file name that is not UTF-8 (under
+    LANG=C, Python holds its bytes as surrogates) cannot be written so. Such a model is
+    opened through a temporary folder of links to its folder's files, by names that
+    are: external data is found there by the locations the model records (UTF-8).
+    """
+    text = str(model)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        return text, None
+    import tempfile
+
+    view = tempfile.TemporaryDirectory(prefix="bnfuse-ort-")
+    folder = model.resolve().parent
+    entries = []
+    for entry in os.listdir(folder):
+        try:
+            entry.encode("utf-8")
+        except UnicodeEncodeError:
+            continue
+        entries.append(entry)
+        os.symlink(folder / entry, Path(view.name) / entry)
+    name = next(
+        f"model{i}.onnx" for i in range(len(entries) + 1) if f"model{i}.onnx" not in entries
+    )
+    os.symlink(model.resolve(), Path(view.name) / name)
+    return str(Path(view.name) / name), view
+
+
 class OnnxRuntimeRunner:
     """One onnxruntime session on one device."""
 
     def __init__(self, model: Path | bytes, device: str, *, optimize: bool = False) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         options = ort.SessionOptions()
         options.graph_optimization_level = (
@@ -80,7 +138,10 @@ class OnnxRuntimeRunner:
             options.add_session_config_entry("session.disable_prepacking", "1")
         self.device = device
         self.label = f"onnxruntime {device.upper()}" + (" (optimised)" if optimize else "")
-        source: Any = str(model) if isinstance(model, Path) else model
+        self._view: Any = None
+        source: Any = model
+        if isinstance(model, Path):
+            source, self._view = _encodable(model)
         name = model.name if isinstance(model, Path) else "model"
         self._name = name
         try:

@@ -140,6 +140,28 @@ def test_html_report_is_self_contained(
     assert text.count("<svg") == 2  # one histogram (one output, cpu) + the per-layer chart
 
 
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [("npy", "one array (.npy), not an .npz of input name to array"),
+     ("text", "not an .npz file (a zip of arrays)")],
+)  # fmt: skip
+def test_inputs_that_are_not_an_npz_end_in_one_line(
+    content: str, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "m.onnx"
+    onnx.save(conv_chain(), src)
+    given = tmp_path / "in.data"
+    if content == "npy":
+        with open(given, "wb") as fh:
+            np.save(fh, np.zeros((1, 3, 8, 8), np.float32))
+    else:
+        given.write_text("x = 1, 2, 3\n")
+    code, _, err = run_cli(["verify", str(src), str(src), "--inputs", str(given)], capsys)
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert words in line and "numpy.savez" in line and "Error" not in line, line
+
+
 def test_inputs_file_is_used_as_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The .npz arrays are fed exactly: batch 3 and values checked against onnxruntime on them."""
     src = tmp_path / "m.onnx"
