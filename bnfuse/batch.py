@@ -114,15 +114,18 @@ class Job:
     force: bool
     verify: VerifyOptions | None
     trust_pickle: bool
+    writes_beneath: tuple[Path, ...] = ()  # the folders a batch writes into (bnfuse.sandbox)
 
 
 def run_one(job: Job) -> Outcome:
     """Fuse and verify one model; every error becomes the outcome's one-line message."""
+    from bnfuse import sandbox
     from bnfuse.api import fuse_and_verify
 
     outcome = Outcome(job.input, job.output)
     try:
         job.output.parent.mkdir(parents=True, exist_ok=True)
+        sandbox.for_model([job.input], job.writes_beneath, trusted=job.trust_pickle)
         outcome.fusion, outcome.verification = fuse_and_verify(
             job.input,
             job.output,
@@ -169,7 +172,12 @@ def run_batch(
                 f"{src}: lies inside the output folder {outdir}", hint="choose another -o"
             )
     outdir.mkdir(parents=True, exist_ok=True)
-    work = [Job(src, outdir / rel, force, verify, trust_pickle) for src, rel in models]
+    from bnfuse.report import job_summary
+
+    summary = job_summary([p for _, p in also_writes])
+    writes = [p for _, p in also_writes] + ([summary] if summary is not None else [])
+    folders = (outdir, *(Path(os.path.abspath(p)).parent for p in writes))
+    work = [Job(src, outdir / rel, force, verify, trust_pickle, folders) for src, rel in models]
     if jobs <= 1 or len(work) == 1:
         return BatchResult([run_one(job) for job in work])
     workers = min(jobs, len(work), os.cpu_count() or 1)

@@ -154,6 +154,17 @@ def _run(
         raise typer.Exit(code) from None
 
 
+def _confine(models: list[Path], writes: list[Path], reports: list[Path], trusted: bool) -> None:
+    """Before a torch model is opened: the second wall (bnfuse.sandbox), writes beneath the
+    folders of ``writes`` only (and $GITHUB_STEP_SUMMARY's, where a .md report goes too)."""
+    from bnfuse import sandbox
+    from bnfuse.report import job_summary
+
+    summary = job_summary(reports)
+    writes = [*writes, *([summary] if summary is not None else [])]
+    sandbox.for_model(models, [Path(os.path.abspath(w)).parent for w in writes], trusted=trusted)
+
+
 def _verify_options(
     device: str,
     seed: int,
@@ -408,6 +419,8 @@ def fuse_command(
             device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle,
             max_memory,
         )  # fmt: skip
+        writes = [p for _, p in targets] + ([out] if out is not None and not dry_run else [])
+        _confine([input], writes, reports, trust_pickle)
         with _progress(quiet) as on_step:
             return fuse_and_verify(
                 input, out, verify=None if no_verify else options, force=force,
@@ -510,6 +523,7 @@ def verify_command(
             device, seed, samples, input_shape, inputs, per_layer, atol, rtol, trust_pickle,
             max_memory,
         )  # fmt: skip
+        _confine([original, candidate], reports, reports, trust_pickle)
         from bnfuse.verify.compare import verify_models
 
         with _progress(quiet) as on_step:
@@ -543,6 +557,7 @@ def inspect_command(
         from bnfuse.verify.options import parse_input_shapes
 
         shapes = parse_input_shapes(input_shape or [])
+        _confine([input], [], [], trust_pickle)
         return fuse_file(input, None, dry_run=True, trust_pickle=trust_pickle, input_shapes=shapes)
 
     result = _run(debug, str(input), work)

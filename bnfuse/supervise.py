@@ -28,6 +28,8 @@ from types import FrameType
 from bnfuse import outputs
 
 EXIT_USAGE = 2
+# True in the child that does the work (bnfuse.sandbox confines it, never a library's caller).
+in_child = False
 
 _WHY: dict[int, str] = {
     signal.SIGBUS: "a file bnfuse was reading shrank or became unreadable during the run "
@@ -72,6 +74,8 @@ def run(work: Callable[[], int]) -> int:
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: bnfuse.cli installs its own handlers (outputs.Terminated)
+        global in_child
+        in_child = True
         for sig, old in previous.items():
             signal.signal(sig, old)
         os.close(read_fd)
@@ -139,6 +143,7 @@ def _wait(pid: int, read_fd: int, received: list[int]) -> int:
         for chunk in iter(lambda: pipe.read(65536), b""):
             data += chunk
     _, status = os.waitpid(pid, 0)
+    _remove_scratch(data)
     if os.WIFEXITED(status):
         code = os.WEXITSTATUS(status)
         if code > 128:  # stopped by a signal: what any of its processes published goes too
@@ -160,6 +165,16 @@ def _stopped(signum: int) -> int:
     name = signal.Signals(signum).name
     print(f"bnfuse: error: stopped by {name}; nothing partial was left behind", file=sys.stderr)
     return 128 + signum
+
+
+def _remove_scratch(data: bytes) -> None:
+    """The scratch folders the child worked in (bnfuse.sandbox), however it ended."""
+    import shutil
+
+    for line in os.fsdecode(data).splitlines():
+        parts = line.split("\0")
+        if len(parts) == 3 and parts[0] == "scratch":
+            shutil.rmtree(parts[1], ignore_errors=True)
 
 
 def _clean_up(data: bytes) -> None:

@@ -90,8 +90,15 @@ def write_texts(paths: list[Path], render: Callable[[Path], str], *, force: bool
     except BaseException:
         outputs.remove(written)
         raise
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    markdown = next((p for p in paths if p.suffix.lower() == ".md"), None)
-    if summary and markdown is not None:
+    summary = job_summary(paths)
+    if summary is not None:
+        markdown = next(p for p in paths if p.suffix.lower() == ".md")
         with open(summary, "a", encoding="utf-8") as fh:
             fh.write(render(markdown))
+
+
+def job_summary(reports: list[Path]) -> Path | None:
+    """$GITHUB_STEP_SUMMARY, where a .md report among ``reports`` is appended too; or None."""
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    wanted = any(p.suffix.lower() == ".md" for p in reports)
+    return Path(summary) if summary and wanted else None
