@@ -72,9 +72,15 @@ def abi() -> int:
     return max(version, 0)
 
 
+_confined = False
+
+
 def confine(writable: Iterable[Path]) -> str | None:
     """Confine this process (and what it starts) as the module says; None once done, else
-    why it could not be."""
+    why it could not be. Once per process: a batch's later models find it confined."""
+    global _confined
+    if _confined:
+        return None
     version = abi()
     if version < 1:
         return "Landlock is not available here"
@@ -108,6 +114,7 @@ def confine(writable: Iterable[Path]) -> str | None:
             return f"Landlock could not restrict the process ({os.strerror(ctypes.get_errno())})"
     finally:
         os.close(ruleset)
+    _confined = True
     return None
 
 

@@ -11,8 +11,10 @@ which shows the test can tell.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -114,3 +116,22 @@ def test_a_clean_torch_model_is_fused_verified_and_reported_when_confined(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("PASS") and proc.stderr == ""
     assert (tmp_path / "f.pt2").is_file() and (reports / "r.json").is_file()
+
+
+def test_a_process_is_confined_once(tmp_path: Path) -> None:
+    """A batch confines its process at its first torch model and finds it confined at each
+    later one: one Landlock layer (a process may stack 16), one scratch folder."""
+    code = textwrap.dedent(f"""
+        import sys, tempfile
+        sys.path.insert(0, {str(ROOT)!r})
+        from bnfuse import sandbox
+        results = [sandbox.confine([{str(tmp_path)!r}]) for _ in range(20)]
+        assert results == [None] * 20, results
+        fd, name = tempfile.mkstemp()
+        print(name)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    scratch = Path(proc.stdout.strip()).parent
+    assert scratch.name.startswith("bnfuse-run-") and scratch.parent == Path(tempfile.gettempdir())
+    shutil.rmtree(scratch)
