@@ -22,17 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnfuse.torch import archive, script_archive
+from sample_models.torch_nets import ConvBN
 from tests.test_cli import run_cli
-
-
-class _ConvBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
 
 
 def _setstate_writer(marker: str) -> nn.Module:
@@ -56,7 +47,7 @@ def _setstate_writer(marker: str) -> nn.Module:
             self.training = state[1]
             self.path = state[2]
 
-    class SetState(_ConvBN):
+    class SetState(ConvBN):
         def __init__(self) -> None:
             super().__init__()
             self.marker = Marker()
@@ -68,7 +59,7 @@ def _setstate_writer(marker: str) -> nn.Module:
 
 
 def _forward_writer(marker: str) -> nn.Module:
-    class Forward(_ConvBN):
+    class Forward(ConvBN):
         def __init__(self) -> None:
             super().__init__()
             self.path = marker
@@ -81,7 +72,7 @@ def _forward_writer(marker: str) -> nn.Module:
 
 
 def _save_writer(marker: str) -> nn.Module:
-    class Save(_ConvBN):
+    class Save(ConvBN):
         def __init__(self) -> None:
             super().__init__()
             self.path = marker
@@ -123,7 +114,7 @@ def _commands(model: Path, clean: Path, folder: Path, suffix: str) -> dict[str, 
 @pytest.fixture(scope="module")
 def clean_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("clean") / "clean.pt"
-    torch.jit.save(torch.jit.script(_ConvBN().eval()), str(path))
+    torch.jit.save(torch.jit.script(ConvBN().eval()), str(path))
     return path
 
 
@@ -202,14 +193,14 @@ class _Everyday(nn.Module):
 
 
 def test_everyday_torchscript_passes_the_check(tmp_path: Path) -> None:
-    for i, module in enumerate([_Everyday().eval(), _ConvBN().eval()]):
+    for i, module in enumerate([_Everyday().eval(), ConvBN().eval()]):
         path = tmp_path / f"m{i}.pt"
         scripted = torch.jit.script(module)
         torch.jit.save(scripted, str(path))
         assert script_archive.check(path) is None
         torch.jit.save(torch.jit.freeze(scripted), str(path))
         assert script_archive.check(path) is None
-    traced = torch.jit.trace(_ConvBN().eval(), torch.randn(1, 3, 8, 8))
+    traced = torch.jit.trace(ConvBN().eval(), torch.randn(1, 3, 8, 8))
     torch.jit.save(traced, str(tmp_path / "t.pt"))
     assert script_archive.check(tmp_path / "t.pt") is None
 
@@ -222,7 +213,7 @@ def clean_pt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("clean") / "clean.pt2"
     batch = torch.export.Dim("batch", min=1, max=64)
     ep = torch.export.export(
-        _ConvBN().eval(), (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch},)
+        ConvBN().eval(), (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch},)
     )
     torch.export.save(ep, str(path))
     return path

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from bnfuse.errors import InputError
 from bnfuse.torch import archive
 from bnfuse.torch.files import load_exported
+from sample_models.torch_nets import ConvBN
 from tests.test_cli import run_cli
 
 
@@ -35,19 +35,9 @@ class _Payload:
         return (eval, (code,))
 
 
-class _ConvBN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
-
-
 def _good(folder: Path) -> Path:
     path = folder / "good.pt2"
-    ep = torch.export.export(_ConvBN().eval(), (torch.randn(1, 3, 8, 8),))
+    ep = torch.export.export(ConvBN().eval(), (torch.randn(1, 3, 8, 8),))
     torch.export.save(ep, str(path))
     return path
 

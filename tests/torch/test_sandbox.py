@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from bnfuse import sandbox
+from sample_models.torch_nets import ConvBN
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,11 +45,9 @@ sandbox.confine = lambda folders: None
 """
 
 
-class _Writer(nn.Module):
+class _Writer(ConvBN):
     def __init__(self, marker: str) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.bn = nn.BatchNorm2d(4)
         self.path = marker
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,15 +93,6 @@ def test_a_missed_call_still_cannot_write_elsewhere(
 
 
 def test_a_clean_torch_model_is_fused_verified_and_reported_when_confined(tmp_path: Path) -> None:
-    class ConvBN(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.bn(self.conv(x))
-
     model = tmp_path / "m.pt2"
     torch.export.save(torch.export.export(ConvBN().eval(), (torch.randn(1, 3, 8, 8),)), model)
     reports = tmp_path / "reports"
