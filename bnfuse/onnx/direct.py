@@ -175,6 +175,7 @@ class _Direct:
     outputs: set[str] = field(default_factory=set)
     arrays: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
     weights: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)  # folded, by name
+    opset: int | None = None  # of the default domain (set by _check)
 
     def fuse(self, rewrite: bool = True) -> Fused:
         self._index()
@@ -212,6 +213,7 @@ class _Direct:
         graph = model.graph
         default = default_opset({o.domain: o.version for o in model.opset_import})
         _require(model.ir_version >= 4 and default is not None and knows_opset(default))
+        self.opset = default
         _require(not model.functions and not model.training_info)
         validate.check_model(model, self.path)  # raises: the full path says it better
         folds_read = self._fold_inputs()
@@ -301,16 +303,11 @@ class _Direct:
             else:
                 _require(attr.name in ("momentum", "consumed_inputs"))
         _require(all(not self.readers.get(o) and o not in self.outputs for o in bn.output[1:]))
-        versions = {o.domain: o.version for o in self.proto.opset_import}
-        is_test = next((a.i for a in bn.attribute if a.name == "is_test"), None)
-        training = next((a.i for a in bn.attribute if a.name == "training_mode"), 0)
+        # the attributes above are the inference values where set; the opset decides the rest
+        is_test = 1 if any(a.name == "is_test" for a in bn.attribute) else None
         outputs = sum(1 for o in bn.output if o)
-        _require(
-            batch_statistics(
-                default_opset(versions), training_mode=training, is_test=is_test, outputs=outputs
-            )
-            is None
-        )
+        mode = batch_statistics(self.opset, training_mode=0, is_test=is_test, outputs=outputs)
+        _require(mode is None)
         gamma, beta, mean, var = (_need(self.arrays.get(name)) for name in bn.input[1:])
         _require(all(fold.is_float(p) for p in (gamma, beta, mean, var)))
         return legality.Norm(params=legality.Params(gamma, beta, mean, var, eps))
