@@ -3,13 +3,15 @@
 Verification keeps every input sample and every output of every run (the
 original, the candidate and the noise floor: ``RUNS``) in memory until it
 compares them, and comparing one output takes float64 working arrays of
-``COMPARE_BYTES`` per element (measured: about 80). A tiny model can declare inputs of 2^26 floats each, or an
-output of 2^31 elements (``Expand`` to a constant shape), so the total is
-computed first, from the inputs' shapes and onnx's shape inference of the
-outputs at those shapes, and a verification beyond the bound (``--max-memory``,
-4 GiB by default) is refused with the figure rather than left to the kernel's
-OOM killer. Not counted: the runtime's own intermediate tensors, and an
-output whose shape inference cannot tell.
+``COMPARE_BYTES`` per element (measured: about 80). A tiny model can declare
+inputs of 2^26 floats each, or an output of 2^31 elements (``Expand`` to a
+constant shape), so the total is computed first, from the inputs' shapes and
+onnx's shape inference of the outputs at those shapes (without data
+propagation, which itself took 4 GB on eight inputs of 2^22 floats), and a
+verification beyond the bound (``--max-memory``, 4 GiB by default) is refused
+with the figure rather than left to the kernel's OOM killer. Not counted: the
+runtime's own intermediate tensors, and an output whose shape inference
+cannot tell.
 """
 
 from __future__ import annotations
