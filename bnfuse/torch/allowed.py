@@ -9,7 +9,8 @@ file (``aten::from_file(shared=True)``, ``aten::save``), talks to the
 network (``prim::rpc_async``) or calls Python. bnfuse decides from the
 archive, before torch opens it, with the rules here:
 
-- An operator is allowed when it lives in the ``aten`` or ``prim`` namespace,
+- An operator is allowed when it lives in the ``aten`` or ``prim`` namespace
+  (or is one of torchvision's detection operators, ``_OTHER_PURE``),
   is not one of the few with effects outside its tensors (``_NOT_PURE``), and
   every overload's arguments and results are tensors, numbers, devices,
   dtypes and containers of them. A string argument can name a file, so an operator
@@ -113,9 +114,18 @@ def _verdicts() -> dict[str, bool]:
     return verdict
 
 
+# Operators of other namespaces that compute on tensors only (reviewed): torchvision's,
+# which detection and segmentation networks call.
+_OTHER_PURE = frozenset(
+    "torchvision::" + name
+    for name in words("nms roi_align roi_pool ps_roi_align ps_roi_pool deform_conv2d")
+)
+
+
 def operator_ok(qualified: str) -> bool:
-    """``aten::conv2d`` yes, ``aten::from_file`` no; any other namespace no."""
-    return _verdicts().get(qualified, False)
+    """``aten::conv2d`` yes, ``aten::from_file`` no; another namespace only for the few
+    operators of ``_OTHER_PURE``."""
+    return qualified in _OTHER_PURE or _verdicts().get(qualified, False)
 
 
 # .pt2 node targets beside torch.ops.aten.*: the symbolic-shape arithmetic torch.export
@@ -135,9 +145,7 @@ def pt2_target_ok(target: str) -> bool:
         return True
     parts = target.split(".")
     return (
-        len(parts) == 5
-        and parts[:3] == ["torch", "ops", "aten"]
-        and operator_ok(f"aten::{parts[3]}")
+        len(parts) == 5 and parts[:2] == ["torch", "ops"] and operator_ok(f"{parts[2]}::{parts[3]}")
     )
 
 

@@ -320,3 +320,43 @@ def test_pt2_json_beyond_the_bound_is_refused_before_it_is_read(
 
 def test_a_dynamic_shape_pt2_passes_the_check(clean_pt2: Path) -> None:
     assert archive.check(clean_pt2) is None
+
+
+@pytest.mark.parametrize(
+    ("operator", "allowed"),
+    [("aten::conv2d", True), ("aten::batch_norm", True), ("aten::einsum", True),
+     ("aten::gelu", True), ("aten::upper", True), ("prim::RaiseException", True),
+     ("torchvision::nms", True),
+     ("aten::from_file", False), ("aten::save", False), ("aten::_print", False),
+     ("prim::Print", False), ("prim::rpc_async", False), ("aten::set_", False),
+     ("aten::manual_seed", False), ("quantized::conv2d", False), ("mylib::evil", False)],
+)  # fmt: skip
+def test_operator_verdicts(operator: str, allowed: bool) -> None:
+    from bnfuse.torch.allowed import operator_ok
+
+    assert operator_ok(operator) is allowed
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("Symbol('s77', positive=True, integer=True)", True),
+     ("Add(Mul(Integer(2), Symbol('s0')), Integer(-1))", True), ("s0*s1 + 3 >= 4", True),
+     ("FloorDiv(s0, 2)", True), ("Max(1, s0)", True),
+     ("__import__('os').system('x')", False), ("Symbol('s0').__class__", False),
+     ("(lambda: 1)()", False), ("[c for c in ()]", False), ("eval('1')", False)],
+)  # fmt: skip
+def test_symbolic_expression_verdicts(text: str, ok: bool) -> None:
+    from bnfuse.torch.allowed import sym_expr_ok
+
+    assert sym_expr_ok(text) is ok
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [("L['x'].size()[0] == 3", True), ("L['x'].stride()[1] <= Max(2, L['y'].size()[0])", True),
+     ("L['x'].__class__", False), ("L['x'].numpy()", False), ("open('f').read()", False)],
+)  # fmt: skip
+def test_guard_verdicts(text: str, ok: bool) -> None:
+    from bnfuse.torch.allowed import guard_ok
+
+    assert guard_ok(text) is ok
