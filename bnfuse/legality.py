@@ -112,9 +112,35 @@ class Layer:
         return int(self.weight.shape[self.axis]) * self.groups
 
 
+# Rule 3's "other readers" leave out those that read only what a fold keeps: a tensor's
+# shape, rank, element count, dtype and device (timm's BatchNormAct2d asserts x.ndim;
+# BatchNorm's own input check reads x.dim()). Each format spells them its own way.
+METADATA_READS = {
+    "onnx": frozenset({"Shape", "Size"}),
+    # torch.fx: attributes read with getattr, and methods
+    "fx_attributes": frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout"}),
+    "fx_methods": frozenset({"size", "dim", "ndimension", "numel", "nelement"}),
+    "torchscript": frozenset(
+        [
+            "aten::dim",
+            "aten::size",
+            "aten::sizes",
+            "prim::shape",
+            "aten::len",
+            "aten::numel",
+            "prim::dtype",
+            "prim::device",
+            "prim::is_cuda",
+            "prim::layout",
+        ]
+    ),
+}
+
+
 @dataclass(frozen=True)
 class Use:
-    """A value between the layer and the BatchNorm, and who else reads it."""
+    """A value between the layer and the BatchNorm, and who else reads it (those that read
+    only its metadata, ``METADATA_READS``, are no readers)."""
 
     value: str  # as a user reads it: "the output 'conv_out' of Conv 'conv1'"
     others: tuple[str, ...] = ()  # readers other than the next step of the chain

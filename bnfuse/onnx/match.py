@@ -270,7 +270,7 @@ def _uses(site: Site, folded: ir.Node) -> list[legality.Use]:
 
 
 # Readers of a value's shape only: folding changes no shape, so they are no other reader.
-_SHAPE_READS = ("Shape", "Size")
+_SHAPE_READS = legality.METADATA_READS["onnx"]
 
 
 def _use(node: ir.Node, reader: ir.Node) -> legality.Use:

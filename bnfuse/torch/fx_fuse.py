@@ -295,7 +295,6 @@ def _uses(bn: _BatchNorm, chain: Sequence[fx.Node], layer: fx.Node) -> list[lega
 
 _VIEWS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "_unsafe_view"}
 _PERMUTES = {"permute", "transpose"}
-_SHAPE_METHODS = {"size", "dim"}
 _SHAPE_OF_ARG1 = {"reshape_as", "view_as", "expand_as"}  # read only the shape of args[1]
 
 
@@ -317,12 +316,15 @@ def _kind(node: fx.Node) -> str | None:
 
 
 def _reads_shape(user: fx.Node, node: fx.Node) -> bool:
-    """``user`` reads only ``node``'s shape."""
+    """``user`` reads only what a fold keeps of ``node``: its shape, rank, dtype...
+    (legality.METADATA_READS)."""
     name = _op_name(user)
-    if user.op == "call_method" and name in _SHAPE_METHODS:
+    if user.op == "call_method" and name in legality.METADATA_READS["fx_methods"]:
         return True
+    attribute = user.args[1] if len(user.args) > 1 else None
     if user.op == "call_function" and (
-        (user.target is getattr and user.args[1:2] == ("shape",)) or name.startswith("sym_size")
+        (user.target is getattr and attribute in legality.METADATA_READS["fx_attributes"])
+        or name.startswith("sym_size")
     ):
         return True
     return (

@@ -13,6 +13,8 @@ pair is folded in place only when
 
 - the BatchNorm and the layer are modules (nn.BatchNorm*d, nn.Conv*d,
   nn.ConvTranspose*d, nn.Linear), not functional calls on stored tensors;
+- the BatchNorm module's forward is BatchNorm's own: a subclass that adds to it
+  (timm's BatchNormAct2d applies its activation) would lose that with it;
 - each module is called once in the graph (a layer called twice would change
   its other call; a BatchNorm called twice would vanish from its other call);
 - no other module shares the layer's weight or bias.
@@ -123,6 +125,14 @@ def _modules(
                 f"in place would change its other calls ({_COPY})",
             )
     assert layer_path is not None and bn_path is not None
+    norm = module.get_submodule(bn_path)
+    if type(norm).forward is not nn.modules.batchnorm._BatchNorm.forward:
+        return Refusal(
+            Skip.UNSUPPORTED,
+            f"the {type(norm).__name__} module '{bn_path}' has a forward of its own (an "
+            f"activation after the BatchNorm, say), which nn.Identity in its place would drop "
+            f"({_COPY})",
+        )
     target = module.get_submodule(layer_path)
     for name in ("weight", "bias"):
         tensor = getattr(target, name, None)

@@ -36,7 +36,7 @@ _LAYERS: dict[str, tuple[str, int | None, int | None]] = {
 }
 
 
-_SHAPE_READS = {"aten::dim", "aten::size", "aten::sizes", "prim::shape", "aten::len"}
+_SHAPE_READS = legality.METADATA_READS["torchscript"]
 
 
 def freeze(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
