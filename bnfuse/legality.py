@@ -26,9 +26,9 @@ The rules, in the order they are checked (DESIGN.md section 4):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -247,6 +247,44 @@ def channel_axis(layer: Layer) -> Refusal | None:
         f"the output of {layer.label}{rank} BatchNorm normalises axis 1, but the layer's "
         f"output channels are on axis {axis}",
     )
+
+
+# --- The shape-only steps between a layer and its BatchNorm, in every format ----------
+
+MAX_CHAIN = 8  # shape-only steps followed back from a BatchNorm to its layer
+_LOOK_BEYOND = 32  # how much further a layer is looked for, to say why it is not followed
+N = TypeVar("N")
+
+
+def chain_back(
+    producer: N, step_input: Callable[[N], N | None], is_layer: Callable[[N], bool]
+) -> tuple[list[N], N, Refusal | None]:
+    """The shape-only steps back from the BatchNorm's ``producer`` to a layer (in graph
+    order) and that layer, as every format walks them.
+
+    ``step_input(node)`` is the node a shape-only step reads (None where ``node`` is no
+    such step, or reads a graph input). Where no layer stands behind the steps there is
+    no chain: ``([], producer, None)``, and the BatchNorm's own producer is judged. Where
+    one stands further back than ``MAX_CHAIN`` steps, the refusal says so.
+    """
+    chain: list[N] = []
+    origin = producer
+    while len(chain) < MAX_CHAIN + _LOOK_BEYOND and (previous := step_input(origin)) is not None:
+        chain.append(origin)
+        origin = previous
+    if not chain or not is_layer(origin):
+        return [], producer, None
+    if len(chain) > MAX_CHAIN:
+        return (
+            [],
+            producer,
+            Refusal(
+                Skip.UNSUPPORTED,
+                f"its input is {len(chain)} shape-only steps after the layer, more than the "
+                f"{MAX_CHAIN} bnfuse follows",
+            ),
+        )
+    return chain[::-1], origin, None
 
 
 def follow(axis: int, channels: int, steps: Sequence[Step], hint: str = "") -> int | str:

@@ -131,3 +131,38 @@ def test_a_bn_behind_shape_ops_is_refused_with_the_reason(
         torch.equal(a, b)
         for a, b in zip(net.state_dict().values(), reference.state_dict().values(), strict=True)
     )
+
+
+class _Reshape(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, 8)
+
+
+class Steps(nn.Module):
+    """Linear -> ``n`` shape-only steps (reshapes that keep [B*N, 8]) -> BatchNorm1d."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+        self.steps = nn.Sequential(*(_Reshape() for _ in range(n)))
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.steps(self.fc(x).flatten(0, 1)))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("steps", [7, 8, 9])  # with the flatten: 8, 9 and 10 shape-only steps
+def test_the_same_limit_of_shape_only_steps_in_every_format(
+    steps: int, fmt: str, tmp_path: Path
+) -> None:
+    net = trained(Steps(steps)).eval()
+    (cand,), error = _run(net, fmt, tmp_path)
+    assert error < 1e-5, error
+    if steps + 1 <= 8:
+        assert cand.fusable, cand
+        return
+    assert cand.skip is Skip.UNSUPPORTED, cand
+    assert cand.reason == (
+        f"its input is {steps + 1} shape-only steps after the layer, more than the 8 bnfuse follows"
+    )

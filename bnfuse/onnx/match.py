@@ -219,15 +219,14 @@ def _norm(bn: ir.Node, ir_version: int, opset: int | None) -> legality.Norm:
     )
 
 
-_MAX_CHAIN = 8
-
-
 def _site_before(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Site | Refusal:
     """The layer whose output the BatchNorm reads (through shape-only nodes, if any),
     with constant weights, in its graph."""
     if producer is None:
         return Refusal(Skip.NO_LAYER, "its input is a graph input, not a layer's output")
-    chain, origin = _shape_chain(producer)
+    chain, origin, too_far = _shape_chain(producer)
+    if too_far is not None:
+        return too_far
     site = _site(origin, ir_version)
     if isinstance(site, Refusal):
         return site
@@ -240,26 +239,22 @@ def _site_before(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Site
     return replace(site, chain=chain)
 
 
-def _shape_chain(producer: ir.Node) -> tuple[tuple[ir.Node, ...], ir.Node]:
-    """Shape-only nodes back from ``producer`` to a layer (in graph order), and that layer.
+def _shape_chain(
+    producer: ir.Node,
+) -> tuple[tuple[ir.Node, ...], ir.Node, Refusal | None]:
+    """Shape-only nodes back from ``producer`` to a layer (legality.chain_back)."""
+    chain, origin, too_far = legality.chain_back(
+        producer, _step_input, lambda n: n.op_type in LAYER_OPS
+    )
+    return tuple(chain), origin, too_far
 
-    No chain when no layer stands behind them: the BatchNorm's own producer is reported.
-    """
-    chain: list[ir.Node] = []
-    origin: ir.Node | None = producer
-    while (
-        origin is not None
-        and origin.op_type in SHAPE_OPS
-        and origin.domain in ("", "ai.onnx")
-        and origin.inputs
-        and origin.inputs[0] is not None
-        and len(chain) < _MAX_CHAIN
-    ):
-        chain.append(origin)
-        origin = origin.inputs[0].producer()
-    if not chain or origin is None or origin.op_type not in LAYER_OPS:
-        return (), producer
-    return tuple(reversed(chain)), origin
+
+def _step_input(node: ir.Node) -> ir.Node | None:
+    """The node a shape-only node reads; None for any other node."""
+    if node.op_type not in SHAPE_OPS or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return None
+    first = node.inputs[0]
+    return first.producer() if first is not None else None
 
 
 def _uses(site: Site, folded: ir.Node) -> list[legality.Use]:

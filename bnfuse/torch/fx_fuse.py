@@ -342,19 +342,14 @@ def _is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in LAYER_FUNCTIONS
 
 
-def _chain(gm: fx.GraphModule, producer: fx.Node) -> tuple[list[fx.Node], fx.Node]:
-    """Shape-only nodes back from ``producer`` to a layer (in graph order), and that layer;
-    no chain when no layer stands behind them."""
-    chain: list[fx.Node] = []
-    origin = producer
-    while _kind(origin) is not None and origin.args and isinstance(origin.args[0], fx.Node):
-        chain.append(origin)
-        origin = origin.args[0]
-        if len(chain) > 8:
-            break
-    if chain and not _is_layer(gm, origin):
-        return [], producer
-    return chain[::-1], origin
+def _chain(gm: fx.GraphModule, producer: fx.Node) -> tuple[list[fx.Node], fx.Node, Refusal | None]:
+    """Shape-only nodes back from ``producer`` to a layer (legality.chain_back)."""
+
+    def step_input(node: fx.Node) -> fx.Node | None:
+        first = node.args[0] if node.args else None
+        return first if _kind(node) is not None and isinstance(first, fx.Node) else None
+
+    return legality.chain_back(producer, step_input, lambda n: _is_layer(gm, n))
 
 
 def _steps(chain: Sequence[fx.Node]) -> tuple[legality.Step, ...]:
@@ -499,7 +494,7 @@ def decisions(gm: fx.GraphModule) -> Iterator[Decision]:
         if bn is None:
             continue
         producer = bn.input if isinstance(bn.input, fx.Node) else None
-        chain, origin = _chain(gm, producer) if producer is not None else ([], None)
+        chain, origin, too_far = _chain(gm, producer) if producer is not None else ([], None, None)
         candidate = Candidate(
             node=_name(node), graph="forward",
             layer=_name(origin) if origin is not None else None,
@@ -507,7 +502,9 @@ def decisions(gm: fx.GraphModule) -> Iterator[Decision]:
             consumers=tuple(u.name for u in bn.out.users),
         )  # fmt: skip
         layer = (
-            _layer(gm, origin)
+            too_far
+            if too_far is not None
+            else _layer(gm, origin)
             if origin is not None
             else Refusal(Skip.NO_LAYER, "its input is not a graph value")
         )

@@ -166,13 +166,13 @@ def _fuse_graph(
     for bn in list(graph.nodes()):
         if bn.kind() != "aten::batch_norm":
             continue
-        chain, producer = _chain(bn.inputsAt(0).node())
+        chain, producer, too_far = _chain(bn.inputsAt(0).node())
         candidate = Candidate(
             node=_label(bn, owners), graph=method, layer=_label(producer, owners),
             layer_op=producer.kind(), consumers=tuple(u.user.kind() for u in bn.output().uses()),
         )  # fmt: skip
         norm = _norm(bn)
-        layer = _layer(producer, owners, shapes)
+        layer = too_far or _layer(producer, owners, shapes)
         if isinstance(layer, legality.Layer):
             layer = replace(layer, steps=_steps(chain, shapes))
         nodes = [producer, *chain]
@@ -230,17 +230,13 @@ _PERMUTES = {"aten::permute", "aten::transpose"}
 _SHAPE_OF_ARG1 = {"aten::reshape_as", "aten::view_as", "aten::expand_as"}
 
 
-def _chain(producer: Any) -> tuple[list[Any], Any]:
-    """Shape-only nodes back from ``producer`` to a layer (in graph order), and that layer;
-    no chain when no layer stands behind them."""
-    chain: list[Any] = []
-    origin = producer
-    while origin.kind() in _VIEWS | _PERMUTES and len(chain) < 8:
-        chain.append(origin)
-        origin = origin.inputsAt(0).node()
-    if chain and origin.kind() not in _LAYERS:
-        return [], producer
-    return chain[::-1], origin
+def _chain(producer: Any) -> tuple[list[Any], Any, Refusal | None]:
+    """Shape-only nodes back from ``producer`` to a layer (legality.chain_back)."""
+
+    def step_input(node: Any) -> Any:
+        return node.inputsAt(0).node() if node.kind() in _VIEWS | _PERMUTES else None
+
+    return legality.chain_back(producer, step_input, lambda n: n.kind() in _LAYERS)
 
 
 class _Shapes:
