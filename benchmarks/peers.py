@@ -5,6 +5,8 @@
                                                      # graphs of 3,000 and 30,000 nodes
     python benchmarks/peers.py model.onnx other.onnx # your own models too
     python benchmarks/peers.py --runs 5 --sizes 12 50 100 200 400 --out table.md
+    python benchmarks/peers.py --sizes --everyday graph_3k --unnamed \
+        --tools ort-basic --checkout before=../old --checkout after=.   # two bnfuse trees
 
 Tools, each run as its own process on the same input (runs alternate between
 tools, so drift in the machine's load hits them all alike, and each starts
@@ -17,6 +19,11 @@ after a ``sync``, so no tool pays for the previous one's writeback):
   ort-basic     onnxruntime offline optimizer, ORT_ENABLE_BASIC, optimized_model_filepath
   onnxscript    onnxscript.rewriter with its fuse-batchnorm rules
   cp            copying the file, the floor for any tool that reads and writes it
+
+``--unnamed`` runs each model a second time with its node names removed (ONNX
+names are optional; onnx.helper writes none). ``--checkout NAME=DIR`` adds the
+tool ``bnfuse@NAME``: bnfuse as the checkout in DIR has it (``bnfuse`` itself is
+the installed one), to pair two versions in one run.
 
 Per model and tool: BatchNorms left, nodes added (by op type, counted against
 the input), the max abs and RMS error of the outputs on 8 random inputs
@@ -65,6 +72,12 @@ ONNXSCRIPT = (
     "rules = [f.fuse_batchnorm_into_conv_rule, f.fuse_batchnorm_into_conv_transpose_rule, "
     "f.fuse_batchnorm_into_gemm_rule]; m = ir.load(sys.argv[1]); "
     "m = rewriter.rewrite(m, pattern_rewrite_rules=rules); ir.save(m, sys.argv[2])"
+)
+# bnfuse from a checkout's folder, ahead of the installed one (sys.path before the finder
+# of an editable install), run as the console script runs it.
+CHECKOUT = (
+    "import sys; sys.path.insert(0, {root!r}); from bnfuse.cli import main; "
+    "sys.argv = ['bnfuse', *sys.argv[1:]]; main()"
 )
 # Console scripts from this interpreter's environment: a bare name could find
 # another installation first (a pyenv shim adds a bash script and ~0.1 s).
@@ -144,6 +157,16 @@ def generated(sizes_mb: list[int], folder: Path) -> list[Path]:
 # Models of everyday shape: networks people ship, exported as torch.onnx.export writes
 # them with constant folding off (BatchNorms kept), and graphs of many small nodes.
 EVERYDAY = ["mobilenet_v2_0.5", "mobilenet_v2_1.4", "resnet50", "graph_3k", "graph_30k"]
+
+
+def unnamed(model: Path, folder: Path) -> Path:
+    """A copy of ``model`` with every node's name removed (inline weights only)."""
+    proto = onnx.load(str(model))
+    for node in proto.graph.node:
+        node.ClearField("name")
+    path = folder / f"{model.stem}-unnamed.onnx"
+    onnx.save(proto, path)
+    return path
 
 
 def everyday(names: list[str], folder: Path) -> list[Path]:
@@ -414,9 +437,20 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per tool run")
     parser.add_argument("--tools", nargs="*", default=list(TOOLS))
     parser.add_argument("--out", type=Path, help="write the Markdown table here too")
+    parser.add_argument("--unnamed", action="store_true", help="each model without node names too")
+    parser.add_argument(
+        "--checkout", action="append", default=[], metavar="NAME=DIR",
+        help="also run the bnfuse of the checkout in DIR, as tool bnfuse@NAME (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
     TIMEOUT = args.timeout
     tools = [t for t in args.tools if t == "cp" or shutil.which(TOOLS[t][0]) or TOOLS[t][0] == PY]
+    for item in args.checkout:
+        name, _, folder = item.partition("=")
+        root = Path(folder).resolve()
+        compileall.compile_dir(root / "bnfuse", quiet=1)
+        TOOLS[f"bnfuse@{name}"] = [PY, "-c", CHECKOUT.format(root=str(root)), *TOOLS["bnfuse"][1:]]
+        tools.insert(0, f"bnfuse@{name}")
     # pip compiles an installed package's modules to bytecode; an editable checkout
     # under PYTHONDONTWRITEBYTECODE=1 would compile bnfuse's afresh on every run.
     import bnfuse
@@ -426,6 +460,8 @@ def main() -> None:
         scratch = Path(tmp)
         models = generated(args.sizes, scratch) + everyday(args.everyday, scratch)
         models += list(args.models)
+        if args.unnamed:
+            models = [m for model in models for m in (model, unnamed(model, scratch))]
         results = bench(models, tools, args.runs, scratch)
         text = table(models, tools, results)
     header = (

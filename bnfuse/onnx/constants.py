@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from bnfuse.fold import Array
 from bnfuse.onnx.light import raw_array
-from bnfuse.onnx.ops import EVALUATED, MAX_DEPTH, evaluates, op_name
+from bnfuse.onnx.ops import EVALUATED, MAX_DEPTH, evaluates, node_name, op_name
 
 # IR version 4 is where initializers stopped having to be graph inputs.
 OVERRIDABLE_SINCE_IR = 4
@@ -69,7 +69,9 @@ def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | 
     if node is None:
         return NotConstant(f"'{name}' has no producer and no value")
     if not evaluates(node):
-        return NotConstant(f"'{name}' is computed by {op_name(node)} '{node.name}', not a constant")
+        return NotConstant(
+            f"'{name}' is computed by {op_name(node)} '{node_name(node)}', not a constant"
+        )
     if depth >= MAX_DEPTH:
         return NotConstant(f"'{name}' is a constant expression deeper than {MAX_DEPTH} nodes")
     if value is not node.outputs[0]:

@@ -59,6 +59,7 @@ from bnfuse.onnx.ops import (
     default_opset,
     evaluates,
     is_batchnorm,
+    node_name,
     op_name,
 )
 from bnfuse.onnx.proto import AttributeProto, ModelProto, TensorProto, ValueInfoProto, knows_opset
@@ -269,21 +270,21 @@ class _Direct:
     def _batchnorm(self, bn: Any, graph_name: str) -> tuple[_Plan, Candidate]:
         norm = self._norm(bn)
         layer = _need(self.producer.get(bn.input[0]))
-        _require(layer.op_type in _LAYERS and layer.domain in DEFAULT_DOMAINS and bool(layer.name))
+        _require(layer.op_type in _LAYERS and layer.domain in DEFAULT_DOMAINS)
         out = layer.output[0]
         _require(self.readers.get(out) == [bn])  # read by the BatchNorm alone, not even a Shape
         facts = self._layer(layer)
         use = legality.Use(
-            value=f"the output '{out}' of {layer.op_type} '{layer.name}'",
+            value=f"the output '{out}' of {layer.op_type} '{node_name(layer)}'",
             graph_output=out in self.outputs,
         )
         decided = legality.decide(norm, facts, [use])
         if not isinstance(decided, legality.Fold):
             raise _NotDirect  # a skip: the full path words it (and tries the following Conv)
         candidate = Candidate(
-            node=bn.name,
+            node=node_name(bn),
             graph=graph_name,
-            layer=layer.name,
+            layer=node_name(layer),
             layer_op=layer.op_type,
             consumers=tuple(r.name or r.op_type for r in self.readers.get(bn.output[0], [])),
             health=legality.health(norm, facts, decided),
@@ -292,7 +293,7 @@ class _Direct:
 
     def _norm(self, bn: Any) -> legality.Norm:
         """An inference BatchNorm's facts, its parameters initializers (as match._norm)."""
-        _require(len(bn.input) == 5 and all(bn.input) and bool(bn.name))
+        _require(len(bn.input) == 5 and all(bn.input))
         eps = 1e-5
         for attr in bn.attribute:
             if attr.name == "epsilon":
@@ -326,7 +327,7 @@ class _Direct:
         _require(bias is None or bias.shape == (cout,))
         data_type = self.inits[layer.input[1]].data_type
         return legality.Layer(
-            label=f"{layer.op_type} '{layer.name}'",
+            label=f"{layer.op_type} '{node_name(layer)}'",
             weight=weight,
             bias=bias,
             axis=0 if layer.op_type == "Conv" else 1,
@@ -367,23 +368,22 @@ class _Direct:
             and readers[0].op_type == "Conv"
             and readers[0].domain in DEFAULT_DOMAINS
         )
-        _require(not following and bool(bn.name))  # the following Conv is the full path's
+        _require(not following)  # the following Conv is the full path's
         source = producer.get(bn.input[0])
         if source is None:
             reason = "its input is a graph input, not a layer's output"
         else:
-            _require(bool(source.name))
             reason = (
-                f"its input comes from {source.op_type} '{source.name}', which has no weight "
+                f"its input comes from {source.op_type} '{node_name(source)}', which has no weight "
                 "to fold into"
             )
         refusal = legality.Refusal(Skip.NO_LAYER, reason)
         decided = legality.decide(norm, refusal, ())
         _require(decided == refusal)
         return Candidate(
-            node=bn.name,
+            node=node_name(bn),
             graph=graph_name,
-            layer=source.name if source is not None else None,
+            layer=node_name(source) if source is not None else None,
             layer_op=source.op_type if source is not None else None,
             consumers=tuple(r.name or r.op_type for r in readers),
             skip=refusal.skip,
@@ -404,12 +404,11 @@ class _Direct:
             _require(self._surely_computed(other, producer, 0, {}))
             return None  # Add(layer, something computed): a residual connection
         why = self._computed(other, producer)
-        _require(bool(node.name) and bool(layer.name))
-        label = f"{node.op_type} '{node.name}'"
+        label = f"{node.op_type} '{node_name(node)}'"
         return Candidate(
-            node=node.name,
+            node=node_name(node),
             graph=graph_name,
-            layer=layer.name,
+            layer=node_name(layer),
             layer_op=layer.op_type,
             op=node.op_type,
             skip=Skip.NOT_CONSTANT,
@@ -423,8 +422,8 @@ class _Direct:
             _require(name in {v.name for v in self.proto.graph.input})
             return f"'{name}' is a graph input, not a constant"
         node = producer[name]
-        _require(bool(node.name) and not evaluates(node))
-        return f"'{name}' is computed by {op_name(node)} '{node.name}', not a constant"
+        _require(not evaluates(node))
+        return f"'{name}' is computed by {op_name(node)} '{node_name(node)}', not a constant"
 
     def _surely_computed(
         self, name: str, producer: dict[str, Any], depth: int, memo: dict[str, bool]
@@ -617,7 +616,8 @@ def _copy(message: Any) -> Any:
 
 def _as_onnx_ir_writes(model: Any) -> None:
     """The fields onnx-ir's writer sets differently from what it read: opset imports
-    with their domain spelt out, once each; empty strings and versions left out."""
+    with their domain spelt out, once each; empty strings (the model's, the graph's and
+    each node's) and versions left out."""
     opsets = {o.domain: o.version for o in model.opset_import}
     del model.opset_import[:]
     for domain, version in opsets.items():
@@ -629,3 +629,7 @@ def _as_onnx_ir_writes(model: Any) -> None:
         for name in fields:
             if message.HasField(name) and not getattr(message, name):
                 message.ClearField(name)
+    for node in model.graph.node:  # a name set to "" (an unnamed node) is written as none
+        for name in ("name", "domain", "doc_string"):
+            if not getattr(node, name) and node.HasField(name):
+                node.ClearField(name)

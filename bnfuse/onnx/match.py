@@ -47,6 +47,7 @@ from bnfuse.onnx.ops import (
     batch_statistics,
     default_opset,
     is_batchnorm,
+    node_name,
 )
 from bnfuse.result import Candidate, Skip
 
@@ -138,7 +139,7 @@ def _in_functions(model: ir.Model) -> list[Match]:
                 candidate = Candidate(
                     node=_name(node),
                     graph=f"function {where}",
-                    layer=producer.name if producer is not None else None,
+                    layer=_name(producer) if producer is not None else None,
                     layer_op=producer.op_type if producer is not None else None,
                     skip=Skip.UNSUPPORTED,
                     reason=(
@@ -151,8 +152,7 @@ def _in_functions(model: ir.Model) -> list[Match]:
     return matches
 
 
-def _name(node: ir.Node) -> str:
-    return node.name or (node.outputs[0].name or "<unnamed>")
+_name = node_name
 
 
 def _match_bn(bn: ir.Node, graph_name: str, ir_version: int, opset: int | None) -> Match:
@@ -161,14 +161,14 @@ def _match_bn(bn: ir.Node, graph_name: str, ir_version: int, opset: int | None) 
     candidate = Candidate(
         node=_name(bn),
         graph=graph_name,
-        layer=producer.name if producer is not None else None,
+        layer=_name(producer) if producer is not None else None,
         layer_op=producer.op_type if producer is not None else None,
         consumers=_consumers(bn),
     )
     norm = _norm(bn, ir_version, opset)
     site = _site_before(bn, producer, ir_version)
     if isinstance(site, Site) and site.chain:  # name the layer, not the shape op before the BN
-        candidate = replace(candidate, layer=site.tail.name, layer_op=site.tail.op_type)
+        candidate = replace(candidate, layer=_name(site.tail), layer_op=site.tail.op_type)
     layer = _layer(site, ir_version) if isinstance(site, Site) else site
     decided = legality.decide(norm, layer, _uses(site, bn) if isinstance(site, Site) else ())
     candidate = replace(candidate, health=legality.health(norm, layer, decided))
@@ -179,7 +179,9 @@ def _match_bn(bn: ir.Node, graph_name: str, ir_version: int, opset: int | None) 
         return Match(candidate, _plan(bn, site, decided))
     follower = _following_conv(bn)
     if follower is not None and decided.skip not in (Skip.TRAINING_MODE, Skip.STATS_OUTPUTS):
-        into = replace(candidate, layer=follower.name, layer_op=follower.op_type, into="following")
+        into = replace(
+            candidate, layer=_name(follower), layer_op=follower.op_type, into="following"
+        )
         forward = _following(bn, follower, ir_version)
         conv = forward if isinstance(forward, Refusal) else forward[0]
         ahead = legality.decide_following(norm, conv)
@@ -233,7 +235,7 @@ def _site_before(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Site
     if any(n.graph is not bn.graph for n in (site.layer, site.tail, *chain)):
         return Refusal(
             Skip.UNSUPPORTED,
-            f"{site.layer.op_type} '{site.layer.name}' is in an enclosing graph, outside the "
+            f"{site.layer.op_type} '{_name(site.layer)}' is in an enclosing graph, outside the "
             "subgraph that holds the BatchNorm",
         )
     return replace(site, chain=chain)
@@ -278,7 +280,7 @@ def _use(node: ir.Node, reader: ir.Node) -> legality.Use:
         and not (u.node.op_type in _SHAPE_READS and u.node.domain in ("", "ai.onnx"))
     ]
     return legality.Use(
-        value=f"the output '{out.name}' of {node.op_type} '{node.name}'",
+        value=f"the output '{out.name}' of {node.op_type} '{_name(node)}'",
         others=tuple(r.name or r.op_type for r in others),
         graph_output=out.is_graph_output(),
     )
@@ -295,7 +297,7 @@ def _steps(site: Site, ir_version: int) -> tuple[legality.Step, ...]:
     steps: list[legality.Step] = []
     dims = _dims(site.tail.outputs[0]) or _layer_dims(site)
     for node in site.chain:
-        label = f"{node.op_type} '{node.name}'"
+        label = f"{node.op_type} '{_name(node)}'"
         after = _dims(node.outputs[0]) or _shape_op_dims(node, dims, ir_version)
         if node.op_type == "Transpose":
             rank = len(dims) if dims is not None else _known_rank(node.outputs[0])
@@ -524,7 +526,7 @@ def _layer(site: Site, ir_version: int) -> legality.Layer:
         rank = _known_rank(layer.outputs[0], site.tail.outputs[0], layer.inputs[0])
         channel_axis = None if rank is None else rank - 1
     return legality.Layer(
-        label=f"{layer.op_type} '{layer.name}'",
+        label=f"{layer.op_type} '{_name(layer)}'",
         weight=site.weight,
         bias=site.bias,
         axis=site.axis,
@@ -591,7 +593,7 @@ def _following(
     groups = conv.attributes.get_int("group", 1)
     dtype = _dtype_of(conv, weight)
     facts = legality.Following(
-        label=f"Conv '{conv.name}'",
+        label=f"Conv '{_name(conv)}'",
         weight=weight,
         bias=bias,
         groups=groups,
@@ -637,11 +639,11 @@ def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match
     candidate = Candidate(
         node=_name(node),
         graph=graph_name,
-        layer=layer.name,
+        layer=_name(layer),
         layer_op=layer.op_type,
         op=node.op_type,
     )
-    label = f"{node.op_type} '{node.name}'"
+    label = f"{node.op_type} '{_name(node)}'"
     if isinstance(const, NotConstant):
         return Match(
             replace(
@@ -652,7 +654,7 @@ def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match
         )
     site = _site(layer, ir_version)
     if isinstance(site, Site) and layer.graph is not node.graph:
-        site = Refusal(Skip.UNSUPPORTED, f"{layer.op_type} '{layer.name}' is in another graph")
+        site = Refusal(Skip.UNSUPPORTED, f"{layer.op_type} '{_name(layer)}' is in another graph")
     facts = _layer(site, ir_version) if isinstance(site, Site) else site
     uses = [_use(layer, node)] if isinstance(site, Site) else []
     decided = legality.decide_scale_shift(node.op_type, const, facts, uses, label)
@@ -683,7 +685,7 @@ def _const_input(node: ir.Node, index: int, what: str, ir_version: int) -> Array
         return None
     array = constant_array(value, ir_version)
     if isinstance(array, NotConstant):
-        return _not_constant(f"{node.op_type} '{node.name}' {what}", array)
+        return _not_constant(f"{node.op_type} '{_name(node)}' {what}", array)
     return array
 
 
@@ -717,7 +719,7 @@ def _layer_site(producer: ir.Node, ir_version: int) -> Site | Refusal:
         return _matmul_add_site(producer, ir_version)
     return Refusal(
         Skip.NO_LAYER,
-        f"its input comes from {producer.op_type} '{producer.name}', which has no weight "
+        f"its input comes from {producer.op_type} '{_name(producer)}', which has no weight "
         "to fold into",
     )
 
@@ -725,7 +727,7 @@ def _layer_site(producer: ir.Node, ir_version: int) -> Site | Refusal:
 def _required_const(node: ir.Node, index: int, what: str, ir_version: int) -> Array | Refusal:
     array = _const_input(node, index, what, ir_version)
     if array is None:
-        return Refusal(Skip.NOT_CONSTANT, f"{node.op_type} '{node.name}' has no {what}")
+        return Refusal(Skip.NOT_CONSTANT, f"{node.op_type} '{_name(node)}' has no {what}")
     return array
 
 
@@ -750,14 +752,14 @@ def _conv_site(node: ir.Node, ir_version: int) -> Site | Refusal:
     if weight.ndim < 3:
         return Refusal(
             Skip.SHAPE_MISMATCH,
-            f"{node.op_type} '{node.name}' weight has shape {list(weight.shape)}",
+            f"{node.op_type} '{_name(node)}' weight has shape {list(weight.shape)}",
         )
     groups_t = node.attributes.get_int("group", 1) if node.op_type == "ConvTranspose" else 1
     cout = weight.shape[0] if node.op_type == "Conv" else weight.shape[1] * groups_t
     if bias is not None and bias.shape != (cout,):
         return Refusal(
             Skip.SHAPE_MISMATCH,
-            f"{node.op_type} '{node.name}' bias has shape {list(bias.shape)}, expected [{cout}]",
+            f"{node.op_type} '{_name(node)}' bias has shape {list(bias.shape)}, expected [{cout}]",
         )
     if node.op_type == "Conv":
         return Site(node, node, weight, axis=0, groups=1, bias=bias, bias_index=2)
@@ -765,7 +767,7 @@ def _conv_site(node: ir.Node, ir_version: int) -> Site | Refusal:
     if groups < 1 or weight.shape[0] % groups:
         return Refusal(
             Skip.SHAPE_MISMATCH,
-            f"ConvTranspose '{node.name}' has group={groups}, which does not divide "
+            f"ConvTranspose '{_name(node)}' has group={groups}, which does not divide "
             f"its {weight.shape[0]} input channels",
         )
     return Site(node, node, weight, axis=1, groups=groups, bias=bias, bias_index=2)
@@ -777,12 +779,14 @@ def _gemm_site(node: ir.Node, ir_version: int) -> Site | Refusal:
         return params
     weight, c = params
     if weight.ndim != 2:
-        return Refusal(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' B has shape {list(weight.shape)}")
+        return Refusal(
+            Skip.SHAPE_MISMATCH, f"Gemm '{_name(node)}' B has shape {list(weight.shape)}"
+        )
     axis = 0 if node.attributes.get_int("transB", 0) else 1
     bias = None
     if c is not None:
         if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, weight.shape[axis])):
-            return Refusal(Skip.SHAPE_MISMATCH, f"Gemm '{node.name}' C has shape {list(c.shape)}")
+            return Refusal(Skip.SHAPE_MISMATCH, f"Gemm '{_name(node)}' C has shape {list(c.shape)}")
         bias = c.astype(np.float64) * node.attributes.get_float("beta", 1.0)
     return Site(node, node, weight, axis=axis, groups=1, bias=bias, bias_index=2)
 
@@ -800,7 +804,7 @@ def _matmul_site(
     if weight.ndim != 2:
         return Refusal(
             Skip.SHAPE_MISMATCH,
-            f"MatMul '{matmul.name}' weight has shape {list(weight.shape)}, "
+            f"MatMul '{_name(matmul)}' weight has shape {list(weight.shape)}, "
             "only a 2-D [K, N] weight is folded",
         )
     return Site(matmul, tail, weight, axis=1, groups=1, bias=bias, bias_index=bias_index)
@@ -818,19 +822,19 @@ def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | Refusal:
         if bias.ndim > 2:
             return Refusal(
                 Skip.SHAPE_MISMATCH,
-                f"Add '{add.name}' bias has shape {list(bias.shape)}, which would change "
+                f"Add '{_name(add)}' bias has shape {list(bias.shape)}, which would change "
                 "the output's rank",
             )
         weight_value = matmul.inputs[1]
         n = weight_value.shape[-1] if weight_value is not None and weight_value.shape else None
         if bias.ndim >= 1 and n is not None and bias.shape[-1] not in (1, n):
             return Refusal(
-                Skip.SHAPE_MISMATCH, f"Add '{add.name}' bias has shape {list(bias.shape)}"
+                Skip.SHAPE_MISMATCH, f"Add '{_name(add)}' bias has shape {list(bias.shape)}"
             )
         return _matmul_site(matmul, add, bias, bias_index, ir_version)
     return Refusal(
         Skip.NO_LAYER,
-        f"its input comes from Add '{add.name}', which is not a MatMul plus a constant bias",
+        f"its input comes from Add '{_name(add)}', which is not a MatMul plus a constant bias",
     )
 
 

@@ -39,6 +39,17 @@ def op_name(node: Any) -> str:
     return str(node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}")
 
 
+def node_name(node: Any) -> str:
+    """How a report names a node: by its name, or (ONNX names are optional) by its first
+    output's. Takes an onnx-ir Node (``outputs``: values) or a NodeProto (``output``)."""
+    if node.name:
+        return str(node.name)
+    outputs = node.outputs if hasattr(node, "outputs") else node.output
+    first = outputs[0] if len(outputs) else None
+    first = getattr(first, "name", first)
+    return str(first) if first else "<unnamed>"
+
+
 def is_batchnorm(node: Any) -> bool:
     return bool(node.op_type == "BatchNormalization" and node.domain in DEFAULT_DOMAINS)
 

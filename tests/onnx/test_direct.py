@@ -289,3 +289,21 @@ def test_exported_networks_come_out_as_from_the_full_path(
     src.write_bytes(export_onnx(build(spec), spec.input_shape, 17))
     assert takes(src) == (name != "bn1d_mlp")
     assert_same_as_full_path(src, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("name", DIRECT_SAMPLES)
+def test_a_model_without_node_names_takes_the_same_path_and_comes_out_the_same(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX names are optional (onnx.helper writes none): such a model is no slower, and
+    its report names each node by its first output, on either path."""
+    model = onnx.load(SAMPLES / name)
+    for node in model.graph.node:
+        node.name = ""
+    src = tmp_path / "unnamed.onnx"
+    onnx.save(model, src)
+    assert takes(src)
+    assert_same_as_full_path(src, tmp_path, monkeypatch)
+    named = {c.node for c in bnfuse.fuse(src, dry_run=True).candidates}
+    outputs = {o for n in model.graph.node for o in n.output[:1]}
+    assert named <= outputs, named
