@@ -87,15 +87,23 @@ def evaluates(node: Any) -> bool:
 
 
 class FreshNames:
-    """Fresh, deterministic names (``base``, ``base_2``...) that clash with none taken."""
+    """Fresh, deterministic names (``base``, ``base_2``...) that clash with none taken.
+
+    Each base's last number is kept: names are only ever taken, so the search for the
+    next one starts there. (Counting from 1 each time made a model of 10,000 unnamed
+    Convs, whose new biases all start from "Conv.B", quadratic: 5 s of 7.)
+    """
 
     def __init__(self, taken: Iterable[str]) -> None:
         self._taken = set(taken)
+        self._last: dict[str, int] = {}
 
     def fresh(self, base: str) -> str:
-        name, n = base, 1
+        n = self._last.get(base, 1)
+        name = base if n == 1 else f"{base}_{n}"
         while name in self._taken:
             n += 1
             name = f"{base}_{n}"
         self._taken.add(name)
+        self._last[base] = n
         return name

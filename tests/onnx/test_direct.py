@@ -307,3 +307,19 @@ def test_a_model_without_node_names_takes_the_same_path_and_comes_out_the_same(
     named = {c.node for c in bnfuse.fuse(src, dry_run=True).candidates}
     outputs = {o for n in model.graph.node for o in n.output[:1]}
     assert named <= outputs, named
+
+
+def test_fresh_names_for_many_unnamed_layers_stay_linear() -> None:
+    """10,000 unnamed Convs without bias each get a new bias named from "Conv.B": the
+    names are those of counting from 1, found without counting from 1 each time."""
+    import time
+
+    from bnfuse.onnx.ops import FreshNames
+
+    names = FreshNames(["Conv.B_bnfused", "Conv.B_bnfused_3", "other"])
+    start = time.perf_counter()
+    got = [names.fresh("Conv.B_bnfused") for _ in range(20_000)]
+    elapsed = time.perf_counter() - start
+    assert got[:3] == ["Conv.B_bnfused_2", "Conv.B_bnfused_4", "Conv.B_bnfused_5"]
+    assert len(set(got)) == 20_000 and got[-1] == "Conv.B_bnfused_20002"
+    assert elapsed < 0.5, f"{elapsed:.2f} s"  # quadratic took minutes
