@@ -343,13 +343,24 @@ def affine_of(norm: Norm) -> Affine | Refusal:
         return Refusal(Skip.BAD_PARAMETERS, str(exc))
 
 
+def no_layer(source: str) -> Refusal:
+    """Rule 2 where the BatchNorm's input comes from ``source``, a node that is no layer."""
+    return Refusal(
+        Skip.NO_LAYER, f"its input comes from {source}, which has no weight to fold into"
+    )
+
+
+def _not_float(label: str, dtype_name: str) -> Refusal:
+    """Rule 7 for a layer whose weights are not floating point (an integer Conv)."""
+    return Refusal(
+        Skip.UNSUPPORTED, f"{label} has {dtype_name} weights; only floating-point layers are folded"
+    )
+
+
 def fits(layer: Layer, affine: Affine) -> Fold | Refusal:
     """Rule 7: a floating-point layer whose folded weight and bias stay finite."""
     if layer.dtype is None:
-        return Refusal(
-            Skip.UNSUPPORTED,
-            f"{layer.label} has {layer.dtype_name} weights; only floating-point layers are folded",
-        )
+        return _not_float(layer.label, layer.dtype_name)
     try:
         peak = fold.check_fits(
             layer.weight, layer.bias, affine, layer.axis, layer.groups, layer.dtype,
@@ -399,7 +410,7 @@ def decide_following(norm: Norm, conv: Following | Refusal) -> Fold | Refusal:
             f"{conv.label} reads {reads} channels, the BatchNorm has {affine.channels}",
         )
     if conv.dtype is None:
-        return Refusal(Skip.UNSUPPORTED, f"{conv.label} has {conv.dtype_name} weights")
+        return _not_float(conv.label, conv.dtype_name)
     w = fold.round_to(
         fold.fold_weight_into_following(conv.weight, affine.scale, conv.groups), conv.dtype
     ).astype(np.float64)

@@ -370,14 +370,11 @@ class _Direct:
         )
         _require(not following)  # the following Conv is the full path's
         source = producer.get(bn.input[0])
-        if source is None:
-            reason = "its input is a graph input, not a layer's output"
-        else:
-            reason = (
-                f"its input comes from {source.op_type} '{node_name(source)}', which has no weight "
-                "to fold into"
-            )
-        refusal = legality.Refusal(Skip.NO_LAYER, reason)
+        refusal = (
+            legality.Refusal(Skip.NO_LAYER, "its input is a graph input, not a layer's output")
+            if source is None
+            else legality.no_layer(f"{source.op_type} '{node_name(source)}'")
+        )
         decided = legality.decide(norm, refusal, ())
         _require(decided == refusal)
         return Candidate(

@@ -717,11 +717,7 @@ def _layer_site(producer: ir.Node, ir_version: int) -> Site | Refusal:
         return _matmul_site(producer, producer, None, None, ir_version)
     if producer.op_type == "Add":
         return _matmul_add_site(producer, ir_version)
-    return Refusal(
-        Skip.NO_LAYER,
-        f"its input comes from {producer.op_type} '{_name(producer)}', which has no weight "
-        "to fold into",
-    )
+    return legality.no_layer(f"{producer.op_type} '{_name(producer)}'")
 
 
 def _required_const(node: ir.Node, index: int, what: str, ir_version: int) -> Array | Refusal:

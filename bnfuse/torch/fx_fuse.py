@@ -241,20 +241,14 @@ def _layer(gm: fx.GraphModule, node: fx.Node) -> _Layer | Refusal:
             return _Layer(node, kind, mod.weight, mod.bias, mod.groups, mod)
         if isinstance(mod, nn.Linear):
             return _Layer(node, "linear", mod.weight, mod.bias, 1, mod)
-        return Refusal(
-            Skip.NO_LAYER,
-            f"its input comes from {type(mod).__name__} '{node.target}', which has no weight to fold into",
-        )
+        return legality.no_layer(f"{type(mod).__name__} '{node.target}'")
     if node.op != "call_function" or node.target not in LAYER_FUNCTIONS:
         what = (
             getattr(node.target, "__name__", str(node.target))
             if node.op != "placeholder"
             else "a graph input"
         )
-        return Refusal(
-            Skip.NO_LAYER,
-            f"its input comes from {what} ('{node.name}'), which has no weight to fold into",
-        )
+        return legality.no_layer(f"{what} ('{node.name}')")
     kind, names = LAYER_FUNCTIONS[node.target]
     args = _bind(node, names)
     if kind == "convolution":

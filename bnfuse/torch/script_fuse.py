@@ -321,10 +321,7 @@ def _layer(producer: Any, owners: dict[int, str], shapes: _Shapes) -> legality.L
     """The facts of the node that produces a BatchNorm's input, if it is a layer."""
     kind_info = _LAYERS.get(producer.kind())
     if kind_info is None:
-        return Refusal(
-            Skip.NO_LAYER,
-            f"its input comes from {producer.kind()}, which has no weight to fold into",
-        )
+        return legality.no_layer(producer.kind())
     kind, groups_at, transposed_at = kind_info
     try:
         weight = _const(producer.inputsAt(1))
