@@ -216,7 +216,7 @@ def test_onnx_fuse_imports_only_what_it_uses(tmp_path: Path) -> None:
     and for a model the direct path takes, no onnx-ir, no onnx package (its generated
     messages only: bnfuse.onnx.proto) and no ml_dtypes either.
 
-    sympy is behind onnx-ir (deferred in bnfuse.onnx), pydantic behind typer
+    sympy is behind onnx-ir (deferred by the command: bnfuse.startup), pydantic behind typer
     0.29 (typer is capped below it in pyproject.toml). The work runs in this
     process (BNFUSE_IN_PROCESS), so its imports are the ones counted.
     """

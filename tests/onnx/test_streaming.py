@@ -221,10 +221,23 @@ def test_without_copy_file_range_the_bytes_are_the_same(
         assert kernel.read_bytes() == memory.read_bytes()
 
 
-def test_sympy_deferred_by_bnfuse_still_works_for_torch() -> None:
-    """bnfuse.onnx defers sympy's import; whoever uses it later gets the real module."""
+def test_a_library_import_leaves_sys_modules_as_python_has_it() -> None:
+    """Importing bnfuse's ONNX path puts no stand-in into the host program's modules."""
     code = (
-        "import sys, bnfuse.onnx.io\n"
+        "import sys, bnfuse, bnfuse.onnx.io, bnfuse.api\n"
+        "print(sorted(n for n, m in sys.modules.items() if type(m).__name__ == '_Deferred'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_sympy_deferred_by_the_command_still_works_for_torch() -> None:
+    """The command defers sympy's import; whoever uses it later gets the real module."""
+    code = (
+        "import sys\n"
+        "from bnfuse import startup\n"
+        "startup.defer_imports()\n"
+        "import bnfuse.onnx.io\n"
         "assert type(sys.modules['sympy']).__name__ == '_Deferred'\n"
         "import sympy\n"
         "x = sympy.Symbol('x')\n"
