@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, overload
 
 from bnfuse import outputs
 from bnfuse.errors import OutputError
-from bnfuse.formats import TORCH_FORMATS, detect, require_torch
+from bnfuse.formats import TORCH_FORMATS, TORCH_SUFFIXES, detect, require_torch
 from bnfuse.onnx import direct, light
 from bnfuse.result import Candidate, FuseResult
 
@@ -99,7 +99,7 @@ def fuse_file(
             also_writes=also_writes,
             also_reads=also_reads,
         )
-    if out is not None and out.suffix.lower() in (".pt", ".pt2", ".pth"):
+    if out is not None and out.suffix.lower() in TORCH_SUFFIXES:
         raise OutputError(
             f"{out}: bnfuse writes an ONNX input as ONNX", hint="name the output .onnx"
         )

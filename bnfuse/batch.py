@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING
 
 from bnfuse import outputs
 from bnfuse.errors import BnfuseError, InputError, OutputError
+from bnfuse.formats import BATCH_SUFFIXES, is_pattern
 from bnfuse.result import FuseResult, VerifyResult
 
 if TYPE_CHECKING:
     from bnfuse.verify.options import VerifyOptions
-
-MODEL_SUFFIXES = (".onnx", ".pt", ".pt2")
 
 
 @dataclass
@@ -61,17 +60,17 @@ def expand(items: list[str]) -> list[tuple[Path, Path]]:
     found: dict[Path, Path] = {}
     for item in items:
         path = Path(item)
-        if any(ch in item for ch in "*?["):
+        if is_pattern(item):
             root = _glob_root(item)
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            files = [m for m in matches if m.is_file() and m.suffix.lower() in MODEL_SUFFIXES]
+            files = [m for m in matches if m.is_file() and m.suffix.lower() in BATCH_SUFFIXES]
             if not files:
                 raise InputError(f"{item}: matches no model file")
             for f in files:
                 found.setdefault(f, _relative(f, root))
         elif path.is_dir():
             files = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in MODEL_SUFFIXES
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BATCH_SUFFIXES
             )
             if not files:
                 raise InputError(f"{item}: a folder with no .onnx, .pt or .pt2 file")
@@ -94,7 +93,7 @@ def _glob_root(pattern: str) -> Path:
     """The folder a glob searches from: its leading parts without wildcards."""
     parts: list[str] = []
     for part in Path(pattern).parts:
-        if any(ch in part for ch in "*?["):
+        if is_pattern(part):
             break
         parts.append(part)
     return Path(*parts) if parts else Path(".")

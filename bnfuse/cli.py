@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 
 from bnfuse.errors import BnfuseError, first_line, printable
+from bnfuse.formats import MODEL_SUFFIXES, is_pattern
 
 if TYPE_CHECKING:
     from bnfuse.batch import BatchResult
@@ -353,15 +354,13 @@ def fuse_command(
         raise typer.Exit(EXIT_USAGE)
     reports = report or []
     data_read = [("the --inputs file", inputs_file)] if inputs_file is not None else []
-    single = (
-        len(inputs) == 1 and not Path(inputs[0]).is_dir() and not any(c in inputs[0] for c in "*?[")
-    )
+    single = len(inputs) == 1 and not Path(inputs[0]).is_dir() and not is_pattern(inputs[0])
     if not single:
         if output is None or dry_run:
             typer.echo("bnfuse: error: batch mode needs -o OUTDIR (and no --dry-run)", err=True)
             raise typer.Exit(EXIT_USAGE)
         outdir = Path(output)
-        if outdir.suffix.lower() in _MODEL_SUFFIXES and not outdir.is_dir():
+        if outdir.suffix.lower() in MODEL_SUFFIXES and not outdir.is_dir():
             typer.echo(
                 f"bnfuse: error: -o {output}: batch mode writes each model into a folder, and "
                 "this names a file (give a folder, e.g. -o fused/)",
@@ -476,12 +475,9 @@ def _check_reports(
     )
 
 
-_MODEL_SUFFIXES = (".onnx", ".pt", ".pt2", ".pth")
-
-
 def _suffix_for(input: Path) -> str:
     suffix = input.suffix.lower()
-    return suffix if suffix in _MODEL_SUFFIXES else ".onnx"
+    return suffix if suffix in MODEL_SUFFIXES else ".onnx"
 
 
 @app.command("verify")
@@ -600,7 +596,7 @@ def _route(args: list[str]) -> list[str] | str:
     if first is None or args[first] in _COMMANDS:
         return args
     word = args[first]
-    if not os.path.exists(word) and not any(c in word for c in "*?["):
+    if not os.path.exists(word) and not is_pattern(word):
         import difflib
 
         close = difflib.get_close_matches(word, sorted(_COMMANDS), n=1, cutoff=0.6)

@@ -18,6 +18,20 @@ class Format(Enum):
 
 TORCH_FORMATS = (Format.TORCHSCRIPT, Format.EXPORTED, Format.PICKLE)
 
+# What a file name says: a PyTorch file (TorchScript .pt, torch.export .pt2, a .pth
+# pickle), a model file of any kind, and what batch mode collects from a folder or a
+# glob (not .pth, which is mostly state_dicts: weights with no architecture to fuse).
+TORCH_SUFFIXES = (".pt", ".pt2", ".pth")
+MODEL_SUFFIXES = (".onnx", *TORCH_SUFFIXES)
+BATCH_SUFFIXES = (".onnx", ".pt", ".pt2")
+# Older torch.save pickles go by these too.
+_PICKLE_SUFFIXES = (*TORCH_SUFFIXES, ".pkl", ".bin")
+
+
+def is_pattern(text: str) -> bool:
+    """Whether a command-line word is a glob (batch mode expands it) rather than a path."""
+    return any(c in text for c in "*?[")
+
 
 def detect(path: Path) -> Format:
     """The format of ``path``: PyTorch archives by their entries, otherwise ONNX.
@@ -37,7 +51,7 @@ def detect(path: Path) -> Format:
         # name, NotImplementedError for a mangled version)
         with open(path, "rb") as fh:
             head = fh.read(2)
-        torch_suffix = path.suffix.lower() in (".pt", ".pt2", ".pth", ".pkl", ".bin")
+        torch_suffix = path.suffix.lower() in _PICKLE_SUFFIXES
         if head[:1] == b"\x80" and torch_suffix:
             return Format.PICKLE  # a legacy (non-zip) torch.save pickle
         if head == b"PK":

@@ -216,6 +216,17 @@ def write_new(folder: Path, write: Callable[[Path], Staged], *, force: bool) -> 
     return done
 
 
+def write_file(
+    output: Path, write: Callable[[Path], Staged], *, force: bool, what: str = ""
+) -> list[Path]:
+    """``write_new`` into ``output``'s folder, a failed write said in one line naming
+    ``output`` (``what``: how the user named it, "--report" say) and its cause."""
+    try:
+        return write_new(output.parent, write, force=force)
+    except OSError as exc:
+        raise write_error(output, exc, what) from exc
+
+
 def sweep(folder: Path) -> list[Path]:
     """Remove the temporary folders of runs that no longer live; returns what was removed."""
     removed: list[Path] = []

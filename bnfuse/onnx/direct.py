@@ -127,10 +127,7 @@ def save(fused: Fused, output: Path, *, force: bool = False) -> list[Path]:
             os.close(fd)
         return [(staged, output)]
 
-    try:
-        outputs.write_new(output.parent, write, force=force)
-    except OSError as exc:
-        raise outputs.write_error(output, exc) from exc
+    outputs.write_file(output, write, force=force)
     return [output]
 
 

@@ -357,9 +357,7 @@ def save(model: ir.Model, output: Path, *, external_data: bool, force: bool = Fa
         return [*staged, (tmp_model, output)]
 
     try:
-        written = outputs.write_new(output.parent, write, force=force)
-    except OSError as exc:
-        raise outputs.write_error(output, exc) from exc
+        written = outputs.write_file(output, write, force=force)
     except (BnfuseError, MemoryError):
         raise
     except Exception as exc:  # onnx-ir cannot serialise what it read (e.g. text not UTF-8)

@@ -74,7 +74,6 @@ def write_texts(paths: list[Path], render: Callable[[Path], str], *, force: bool
     is appended to $GITHUB_STEP_SUMMARY when that is set.
     """
     written: list[Path] = []
-    path = Path()
     try:
         for path in paths:
             text = render(path)
@@ -83,10 +82,7 @@ def write_texts(paths: list[Path], render: Callable[[Path], str], *, force: bool
                 (tmpdir / path.name).write_text(text, encoding="utf-8")
                 return [(tmpdir / path.name, path)]
 
-            written += outputs.write_new(path.parent, staged, force=force)
-    except OSError as exc:
-        outputs.remove(written)
-        raise outputs.write_error(path, exc, "--report") from exc
+            written += outputs.write_file(path, staged, force=force, what="--report")
     except BaseException:
         outputs.remove(written)
         raise

@@ -161,9 +161,7 @@ def _atomic(output: Path, write: Callable[[Path], None], *, force: bool) -> None
         return [(tmpdir / output.name, output)]
 
     try:
-        outputs.write_new(output.parent, staged, force=force)
-    except OSError as exc:
-        raise outputs.write_error(output, exc) from exc
+        outputs.write_file(output, staged, force=force)
     except (BnfuseError, MemoryError):
         raise
     except Exception as exc:  # torch serialisation: e.g. a damaged record it reads only now

@@ -20,9 +20,6 @@ from bnfuse.formats import Format, detect, require_torch
 from bnfuse.verify.inputs import InputSpec, onnx_input_specs
 from bnfuse.verify.runners import CPU, CUDA, OnnxRuntimeRunner, Runner
 
-# Below this, protobuf parses the whole file faster than bnfuse walks it.
-_LIGHT_FROM = 16 * 2**20
-
 
 @dataclass
 class Source:
@@ -56,10 +53,10 @@ class Source:
 def open_source(path: Path, trust_pickle: bool = False) -> Source:
     fmt = detect(path)
     if fmt is Format.ONNX:
-        from bnfuse.onnx.light import light_proto
+        from bnfuse.onnx.light import LIGHT_FROM, light_proto
 
         try:  # the graph only: large weights are neither read nor parsed
-            light = light_proto(path) if path.stat().st_size > _LIGHT_FROM else None
+            light = light_proto(path) if path.stat().st_size > LIGHT_FROM else None
             proto = light or onnx.load(str(path), load_external_data=False)
         except Exception as exc:
             why = f"{type(exc).__name__}: {first_line(exc)[:200]}" if first_line(exc) else ""
