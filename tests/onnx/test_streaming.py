@@ -249,3 +249,44 @@ def test_sympy_deferred_by_the_command_still_works_for_torch() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+def _strip_names(src: Path, dst: Path) -> Path:
+    model = onnx.load(str(src))
+    for node in model.graph.node:
+        node.ClearField("name")
+    onnx.save(model, dst)
+    return dst
+
+
+def _fuse_as(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, light_from: int) -> bytes:
+    """Decisions, sentences, op counts and output bytes, with the graph read whole up to
+    ``light_from`` bytes and without its weights (memory-mapped) from there."""
+    with monkeypatch.context() as patch:
+        patch.setattr(light, "LIGHT_FROM", light_from)
+        result = bnfuse.fuse(src, out, force=True)
+    return (
+        repr((result.candidates, result.ops_before, result.ops_after)).encode() + out.read_bytes()
+    )
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: layer_bn("Conv"),  # under 1 MB
+     lambda: layer_bn("Conv", cin=1024, cout=1024)],  # 38 MB: past the whole-parse limit
+    ids=["1MB", "38MB"],
+)  # fmt: skip
+def test_decisions_and_output_do_not_depend_on_how_the_model_is_read(
+    make: object, named: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model's reading (parsed whole on the direct path, graph-only with its weights
+    mapped, onnx-ir's full path) is the I/O layer's business: nothing that comes out
+    depends on it, nor on whether the nodes have names."""
+    src = tmp_path / "m.onnx"
+    onnx.save(make(), src)  # type: ignore[operator]
+    if not named:
+        src = _strip_names(src, tmp_path / "unnamed.onnx")
+    whole = _fuse_as(src, tmp_path / "whole.onnx", monkeypatch, light_from=2**40)
+    mapped_ = _fuse_as(src, tmp_path / "mapped.onnx", monkeypatch, light_from=0)
+    assert whole == mapped_
