@@ -26,8 +26,6 @@ Constant/Identity chains and overridable initializers, subgraph boundaries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -37,7 +35,7 @@ from bnfuse import fold, legality
 from bnfuse.errors import ModelError
 from bnfuse.fold import Affine, Array
 from bnfuse.legality import Refusal
-from bnfuse.onnx import io, mapped
+from bnfuse.onnx import mapped, shapes
 from bnfuse.onnx.constants import NotConstant, constant_array
 from bnfuse.onnx.ops import (
     FLOAT_TYPES,
@@ -97,11 +95,8 @@ class Match:
 
 def find(model: ir.Model) -> list[Match]:
     """Every candidate in the model, in graph order (subgraphs after their parent)."""
-    token = _INFERRED.set(_Inferred(model))
-    try:
+    with shapes.inferring(model):
         return _find(model)
-    finally:
-        _INFERRED.reset(token)
 
 
 def _find(model: ir.Model) -> list[Match]:
@@ -295,10 +290,10 @@ def _steps(site: Site, ir_version: int) -> tuple[legality.Step, ...]:
     if not site.chain:
         return ()
     steps: list[legality.Step] = []
-    dims = _dims(site.tail.outputs[0]) or _layer_dims(site)
+    dims = shapes.value_dims(site.tail.outputs[0]) or _layer_dims(site)
     for node in site.chain:
         label = f"{node.op_type} '{_name(node)}'"
-        after = _dims(node.outputs[0]) or _shape_op_dims(node, dims, ir_version)
+        after = shapes.value_dims(node.outputs[0]) or shapes.shape_op_dims(node, dims, ir_version)
         if node.op_type == "Transpose":
             rank = len(dims) if dims is not None else _known_rank(node.outputs[0])
             default = list(range(rank))[::-1] if rank is not None else None
@@ -310,208 +305,15 @@ def _steps(site: Site, ir_version: int) -> tuple[legality.Step, ...]:
     return tuple(steps)
 
 
-Dims = tuple[int | None, ...]
-
-
-def _dims(value: ir.Value | None) -> Dims | None:
-    """The value's shape as the model records it, or else as onnx's shape inference
-    works it out (run once per model, on a copy without weights, and only if asked)."""
-    if value is None:
-        return None
-    if value.shape is not None:
-        return tuple(d if isinstance(d, int) else None for d in value.shape)
-    inferred = _INFERRED.get()
-    if inferred is None:
-        return None
-    return inferred.dims(value)
-
-
-class _Inferred:
-    """Shapes the model does not record, worked out on request; the model is not changed.
-
-    First from the value's producer (the ops torch exports put between a layer and
-    a BatchNorm: element-wise ops, MatMul, shape-only ops, and Reshape to another
-    value's Shape, which onnx's own data propagation does not follow), then from
-    onnx's shape inference, run once per model on a copy without weights.
-    """
-
-    def __init__(self, model: ir.Model) -> None:
-        self._model = model
-        self._shapes: dict[str, tuple[int | None, ...]] | None = None
-        self._memo: dict[int, Dims | None] = {}
-        self._depth = 0
-
-    def dims(self, value: ir.Value) -> Dims | None:
-        key = id(value)
-        if key not in self._memo:
-            self._memo[key] = None  # a cycle or a deep chain gives up, not loops
-            self._memo[key] = self._local(value) or self._onnx(value)
-        return self._memo[key]
-
-    def _onnx(self, value: ir.Value) -> Dims | None:
-        if self._shapes is None:
-            self._shapes = io.inferred_shapes(self._model)
-        return self._shapes.get(value.name) if value.name else None
-
-    def _local(self, value: ir.Value) -> Dims | None:
-        node = value.producer()
-        if node is None or node.domain not in ("", "ai.onnx") or value is not node.outputs[0]:
-            return None
-        if self._depth > _MAX_LOCAL_DEPTH:
-            return None
-        self._depth += 1
-        try:
-            return _local_dims(node, self._model.ir_version)
-        finally:
-            self._depth -= 1
-
-
-_MAX_LOCAL_DEPTH = 64
-_ELEMENTWISE_UNARY = {
-    "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu", "Erf",
-    "Softplus", "Elu", "Selu", "Mish", "Clip", "Cast", "CastLike", "Identity", "Neg", "Abs",
-    "Sqrt", "Exp", "Dropout", "Softmax", "LogSoftmax", "BatchNormalization", "LayerNormalization",
-}  # fmt: skip
-_ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
-
-
-def _local_dims(node: ir.Node, ir_version: int) -> Dims | None:
-    """The output shape of ``node`` from its inputs' shapes, for the ops that need no more."""
-    op = node.op_type
-    first = node.inputs[0] if node.inputs else None
-    if op in _ELEMENTWISE_UNARY:
-        return _dims(first)
-    if (op in _ELEMENTWISE_BINARY or op == "MatMul") and len(node.inputs) == 2:
-        a, b = _dims(first), _dims(node.inputs[1])
-        if a is None or b is None:
-            return None
-        if op != "MatMul":
-            return _broadcast(a, b)
-        return (*a[:-1], b[-1]) if len(a) >= 2 and len(b) == 2 else None
-    if op == "Reshape" and _shape_of(node) is not None:
-        return _dims(_shape_of(node))  # reshape_as: the shape of another value
-    if op in SHAPE_OPS:
-        return _shape_op_dims(node, _dims(first), ir_version)
-    return None
-
-
-def _shape_of(reshape: ir.Node) -> ir.Value | None:
-    """The value whose whole Shape a Reshape takes as its target shape, if it does."""
-    target = reshape.inputs[1] if len(reshape.inputs) == 2 else None
-    source = target.producer() if target is not None else None
-    if (
-        source is None
-        or source.op_type != "Shape"
-        or source.attributes.get_int("start", 0) != 0
-        or source.attributes.get_int("end", None) is not None
-    ):
-        return None
-    return source.inputs[0]
-
-
-def _broadcast(a: Dims, b: Dims) -> Dims | None:
-    rank = max(len(a), len(b))
-    a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
-    out: list[int | None] = []
-    for x, y in zip(a, b, strict=True):
-        if x == 1:
-            out.append(y)
-        elif y == 1 or x == y:
-            out.append(x)
-        elif x is None or y is None:
-            out.append(x if y is None else y)  # the known one, where the model is valid
-        else:
-            return None
-    return tuple(out)
-
-
-_INFERRED: ContextVar[_Inferred | None] = ContextVar("bnfuse_inferred_shapes", default=None)
-
-
-def _layer_dims(site: Site) -> Dims | None:
+def _layer_dims(site: Site) -> shapes.Dims | None:
     """The output shape of a MatMul [..., K] @ [K, N] or a Gemm, from its input's."""
-    x = _dims(site.layer.inputs[0])
+    x = shapes.value_dims(site.layer.inputs[0])
     if site.layer.op_type == "MatMul" and x is not None and len(x) >= 2:
         return (*x[:-1], int(site.weight.shape[-1]))
     if site.layer.op_type == "Gemm" and x is not None and len(x) == 2:
         m = x[1] if site.layer.attributes.get_int("transA", 0) else x[0]
         return (m, site.channels)
     return None
-
-
-def _shape_op_dims(node: ir.Node, dims: Dims | None, ir_version: int) -> Dims | None:
-    """The output shape of a shape-only node, from its input's (None where unknown)."""
-    if dims is None or node.op_type not in _SHAPE_RULES:
-        return None
-    return _SHAPE_RULES[node.op_type](node, dims, ir_version)
-
-
-def _transpose_dims(node: ir.Node, dims: Dims, _v: int) -> Dims | None:
-    rank = len(dims)
-    perm = node.attributes.get_ints("perm", list(range(rank))[::-1])
-    return tuple(dims[int(p)] for p in perm) if sorted(perm) == list(range(rank)) else None
-
-
-def _flatten_dims(node: ir.Node, dims: Dims, _v: int) -> Dims | None:
-    axis = node.attributes.get_int("axis", 1) % (len(dims) + 1) if dims else 0
-    return (_prod(dims[:axis]), _prod(dims[axis:]))
-
-
-def _reshape_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
-    shape = _const_ints(node, 1, ir_version)
-    if shape is None or node.attributes.get_int("allowzero", 0) != 0:
-        return None
-    out = [
-        dims[i] if s == 0 and i < len(dims) else (None if s < 0 else s) for i, s in enumerate(shape)
-    ]
-    known, total = _prod(tuple(d for d in out if d is not None)), _prod(dims)
-    if shape.count(-1) == 1 and known and total is not None and total % known == 0:
-        out[shape.index(-1)] = total // known
-    return tuple(out)
-
-
-def _axes(node: ir.Node, ir_version: int) -> list[int]:
-    axes = _const_ints(node, 1, ir_version)  # opset 13 on: an input; before: an attribute
-    return axes if axes is not None else [int(a) for a in node.attributes.get_ints("axes", [])]
-
-
-def _unsqueeze_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
-    axes = _axes(node, ir_version)
-    grown: list[int | None] = list(dims)
-    for axis in sorted(a % (len(dims) + len(axes)) for a in axes):
-        grown.insert(axis, 1)
-    return tuple(grown)
-
-
-def _squeeze_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
-    axes = _axes(node, ir_version)
-    if not axes:  # every dim of size 1: which ones is only known where all are known
-        return None
-    gone = {a % len(dims) for a in axes}
-    return tuple(d for i, d in enumerate(dims) if i not in gone)
-
-
-_SHAPE_RULES: dict[str, Callable[[ir.Node, Dims, int], Dims | None]] = {
-    "Transpose": _transpose_dims,
-    "Flatten": _flatten_dims,
-    "Reshape": _reshape_dims,
-    "Unsqueeze": _unsqueeze_dims,
-    "Squeeze": _squeeze_dims,
-}
-
-
-def _const_ints(node: ir.Node, index: int, ir_version: int) -> list[int] | None:
-    value = node.inputs[index] if index < len(node.inputs) else None
-    if value is None:
-        return None
-    array = constant_array(value, ir_version)
-    return None if isinstance(array, NotConstant) else [int(a) for a in array.reshape(-1)]
-
-
-def _prod(dims: Dims) -> int | None:
-    return (
-        None if None in dims else int(np.prod([d for d in dims if d is not None], dtype=np.int64))
-    )
 
 
 def _layer(site: Site, ir_version: int) -> legality.Layer:
@@ -836,7 +638,7 @@ def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | Refusal:
 
 def _known_rank(*values: ir.Value | None) -> int | None:
     for value in values:
-        dims = _dims(value)
+        dims = shapes.value_dims(value)
         if dims is not None:
             return len(dims)
     return None
