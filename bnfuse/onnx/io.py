@@ -125,23 +125,32 @@ def load(path: Path) -> LoadedModel:
     for graph in model.graphs():
         _check_graph(graph, path)
         for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                if str(tensor.location) == INLINE:
-                    file = path.resolve()
-                else:
-                    file = _check_external(tensor, folder, path)
-                    data_files.add(file)
-                if tensor.dtype in MAPPABLE and light.LITTLE_ENDIAN:
-                    if file not in maps:
-                        maps[file] = _open_mapped(file, path)
-                    value.const_value = _mapped_tensor(tensor, maps[file], path)
-            elif tensor is not None:
-                _check_tensor(tensor, path)
+            data_file = _map_initializer(value, maps, folder, path)
+            if data_file is not None:
+                data_files.add(data_file)
         data_files.update(_attribute_data_files(graph, folder, path))
     for function in model.functions.values():
         data_files.update(_attribute_data_files(function, folder, path))
     return LoadedModel(model=model, path=path, data_files=data_files)
+
+
+def _map_initializer(
+    value: ir.Value, maps: dict[Path, MappedFile], folder: Path, path: Path
+) -> Path | None:
+    """Check an initializer; map it where its bytes lie in a file (the model itself, for
+    weights left inline, or its external data). The external data file it reads, if any."""
+    tensor = value.const_value
+    if not isinstance(tensor, ir.ExternalTensor):
+        if tensor is not None:
+            _check_tensor(tensor, path)
+        return None
+    inline = str(tensor.location) == INLINE
+    file = path.resolve() if inline else _check_external(tensor, folder, path)
+    if tensor.dtype in MAPPABLE and light.LITTLE_ENDIAN:
+        if file not in maps:
+            maps[file] = _open_mapped(file, path)
+        value.const_value = _mapped_tensor(tensor, maps[file], path)
+    return None if inline else file
 
 
 @contextmanager
