@@ -171,11 +171,10 @@ def run_batch(
                 f"{src}: lies inside the output folder {outdir}", hint="choose another -o"
             )
     outdir.mkdir(parents=True, exist_ok=True)
-    from bnfuse.report import job_summary
+    from bnfuse import sandbox
 
-    summary = job_summary([p for _, p in also_writes])
-    writes = [p for _, p in also_writes] + ([summary] if summary is not None else [])
-    folders = (outdir, *(Path(os.path.abspath(p)).parent for p in writes))
+    reports = [p for _, p in also_writes]
+    folders = (outdir, *sandbox.writable_folders(reports, reports))
     work = [Job(src, outdir / rel, force, verify, trust_pickle, folders) for src, rel in models]
     if jobs <= 1 or len(work) == 1:
         return BatchResult([run_one(job) for job in work])

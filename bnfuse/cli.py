@@ -157,13 +157,10 @@ def _run(
 
 def _confine(models: list[Path], writes: list[Path], reports: list[Path], trusted: bool) -> None:
     """Before a torch model is opened: the second wall (bnfuse.sandbox), writes beneath the
-    folders of ``writes`` only (and $GITHUB_STEP_SUMMARY's, where a .md report goes too)."""
+    folders of ``writes`` (and of the job summary a .md report goes to) only."""
     from bnfuse import sandbox
-    from bnfuse.report import job_summary
 
-    summary = job_summary(reports)
-    writes = [*writes, *([summary] if summary is not None else [])]
-    sandbox.for_model(models, [Path(os.path.abspath(w)).parent for w in writes], trusted=trusted)
+    sandbox.for_model(models, sandbox.writable_folders(writes, reports), trusted=trusted)
 
 
 def _verify_options(

@@ -130,18 +130,28 @@ def _scratch() -> str:
     return folder
 
 
-def for_model(models: Iterable[Path], folders: Iterable[Path], *, trusted: bool) -> str | None:
+def writable_folders(writes: Iterable[Path], reports: Iterable[Path]) -> list[Path]:
+    """The folders a run writes into: those of ``writes`` (its output and reports), and
+    $GITHUB_STEP_SUMMARY's where a .md report among ``reports`` is appended there too."""
+    from bnfuse.report import job_summary
+
+    summary = job_summary(list(reports))
+    files = [*writes, *([summary] if summary is not None else [])]
+    return [Path(os.path.abspath(f)).parent for f in files]
+
+
+def for_model(models: Iterable[Path], folders: Iterable[Path], *, trusted: bool) -> None:
     """Confine the ``bnfuse`` command's child before it opens a torch model among ``models``
-    (``folders``: where it writes); None when confined. Not for a trusted file, an ONNX
-    model (data, run by onnxruntime) or bnfuse called as a library."""
+    (``folders``: where it writes). Not for a trusted file, an ONNX model (data, run by
+    onnxruntime) or bnfuse called as a library; where Landlock is absent, nothing is."""
     from bnfuse import supervise
     from bnfuse.formats import TORCH_FORMATS, detect
 
     if trusted or not supervise.in_child:
-        return "not confined"
+        return
     try:
         if not any(detect(m) in TORCH_FORMATS for m in models):
-            return "not confined: no torch model"
+            return
     except Exception:  # a file that is no model: opening it says so, in its own words
-        return "not confined: no model"
-    return confine(folders)
+        return
+    confine(folders)

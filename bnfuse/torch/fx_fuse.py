@@ -495,13 +495,13 @@ def decisions(gm: fx.GraphModule) -> Iterator[Decision]:
             layer_op=_op_label(gm, origin) if origin is not None else None,
             consumers=tuple(u.name for u in bn.out.users),
         )  # fmt: skip
-        layer = (
-            too_far
-            if too_far is not None
-            else _layer(gm, origin)
-            if origin is not None
-            else Refusal(Skip.NO_LAYER, "its input is not a graph value")
-        )
+        layer: _Layer | Refusal
+        if too_far is not None:
+            layer = too_far
+        elif origin is not None:
+            layer = _layer(gm, origin)
+        else:
+            layer = Refusal(Skip.NO_LAYER, "its input is not a graph value")
         layer_facts = (
             replace(layer.facts(_name(layer.node)), steps=_steps(chain))
             if isinstance(layer, _Layer)
