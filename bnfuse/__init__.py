@@ -4,7 +4,7 @@
 >>> result = bnfuse.fuse("model.onnx", "fused.onnx")  # doctest: +SKIP
 
 Attributes load lazily: ``import bnfuse`` stays cheap (the CLI's ``--help``
-must not pay for onnx, onnx-ir or torch).
+must not pay for onnx, onnxruntime or torch).
 """
 
 from __future__ import annotations

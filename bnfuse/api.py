@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any, overload
 from bnfuse import outputs
 from bnfuse.errors import OutputError
 from bnfuse.formats import TORCH_FORMATS, TORCH_SUFFIXES, detect, require_torch
-from bnfuse.onnx import direct, light
 from bnfuse.result import Candidate, FuseResult
 
 if TYPE_CHECKING:
-    import onnx_ir as ir
     from torch import nn
 
+    from bnfuse.onnx.graph import Model
     from bnfuse.result import VerifyResult
     from bnfuse.verify.options import Step, VerifyOptions
 
@@ -163,7 +162,7 @@ def fuse_and_verify(
 MAX_ROUNDS = 16
 
 
-def fold_all(model: ir.Model) -> list[Candidate]:
+def fold_all(model: Model) -> list[Candidate]:
     """Match and fold until nothing more folds; every candidate reported once.
 
     Folding can make more folds possible (Conv -> BN -> Mul: once the BN is
@@ -209,12 +208,10 @@ def fuse_onnx(
     >>> result = bnfuse.fuse("model.onnx", "fused.onnx")  # doctest: +SKIP
     >>> len(result.folded), len(result.skipped)  # doctest: +SKIP
     """
-    out = Path(output) if output is not None else None
-    quick = _fuse_direct(Path(input), out, force, dry_run, also_writes, also_reads)
-    if quick is not None:
-        return quick
-    from bnfuse.onnx import io  # the full path: onnx-ir's graph
+    from bnfuse.onnx import io
     from bnfuse.onnx.rewrite import op_counts
+
+    out = Path(output) if output is not None else None
 
     source = io.load(Path(input))
     if out is not None and not dry_run:
@@ -237,33 +234,4 @@ def fuse_onnx(
     result.outputs = io.save(
         source.model, out, external_data=io.needs_external_data(source), force=force
     )
-    return result
-
-
-def _fuse_direct(
-    path: Path,
-    out: Path | None,
-    force: bool,
-    dry_run: bool,
-    also_writes: Sequence[tuple[str, Path]],
-    also_reads: Sequence[tuple[str, Path]],
-) -> FuseResult | None:
-    """fuse_onnx on bnfuse.onnx.direct's path, where it takes the model; None elsewhere."""
-    writes = out is not None and not dry_run
-    fused = direct.fuse(path, size_limit=light.whole_file_limit(), rewrite=writes)
-    if fused is None:
-        return None
-    targets = [*([("output", out)] if writes and out is not None else []), *also_writes]
-    if targets:
-        reads = [("the input model", path), *also_reads]
-        outputs.check_targets(targets, reads, force=force)
-    result = FuseResult(
-        candidates=fused.candidates,
-        ops_before=fused.ops_before,
-        ops_after=fused.ops_after,
-        input=path,
-        dry_run=not writes,
-    )
-    if writes and out is not None:
-        result.outputs = direct.save(fused, out, force=force)
     return result

@@ -616,10 +616,6 @@ def main(argv: list[str] | None = None) -> None:
     ``argv`` (tests, embedding) it runs here.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if argv is None:  # the command's own process, not a program that embeds bnfuse
-        from bnfuse import startup
-
-        startup.defer_imports()
     if args in (["--version"], ["-V"]):
         from bnfuse import __version__
 

@@ -213,12 +213,11 @@ def test_help_does_not_import_heavy_modules() -> None:
 
 def test_onnx_fuse_imports_only_what_it_uses(tmp_path: Path) -> None:
     """The start is most of a fuse's time: no torch, onnxruntime, sympy or pydantic behind it,
-    and for a model the direct path takes, no onnx-ir, no onnx package (its generated
-    messages only: bnfuse.onnx.proto) and no ml_dtypes either.
+    no onnx-ir, no onnx package (its generated messages only: bnfuse.onnx.proto) and no
+    ml_dtypes either.
 
-    sympy is behind onnx-ir (deferred by the command: bnfuse.startup), pydantic behind typer
-    0.29 (typer is capped below it in pyproject.toml). The work runs in this
-    process (BNFUSE_IN_PROCESS), so its imports are the ones counted.
+    pydantic is behind typer 0.29 (typer is capped below it in pyproject.toml). The work
+    runs in this process (BNFUSE_IN_PROCESS), so its imports are the ones counted.
     """
     src = tmp_path / "m.onnx"
     onnx.save(layer_bn("Conv"), src)
@@ -257,10 +256,10 @@ def test_fuse_and_verify_open_each_model_once(
     assert sorted(opened) == ["fused.onnx", "model.onnx"]
 
 
-def test_onnx_ir_warnings_stay_off_stderr(
+def test_odd_value_info_gives_no_warnings_on_stderr(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A value_info with a shape but no type: onnx-ir drops it on writing, and warns; we do not."""
+    """A value_info with a shape but no type is carried as it is, with no warning on stderr."""
     model = onnx.load(str(SAMPLES / "skip_training_mode.onnx"))  # 'h' survives: nothing folds
     for info in model.graph.value_info:
         if info.name == "h":

@@ -180,16 +180,16 @@ def test_name_too_long_is_diagnosed(folder: Path, capsys: pytest.CaptureFixture[
 # --- races ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", ["direct", "full"])
+@pytest.mark.parametrize("route", ["whole", "mapped"])
 def test_a_file_that_appears_meanwhile_is_not_replaced(
     route: str, folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two runs on one -o without --force: the second to finish refuses, the first's file stays."""
     from bnfuse import outputs
-    from bnfuse.onnx import direct
+    from bnfuse.onnx import light
 
-    if route == "full":
-        monkeypatch.setattr(direct, "fuse", lambda *args, **kwargs: None)
+    if route == "mapped":
+        monkeypatch.setattr(light, "LIGHT_FROM", 0)
     out = folder / "f.onnx"
     real = outputs.publish
 
@@ -312,11 +312,10 @@ def write_all(fd, data):
     real(fd, data)
 outputs.write_all = write_all
 """
-# Takes the full path (io.load -> match -> rewrite -> io.save) for a model the direct
-# path (bnfuse.onnx.direct) would fold.
-_FULL_PATH = """
-from bnfuse.onnx import direct
-direct.fuse = lambda *args, **kwargs: None
+# Reads the model's weights mapped, as for a large file (a small one is parsed whole).
+_MAPPED = """
+from bnfuse.onnx import light
+light.LIGHT_FROM = 0
 """
 
 _WHILE_VERIFYING = """
@@ -329,7 +328,7 @@ compare.verify_models = verify_models
 """
 
 
-@pytest.mark.parametrize("route", ["direct", "full"])
+@pytest.mark.parametrize("route", ["whole", "mapped"])
 @pytest.mark.parametrize(
     ("sig", "target"),
     [("SIGTERM", "os.getpid()"), ("SIGHUP", "os.getpid()"), ("SIGTERM", "os.getppid()")],
@@ -339,7 +338,7 @@ def test_signal_while_writing_leaves_nothing(
     sig: str, target: str, route: str, folder: Path
 ) -> None:
     before = sorted(p.name for p in folder.iterdir())
-    fault = _WHILE_WRITING.format(sig=sig, target=target) + (_FULL_PATH if route == "full" else "")
+    fault = _WHILE_WRITING.format(sig=sig, target=target) + (_MAPPED if route == "mapped" else "")
     proc = _bnfuse(fault, [str(folder / "m.onnx"), "-o", str(folder / "f.onnx"), "--no-verify"])
     assert proc.returncode == 128 + signal.Signals[sig].value, proc.stderr
     assert proc.stderr.strip().splitlines() == [

@@ -19,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfuse.fold import Array
-from bnfuse.onnx.light import raw_array
+from bnfuse.onnx.graph import Node, Value
+from bnfuse.onnx.light import numpy_dtype
 from bnfuse.onnx.ops import EVALUATED, MAX_DEPTH, evaluates, node_name, op_name
+from bnfuse.onnx.tensors import proto_array
 
 # IR version 4 is where initializers stopped having to be graph inputs.
 OVERRIDABLE_SINCE_IR = 4
@@ -42,29 +43,21 @@ class NotConstant:
     overridable: bool = False
 
 
-def array_of(tensor: ir.TensorProtocol) -> Array:
-    """``tensor.numpy()``, through light.raw_array where that applies."""
-    if isinstance(tensor, ir.serde.TensorProtoTensor):
-        fast = raw_array(tensor.raw)
-        if fast is not None:
-            return fast
-    return tensor.numpy()
-
-
-def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | NotConstant:
+def constant_array(value: Value, ir_version: int, depth: int = 0) -> Array | NotConstant:
     """The value's array, or why it is not a constant."""
     name = value.name or "<unnamed>"
     if value.is_graph_input():
-        if value.const_value is not None and ir_version >= OVERRIDABLE_SINCE_IR:
+        if value.init is not None and ir_version >= OVERRIDABLE_SINCE_IR:
             return NotConstant(
                 f"'{name}' is an initializer that is also a graph input, so a caller "
                 "can override it",
                 overridable=True,
             )
-        if value.const_value is None:
+        if value.init is None:
             return NotConstant(f"'{name}' is a graph input, not a constant")
-    if value.const_value is not None:
-        return array_of(value.const_value)
+    if value.init is not None:
+        assert value.graph is not None
+        return value.graph.model.array(value)
     node = value.producer()
     if node is None:
         return NotConstant(f"'{name}' has no producer and no value")
@@ -88,7 +81,7 @@ def constant_array(value: ir.Value, ir_version: int, depth: int = 0) -> Array | 
     return result
 
 
-def _bounded(node: ir.Node, shape: tuple[int, ...] | list[int]) -> list[int]:
+def _bounded(node: Node, shape: tuple[int, ...] | list[int]) -> list[int]:
     """``shape`` as ints, refused (not a constant) if it would hold more than MAX_ELEMENTS."""
     dims = [int(d) for d in shape]
     if any(d < 0 for d in dims):
@@ -110,7 +103,7 @@ class _NotConstantError(Exception):
         self.why = why
 
 
-def _input(node: ir.Node, index: int, ir_version: int, depth: int) -> Array | None:
+def _input(node: Node, index: int, ir_version: int, depth: int) -> Array | None:
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
         return None
@@ -120,49 +113,53 @@ def _input(node: ir.Node, index: int, ir_version: int, depth: int) -> Array | No
     return array
 
 
-def _required(node: ir.Node, index: int, ir_version: int, depth: int) -> Array:
+def _required(node: Node, index: int, ir_version: int, depth: int) -> Array:
     array = _input(node, index, ir_version, depth)
     if array is None:
         raise ValueError(f"input {index} is missing")
     return array
 
 
-def _constant(node: ir.Node, _v: int, _d: int) -> Array:
+def _constant(node: Node, _v: int, _d: int) -> Array:
     attrs = node.attributes
-    if "value" in attrs:
-        return attrs["value"].as_tensor().numpy()
-    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
-        if key in attrs:
-            return np.asarray(attrs[key].value, dtype=dtype)
-    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
-        if key in attrs:
-            return np.asarray(list(attrs[key].value), dtype=dtype)
+    tensor = attrs.get_tensor("value")
+    if tensor is not None:
+        return proto_array(tensor)
+    if "value_float" in attrs:
+        return np.asarray(attrs.get_float("value_float"), dtype=np.float32)
+    if "value_int" in attrs:
+        return np.asarray(attrs.get_int("value_int"), dtype=np.int64)
+    if "value_floats" in attrs:
+        return np.asarray(attrs.get_floats("value_floats"), dtype=np.float32)
+    if "value_ints" in attrs:
+        return np.asarray(attrs.get_ints("value_ints"), dtype=np.int64)
     raise ValueError("a Constant bnfuse cannot read (sparse or string)")
 
 
-def _identity(node: ir.Node, v: int, d: int) -> Array:
+def _identity(node: Node, v: int, d: int) -> Array:
     return _required(node, 0, v, d)
 
 
-def _cast(node: ir.Node, v: int, d: int) -> Array:
+def _cast(node: Node, v: int, d: int) -> Array:
     to = node.attributes.get_int("to")
     if to is None:
         raise ValueError("no 'to' attribute")
-    return _required(node, 0, v, d).astype(ir.DataType(to).numpy())
+    return _required(node, 0, v, d).astype(numpy_dtype(to))
 
 
-def _cast_like(node: ir.Node, v: int, d: int) -> Array:
+def _cast_like(node: Node, v: int, d: int) -> Array:
     target = node.inputs[1] if len(node.inputs) > 1 else None
     if target is None or target.dtype is None:
         raise _NotConstantError(NotConstant(f"CastLike '{node.name}' has no known target dtype"))
-    return _required(node, 0, v, d).astype(target.dtype.numpy())
+    return _required(node, 0, v, d).astype(numpy_dtype(target.dtype))
 
 
-def _shape(node: ir.Node, v: int, d: int) -> Array:
+def _shape(node: Node, v: int, d: int) -> Array:
     source = node.inputs[0]
     dims: list[int] | None = None
-    if source is not None and source.shape is not None and source.shape.is_static():
-        dims = [int(x) for x in source.shape.numpy()]
+    shape = source.shape if source is not None else None
+    if shape is not None and None not in shape:
+        dims = [int(x) for x in shape if x is not None]
     elif source is not None:
         array = constant_array(source, v, d)
         if not isinstance(array, NotConstant):
@@ -174,19 +171,19 @@ def _shape(node: ir.Node, v: int, d: int) -> Array:
     return np.asarray(dims[start:end], dtype=np.int64)
 
 
-def _expand(node: ir.Node, v: int, d: int) -> Array:
+def _expand(node: Node, v: int, d: int) -> Array:
     data, shape = _required(node, 0, v, d), _required(node, 1, v, d)
     target = np.broadcast_shapes(data.shape, tuple(_bounded(node, list(shape))))
     return np.broadcast_to(data, _bounded(node, target)).copy()
 
 
-def _reshape(node: ir.Node, v: int, d: int) -> Array:
+def _reshape(node: Node, v: int, d: int) -> Array:
     data, shape = _required(node, 0, v, d), _required(node, 1, v, d)
     dims = [int(s) if s != 0 else data.shape[i] for i, s in enumerate(shape)]
     return data.reshape(dims)
 
 
-def _unsqueeze(node: ir.Node, v: int, d: int) -> Array:
+def _unsqueeze(node: Node, v: int, d: int) -> Array:
     data = _required(node, 0, v, d)
     axes = _input(node, 1, v, d)
     axes_list = (
@@ -198,7 +195,7 @@ def _unsqueeze(node: ir.Node, v: int, d: int) -> Array:
     return out
 
 
-def _squeeze(node: ir.Node, v: int, d: int) -> Array:
+def _squeeze(node: Node, v: int, d: int) -> Array:
     data = _required(node, 0, v, d)
     axes = _input(node, 1, v, d)
     axes_list = (
@@ -207,22 +204,23 @@ def _squeeze(node: ir.Node, v: int, d: int) -> Array:
     return np.squeeze(data, axis=tuple(axes_list)) if axes_list else np.squeeze(data)
 
 
-def _transpose(node: ir.Node, v: int, d: int) -> Array:
+def _transpose(node: Node, v: int, d: int) -> Array:
     data = _required(node, 0, v, d)
     perm = node.attributes.get_ints("perm", None)
     return np.transpose(data, None if perm is None else [int(p) for p in perm])  # a view
 
 
-def _constant_of_shape(node: ir.Node, v: int, d: int) -> Array:
+def _constant_of_shape(node: Node, v: int, d: int) -> Array:
     shape = _bounded(node, list(_required(node, 0, v, d)))
-    fill = node.attributes["value"].as_tensor().numpy() if "value" in node.attributes else None
+    tensor = node.attributes.get_tensor("value")
+    fill = proto_array(tensor) if tensor is not None else None
     if fill is None:
         return np.zeros(shape, dtype=np.float32)
     return np.full(shape, fill.reshape(-1)[0], dtype=fill.dtype)
 
 
-def _binary(fn: Callable[[Array, Array], Array]) -> Callable[[ir.Node, int, int], Array]:
-    def evaluate(node: ir.Node, v: int, d: int) -> Array:
+def _binary(fn: Callable[[Array, Array], Array]) -> Callable[[Node, int, int], Array]:
+    def evaluate(node: Node, v: int, d: int) -> Array:
         a, b = _required(node, 0, v, d), _required(node, 1, v, d)
         _bounded(node, np.broadcast_shapes(a.shape, b.shape))
         out = np.asarray(fn(a, b))
@@ -231,13 +229,13 @@ def _binary(fn: Callable[[Array, Array], Array]) -> Callable[[ir.Node, int, int]
     return evaluate
 
 
-def _concat(node: ir.Node, v: int, d: int) -> Array:
+def _concat(node: Node, v: int, d: int) -> Array:
     parts = [_required(node, i, v, d) for i in range(len(node.inputs))]
     _bounded(node, [sum(int(p.size) for p in parts)])
     return np.concatenate(parts, axis=node.attributes.get_int("axis", 0))
 
 
-_EVALUATORS: dict[str, Callable[[ir.Node, int, int], Array]] = {
+_EVALUATORS: dict[str, Callable[[Node, int, int], Array]] = {
     "Constant": _constant,
     "Identity": _identity,
     "Cast": _cast,

@@ -1,25 +1,20 @@
-"""Loading and writing ONNX files.
+"""Reading and writing ONNX files: the bytes, for bnfuse.onnx.graph's one engine.
 
-The in-memory graph is onnx-ir's (``onnx_ir``), chosen over raw ``onnx``
-protobuf because it gives use-def chains across subgraphs and safe
-initializer replacement; we do not hand-write use-def or topological order.
+A model is its protobuf. A file under light.LIGHT_FROM is parsed whole;
+from there on (and whenever it has external data) the large weights never
+pass through protobuf: parsing a model copies every weight into the message
+and writing it copies them out again, which on a 190 MB model was 2.3 s and
+860 MB of memory, against 0.1 s for ``cp``. ``load`` walks the outer protobuf
+levels (light.light_proto) to find each large initializer's bytes and parses
+everything else; those weights become read-only views of the memory-mapped
+file (bnfuse.onnx.mapped, bnfuse.onnx.tensors), inline or in external data
+alike. ``save`` serialises the message without them and writes each weight as
+one byte range: an unchanged one is copied inside the kernel, a folded one is
+computed when it is written. Memory stays near one layer, not one model. How
+the bytes were read changes no decision and no output byte.
 
-The weights are another matter. Parsing a model through protobuf copies every
-weight into the message and writing it copies them out again: on a 190 MB
-model that was 2.3 s and 860 MB of memory, against 0.1 s for ``cp``. So the
-large weights never pass through protobuf. ``load`` walks the outer protobuf
-levels (bnfuse.onnx.wire) to find each large initializer's bytes and gives
-onnx-ir everything else; the weights become read-only views of the
-memory-mapped file (bnfuse.onnx.mapped), inline or in external data alike.
-``save`` serialises the graph without them and writes each weight as one
-byte range: an unchanged one is copied inside the kernel, a folded one is
-computed when it is written. Memory stays near one layer, not one model.
-
-Why not onnx-ir's own external-data writer (``ir.save``): it reads every
-weight into memory to write it. Saving a model with 400 MB of external data,
-measured in one process each: bnfuse's writer peaks at 76 MB of resident
-memory, ``ir.save`` (onnx-ir 1.1.0) at 486 MB, in 0.4 s and 0.3 s; and it
-follows a symlink at the destination, which bnfuse's output rules refuse.
+The writer writes the input's own message, less what the fold took out and
+plus what it put in; no field is rewritten for a library's habits.
 
 Writing is atomic: the model (and its external data) is written into a
 temporary folder beside the output and renamed into place, so a failure never
@@ -28,25 +23,23 @@ leaves a partial file, and the input is never written to.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfuse import outputs
 from bnfuse.errors import BnfuseError, InputError, ModelError, first_line
-from bnfuse.onnx import light, mapped, validate, wire
-from bnfuse.onnx.constants import array_of
+from bnfuse.onnx import light, validate, wire
+from bnfuse.onnx.graph import Graph, Model
 from bnfuse.onnx.light import INLINE, MAPPABLE, THRESHOLD, light_proto
-from bnfuse.onnx.mapped import MappedFile
+from bnfuse.onnx.mapped import MappedFile, copy_to
+from bnfuse.onnx.proto import ModelProto, TensorProto, knows_opset
+from bnfuse.onnx.tensors import Arrays, Mapped, proto_array
 
 # Tensors smaller than this stay inside the protobuf message, when reading and when
 # writing, inline or with external data (as onnx does).
@@ -59,7 +52,7 @@ ALIGN_FROM = 64 * 2**10
 
 @dataclass
 class LoadedModel:
-    model: ir.Model
+    model: Model
     path: Path
     data_files: set[Path] = field(default_factory=set)
 
@@ -68,26 +61,23 @@ class LoadedModel:
         return bool(self.data_files)
 
 
-def initializer_bytes(model: ir.Model) -> int:
-    total = 0
+def graph_tensors(model: Model) -> Iterator[tuple[Graph, Any]]:
+    """Every initializer's TensorProto, with its graph (subgraphs too), in order."""
     for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                total += nbytes(value.const_value)
-    return total
+        for tensor in graph.proto.initializer:
+            yield graph, tensor
 
 
-def nbytes(tensor: ir.TensorProtocol) -> int:
-    """The tensor's size in bytes; for an in-memory tensor from its array, and for one
-    still in its protobuf from the proto's dims: much cheaper than onnx-ir's count
-    from an ir.Shape (it shows on a 3,000-node graph)."""
-    if isinstance(tensor, ir.Tensor) and tensor.dtype in MAPPABLE:  # whole bytes per element
-        return int(tensor.numpy().nbytes)
-    if isinstance(tensor, ir.serde.TensorProtoTensor):
-        itemsize = MAPPABLE.get(tensor.raw.data_type)
-        if itemsize is not None:
-            return int(math.prod(tensor.raw.dims)) * itemsize
-    return int(tensor.nbytes)
+def initializer_bytes(model: Model) -> int:
+    return sum(nbytes(model.arrays, tensor) for _, tensor in graph_tensors(model))
+
+
+def nbytes(arrays: Arrays, tensor: Any) -> int:
+    """The tensor's size in bytes, from its dims where its type has whole bytes."""
+    itemsize = MAPPABLE.get(tensor.data_type)
+    if itemsize is not None:
+        return int(math.prod(tensor.dims)) * itemsize
+    return int(arrays.of(tensor).nbytes)
 
 
 def load(path: Path) -> LoadedModel:
@@ -97,26 +87,26 @@ def load(path: Path) -> LoadedModel:
     if not path.is_file():
         raise InputError(f"{path}: not a file")
     try:
-        with _onnx_ir_quiet():
-            proto, whole_file = _read_proto(path)
-            validate.check_model(proto, path)
-            model = ir.serde.deserialize_model(proto)
-            ir.external_data.set_base_dir(model.graph, path.resolve().parent)
+        proto, whole_file = _read_proto(path)
+        proto.DiscardUnknownFields()  # fields this onnx does not define are not carried
+        validate.check_model(proto, path)
     except InputError:
         raise
     except OSError as exc:
         raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
-    except Exception as exc:  # protobuf raises DecodeError, onnx-ir SerdeError...
+    except Exception as exc:  # protobuf raises DecodeError...
         raise InputError(
             f"{path}: not a readable ONNX model ({_root_cause(exc)})",
             hint="expected an ONNX protobuf file (.onnx)",
         ) from exc
-    if model.ir_version <= 0 or not model.opset_imports:
+    if proto.ir_version <= 0 or not proto.opset_import:
         raise InputError(
             f"{path}: not an ONNX model (no IR version or opset import)",
             hint="expected an ONNX protobuf file (.onnx)",
         )
-    _check_opsets(model, path)
+    _check_opsets(proto, path)
+    arrays = Arrays()
+    model = Model(proto, arrays)
     data_files: set[Path] = set()
     maps: dict[Path, MappedFile] = {}
     if whole_file is not None:
@@ -124,52 +114,61 @@ def load(path: Path) -> LoadedModel:
     folder = path.resolve().parent
     for graph in model.graphs():
         _check_graph(graph, path)
-        for value in graph.initializers.values():
-            data_file = _map_initializer(value, maps, folder, path)
+        for tensor in graph.proto.initializer:
+            data_file = _map_tensor(tensor, arrays, maps, folder, path)
             if data_file is not None:
                 data_files.add(data_file)
-        data_files.update(_attribute_data_files(graph, folder, path))
-    for function in model.functions.values():
-        data_files.update(_attribute_data_files(function, folder, path))
+        for tensor in _attribute_tensors(graph.proto.node):
+            data_file = _map_tensor(tensor, arrays, maps, folder, path, attribute=True)
+            if data_file is not None:
+                data_files.add(data_file)
+    for function in proto.functions:
+        for tensor in _attribute_tensors(function.node):
+            data_file = _map_tensor(tensor, arrays, maps, folder, path, attribute=True)
+            if data_file is not None:
+                data_files.add(data_file)
     return LoadedModel(model=model, path=path, data_files=data_files)
 
 
-def _map_initializer(
-    value: ir.Value, maps: dict[Path, MappedFile], folder: Path, path: Path
+def _attribute_tensors(nodes: Iterable[Any]) -> Iterator[Any]:
+    """The tensors in node attributes (a Constant's value), not those of subgraphs."""
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+
+
+def _map_tensor(
+    tensor: Any,
+    arrays: Arrays,
+    maps: dict[Path, MappedFile],
+    folder: Path,
+    path: Path,
+    *,
+    attribute: bool = False,
 ) -> Path | None:
-    """Check an initializer; map it where its bytes lie in a file (the model itself, for
+    """Check a tensor; map it where its bytes lie in a file (the model itself, for
     weights left inline, or its external data). The external data file it reads, if any."""
-    tensor = value.const_value
-    if not isinstance(tensor, ir.ExternalTensor):
-        if tensor is not None:
+    if tensor.data_location != TensorProto.EXTERNAL:
+        if not attribute:
             _check_tensor(tensor, path)
         return None
-    inline = str(tensor.location) == INLINE
-    file = path.resolve() if inline else _check_external(tensor, folder, path)
-    if tensor.dtype in MAPPABLE and light.LITTLE_ENDIAN:
+    where = {e.key: e.value for e in tensor.external_data}
+    location = where.get("location", "")
+    inline = location == INLINE
+    file = path.resolve() if inline else _check_external(tensor, where, folder, path)
+    if tensor.data_type in MAPPABLE and light.LITTLE_ENDIAN:
         if file not in maps:
             maps[file] = _open_mapped(file, path)
-        value.const_value = _mapped_tensor(tensor, maps[file], path)
+        arrays.map(tensor, _mapped(tensor, where, maps[file], path))
+    elif not inline:
+        raise InputError(
+            f"{path}: tensor '{tensor.name}' keeps its "
+            f"{TensorProto.DataType.Name(tensor.data_type)} values in external data, which "
+            "bnfuse does not read"
+        )
     return None if inline else file
-
-
-@contextmanager
-def _onnx_ir_quiet() -> Iterator[None]:
-    """onnx-ir logs warnings about graphs it reads or writes; bnfuse says what matters itself.
-
-    One warning is an error here: an external-data key it does not know (a
-    mangled "offset" would otherwise read the weight from offset 0).
-    """
-    log = logging.getLogger("onnx_ir")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            warnings.filterwarnings("error", message="Ignoring unknown external data key")
-            yield
-    finally:
-        log.setLevel(level)
 
 
 def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
@@ -198,6 +197,9 @@ def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
 
 
 def _parse(path: Path) -> Any:
+    """The whole file through protobuf (a text format through onnx, which knows them)."""
+    if path.suffix.lower() == ".onnx":
+        return ModelProto.FromString(path.read_bytes())
     import onnx
 
     return onnx.load(str(path), load_external_data=False)
@@ -210,118 +212,115 @@ def _open_mapped(file: Path, path: Path) -> MappedFile:
         raise InputError(f"{path}: cannot read {file.name} ({exc.strerror or exc})") from exc
 
 
-def _mapped_tensor(tensor: ir.ExternalTensor, file: MappedFile, path: Path) -> ir.TensorProtocol:
+def _mapped(tensor: Any, where: dict[str, str], file: MappedFile, path: Path) -> Mapped:
     """An external (or inline, taken out by light_proto) tensor as a view of its mapped file."""
-    shape = tuple(int(d) for d in tensor.shape.numpy())
-    dtype = tensor.dtype.numpy()
+    shape = tuple(int(d) for d in tensor.dims)
+    dtype = light.numpy_dtype(tensor.data_type).newbyteorder("<")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    offset = tensor.offset or 0
-    length = tensor.length if tensor.length is not None else file.size - offset
-    where = "its external data" if file.path.resolve() != path.resolve() else "the file"
+    try:
+        offset = int(where.get("offset", 0))
+        length = int(where["length"]) if "length" in where else file.size - offset
+    except ValueError as exc:
+        raise InputError(
+            f"{path}: tensor '{tensor.name}' has an external-data offset or length that is "
+            f"not a number ({exc})"
+        ) from exc
+    place = "its external data" if file.path.resolve() != path.resolve() else "the file"
     if length != expected:
         raise InputError(
-            f"{path}: initializer '{tensor.name}' has {length} bytes in {where}, but its type "
+            f"{path}: initializer '{tensor.name}' has {length} bytes in {place}, but its type "
             f"and shape {list(shape)} need {expected}"
         )
     try:
         array = file.array(offset, dtype, shape)
     except ValueError as exc:
         raise InputError(f"{path}: initializer '{tensor.name}': {exc}") from exc
-    return mapped.MappedTensor(
-        file,
-        offset,
-        array,
-        dtype=tensor.dtype,
-        name=tensor.name,
-        doc_string=tensor.doc_string,
-        metadata_props=dict(tensor.metadata_props) or None,
-    )
+    return Mapped(file, offset, array)
 
 
-def _attribute_data_files(nodes: Iterable[ir.Node], folder: Path, path: Path) -> set[Path]:
-    """External data of tensors in node attributes (a Constant's value): checked like weights."""
-    files = set()
-    for node in nodes:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.TENSOR:
-                tensors = [attr.as_tensor()]
-            elif attr.type == ir.AttributeType.TENSORS:
-                tensors = list(attr.as_tensors())
-            else:
-                continue
-            for tensor in tensors:
-                if isinstance(tensor, ir.ExternalTensor):
-                    files.add(_check_external(tensor, folder, path))
-    return files
+def _check_opsets(proto: Any, path: Path) -> None:
+    versions = {o.domain: o.version for o in proto.opset_import}
+    version = versions.get("", versions.get("ai.onnx"))
+    if version is not None and not knows_opset(version):
+        import onnx
 
-
-def _check_opsets(model: ir.Model, path: Path) -> None:
-    import onnx
-
-    newest = onnx.defs.onnx_opset_version()
-    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx"))
-    if version is not None and version > newest:
         raise InputError(
             f"{path}: uses opset {version} of the default ONNX domain; this onnx "
-            f"({onnx.__version__}) knows opsets up to {newest}",
+            f"({onnx.__version__}) knows opsets up to {onnx.defs.onnx_opset_version()}",
             hint="upgrade onnx and onnxruntime, or export with an older opset",
         )
 
 
-def _check_graph(graph: ir.Graph, path: Path) -> None:
-    """Every node reads only values that exist before it (no cycle, nothing dangling)."""
-    known: set[ir.Value] = set(graph.inputs) | set(graph.initializers.values())
-    for node in graph:
-        for value in node.inputs:
-            if value is None or value in known:
-                continue
-            producer = value.producer()
-            if (
-                producer is None
-                and value.const_value is None
-                and value.graph is None
-                and not value.is_graph_input()
-            ):
+def _check_graph(graph: Graph, path: Path) -> None:
+    """Every value is declared once; every node reads only values that exist before it
+    (no cycle, nothing dangling)."""
+    declared = {v.name: "a graph input" for v in graph.inputs}
+    declared.update((name, "an initializer") for name in graph.initializers)
+    for node in graph.nodes:
+        for name in node.proto.output:
+            if name in declared:
+                where = f" of graph '{graph.name}'" if graph.name else ""
                 raise InputError(
-                    f"{path}: node '{node.name}' reads '{value.name}', which no node, "
-                    "graph input or initializer provides"
+                    f"{path}: '{name}'{where} is declared twice: as {declared[name]} and as an "
+                    f"output of {node.op_type} '{node.name or name}' (ONNX values are "
+                    "assigned once)"
                 )
-            if producer is not None and producer.graph is graph:
+            if name:
+                declared[name] = f"an output of {node.op_type} '{node.name or name}'"
+    produced = {v.name: n for n in graph.nodes for v in n.outputs if v.name}
+    for node in graph.nodes:
+        for value in node.inputs:
+            if value is None or value.graph is not None:
+                continue
+            producer = produced.get(value.name)
+            if producer is not None:
                 raise InputError(
                     f"{path}: node '{node.name}' reads '{value.name}' before '{producer.name}' "
                     "computes it (a cycle, or nodes out of topological order)"
                 )
-        known.update(node.outputs)
+            raise InputError(
+                f"{path}: node '{node.name}' reads '{value.name}', which no node, "
+                "graph input or initializer provides"
+            )
 
 
-def _check_tensor(tensor: ir.TensorProtocol, path: Path) -> None:
+def _check_tensor(tensor: Any, path: Path) -> None:
     """An inline initializer's data must fill its declared shape (a view: no copy)."""
     try:
-        array_of(tensor)
+        array = proto_array(tensor)
+        if array.shape != tuple(tensor.dims):
+            raise ValueError(f"it holds {array.size} values")
     except (ValueError, TypeError) as exc:
         raise InputError(
             f"{path}: initializer '{tensor.name}' does not hold the data its type and shape "
-            f"{list(tensor.shape.numpy()) if tensor.shape is not None else '?'} declare ({exc})"
+            f"{list(tensor.dims)} declare ({exc})"
         ) from exc
 
 
-def _check_external(tensor: ir.ExternalTensor, folder: Path, path: Path) -> Path:
+def _check_external(tensor: Any, where: dict[str, str], folder: Path, path: Path) -> Path:
     """The resolved data file; refuse locations outside the model's folder, and missing files."""
-    if not isinstance(tensor.location, str) or not tensor.location or "\0" in tensor.location:
+    name = where.get("location", "")
+    if not name or "\0" in name:
         raise InputError(
             f"{path}: tensor '{tensor.name}' names its external data file as "
-            f"{tensor.location!r}, which is not a file name"
+            f"{name!r}, which is not a file name"
         )
-    location = Path(tensor.location)
-    data = (Path(tensor.base_dir) / location).resolve()
+    unknown = sorted(set(where) - {"location", "offset", "length", "checksum"})
+    if unknown:  # a mangled "offset" would otherwise read the weight from offset 0
+        raise InputError(
+            f"{path}: tensor '{tensor.name}' has an external-data key bnfuse does not know "
+            f"('{unknown[0]}')"
+        )
+    location = Path(name)
+    data = (folder / location).resolve()
     if location.is_absolute() or not data.is_relative_to(folder):
         raise InputError(
-            f"{path}: tensor '{tensor.name}' names external data at '{tensor.location}', "
+            f"{path}: tensor '{tensor.name}' names external data at '{name}', "
             "outside the model's folder; bnfuse refuses to read it"
         )
     if not data.is_file():
         raise InputError(
-            f"{path}: the external data file '{tensor.location}' of tensor '{tensor.name}' "
+            f"{path}: the external data file '{name}' of tensor '{tensor.name}' "
             "is missing (it must lie beside the model)"
         )
     return data
@@ -352,24 +351,25 @@ def needs_external_data(source: LoadedModel) -> bool:
     )
 
 
-def save(model: ir.Model, output: Path, *, external_data: bool, force: bool = False) -> list[Path]:
-    """Write atomically (bnfuse.outputs' rules); returns the files written (model first)."""
+def save(model: Model, output: Path, *, external_data: bool, force: bool = False) -> list[Path]:
+    """Write atomically (bnfuse.outputs' rules); returns the files written (model first).
+
+    Once only: the message gives up its initializers' data on the way."""
 
     def write(tmpdir: Path) -> outputs.Staged:
         tmp_model, data = tmpdir / output.name, external_data_path(output)
         staged = []
-        with _onnx_ir_quiet():
-            if not external_data:
-                _write_inline(model, tmp_model)
-            elif _write_external(model, tmp_model, tmpdir / data.name, data.name):
-                staged.append((tmpdir / data.name, data))  # the data first: no model without it
+        if not external_data:
+            _write_inline(model, tmp_model)
+        elif _write_external(model, tmp_model, tmpdir / data.name, data.name):
+            staged.append((tmpdir / data.name, data))  # the data first: no model without it
         return [*staged, (tmp_model, output)]
 
     try:
         written = outputs.write_file(output, write, force=force)
     except (BnfuseError, MemoryError):
         raise
-    except Exception as exc:  # onnx-ir cannot serialise what it read (e.g. text not UTF-8)
+    except Exception as exc:  # protobuf cannot serialise what it read (e.g. text not UTF-8)
         raise ModelError(
             f"{output}: cannot write the model: {_root_cause(exc)}",
             hint="the input holds fields ONNX cannot store; check it with onnx.checker",
@@ -379,120 +379,154 @@ def save(model: ir.Model, output: Path, *, external_data: bool, force: bool = Fa
 
 @dataclass
 class _Streamed:
-    """A weight written as a byte range, not through protobuf."""
+    """A weight written as a byte range, not through protobuf: its bytes are found (a
+    folded one computed) only when it is written, one at a time."""
 
-    value: ir.Value
-    tensor: ir.TensorProtocol
+    tensor: Any  # its TensorProto
+    arrays: Arrays
+    length: int
     offset: int = 0  # in the external data file
 
-
-def _streamed(graphs: Iterable[ir.Graph], *, all_types: bool) -> list[_Streamed]:
-    out = []
-    for graph in graphs:
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if (
-                tensor is not None
-                and not isinstance(tensor, ir.StringTensor)
-                and (all_types or tensor.dtype in MAPPABLE)
-                and nbytes(tensor) >= EXTERNAL_THRESHOLD
-            ):
-                out.append(_Streamed(value, tensor))
-    return out
+    def data(self) -> Mapped | np.ndarray[Any, Any]:
+        data = _data(self.arrays, self.tensor)
+        assert data is not None, "only a weight kept apart from its message is streamed"
+        return data
 
 
-def _serialize_without(model: ir.Model, streamed: list[_Streamed], location: str) -> Any:
-    """The ModelProto with each streamed weight as an external reference (offset: its place)."""
+def _header(tensor: Any) -> Any:
+    """The tensor's message without its data or external-data reference."""
+    header = TensorProto()
+    header.CopyFrom(tensor)
+    for name in ("raw_data", "external_data", "data_location"):
+        header.ClearField(name)
+    return header
+
+
+def _data(arrays: Arrays, tensor: Any) -> Mapped | np.ndarray[Any, Any] | None:
+    """Bytes kept apart from the tensor's message: mapped, or a folded array (little-endian)."""
+    data = arrays.bytes_of(tensor)
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+    return data
+
+
+def _write_inline(model: Model, path: Path) -> None:
+    """One .onnx file, laid out as protobuf would, each large weight written as a byte range."""
+    arrays, proto = model.arrays, model.proto
+    for graph in list(model.graphs())[1:]:  # a subgraph's folded weights go in its message
+        for tensor in graph.proto.initializer:
+            data = _data(arrays, tensor)
+            if data is not None:
+                raw = _bytes(data)
+                tensor.CopyFrom(_header(tensor))
+                tensor.raw_data = raw
+    pieces: list[bytes | _Streamed] = []
+    for tensor in proto.graph.initializer:
+        if not arrays.apart(tensor):
+            blob = tensor.SerializeToString()
+            pieces.append(wire.len_prefix(5, len(blob)) + blob)
+            continue
+        item = _Streamed(tensor, arrays, nbytes(arrays, tensor))
+        header = _header(tensor).SerializeToString()
+        cut = wire.split_at(header, 9)  # raw_data's place among the fields
+        head, tail = header[:cut], header[cut:]
+        raw = wire.len_prefix(9, item.length)
+        size = len(head) + len(raw) + item.length + len(tail)
+        pieces += [wire.len_prefix(5, size) + head + raw, item, tail]
+    _write_file(path, wire.around_initializers(proto, pieces, _length))
+
+
+def _bytes(data: Mapped | np.ndarray[Any, Any]) -> bytes:
+    array = data.array if isinstance(data, Mapped) else data
+    return bytes(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+
+
+def _length(piece: bytes | _Streamed) -> int:
+    return piece.length if isinstance(piece, _Streamed) else len(piece)
+
+
+def _write_external(model: Model, path: Path, data_path: Path, location: str) -> bool:
+    """The model and its data file; False when no weight was large enough to go there."""
+    streamed = []
+    arrays = model.arrays
+    for _, tensor in graph_tensors(model):
+        if tensor.data_type == TensorProto.STRING:
+            continue
+        item = _Streamed(tensor, arrays, nbytes(arrays, tensor))
+        if item.length >= EXTERNAL_THRESHOLD:
+            if not arrays.apart(tensor):  # its message is about to lose its data
+                arrays.fold(tensor, proto_array(tensor))
+            streamed.append(item)
+        elif arrays.apart(tensor):  # a small folded weight: in the message
+            raw = _bytes(item.data())
+            tensor.CopyFrom(_header(tensor))
+            tensor.raw_data = raw
+    offset = 0
     for item in streamed:
-        t = item.tensor
-        item.value.const_value = ir.ExternalTensor(
-            location,
-            item.offset,
-            nbytes(t),
-            t.dtype,
-            shape=ir.Shape(t.shape.numpy()),
-            name=t.name or item.value.name or "",
-            doc_string=t.doc_string,
-            metadata_props=dict(t.metadata_props) or None,
-        )
-    try:
-        return ir.serde.serialize_model(model)
-    finally:
-        for item in streamed:
-            item.value.const_value = item.tensor
+        if item.length >= ALIGN_FROM:
+            offset = -(-offset // ALIGNMENT) * ALIGNMENT
+        item.offset = offset
+        offset += item.length
+        header = _header(item.tensor)
+        for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            header.ClearField(name)
+        header.data_location = TensorProto.EXTERNAL
+        where = {"location": location, "offset": item.offset, "length": item.length}
+        for key, value in where.items():
+            entry = header.external_data.add()
+            entry.key, entry.value = key, str(value)
+        item.tensor.CopyFrom(header)
+    if streamed:
+        _write_file(data_path, streamed, at_offsets=True)
+    _write_file(path, [proto_bytes(model.proto)])
+    return bool(streamed)
 
 
-def inferred_shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
+def proto_bytes(proto: Any) -> bytes:
+    blob: bytes = proto.SerializeToString()
+    return blob
+
+
+def inferred_shapes(model: Model) -> dict[str, tuple[int | None, ...]]:
     """Every value's shape as onnx's shape inference works it out ({} if it cannot).
 
-    Inference runs on a copy of the graph whose large weights are references
-    (no bytes are read), and the model is not changed: what bnfuse writes keeps
-    the input's own value_info.
+    Inference runs on a copy of the model whose initializers are references (no
+    bytes are read), and the model is not changed: what bnfuse writes keeps the
+    input's own value_info.
     """
     import onnx
 
-    streamed = _streamed(model.graphs(), all_types=True)
-    proto = _serialize_without(model, streamed, "bnfuse-shape-inference")
+    copy = ModelProto()
+    copy.CopyFrom(model.proto)
+    for graph in _all_graph_protos(copy.graph):
+        for tensor in graph.initializer:
+            if tensor.data_location != TensorProto.EXTERNAL and (
+                not tensor.raw_data or len(tensor.raw_data) >= EXTERNAL_THRESHOLD
+            ):
+                tensor.ClearField("raw_data")
+                tensor.data_location = TensorProto.EXTERNAL
+                entry = tensor.external_data.add()
+                entry.key, entry.value = "location", "bnfuse-shape-inference"
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
     except Exception:  # a graph onnx cannot infer: no shapes, as before
         return {}
     shapes: dict[str, tuple[int | None, ...]] = {}
     for info in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        tensor = info.type.tensor_type
-        if tensor.HasField("shape"):
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
             shapes[info.name] = tuple(
-                d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim
+                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
             )
     return shapes
 
 
-def _write_inline(model: ir.Model, path: Path) -> None:
-    """One .onnx file, laid out as protobuf would, each large weight written as a byte range."""
-    import onnx
-
-    streamed = _streamed([model.graph], all_types=False)
-    for index, item in enumerate(streamed):
-        item.offset = index
-    proto = _serialize_without(model, streamed, INLINE)
-    pieces: list[bytes | _Streamed] = []
-    for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL and any(
-            e.key == "location" and e.value == INLINE for e in tensor.external_data
-        ):
-            item = streamed[int(next(e.value for e in tensor.external_data if e.key == "offset"))]
-            tensor.ClearField("external_data")
-            tensor.ClearField("data_location")
-            header = tensor.SerializeToString()
-            cut = wire.split_at(header, 9)  # raw_data's place among the fields
-            head, tail = header[:cut], header[cut:]
-            raw = wire.len_prefix(9, nbytes(item.tensor))
-            size = len(head) + len(raw) + nbytes(item.tensor) + len(tail)
-            pieces += [wire.len_prefix(5, size) + head + raw, item, tail]
-        else:
-            blob = tensor.SerializeToString()
-            pieces.append(wire.len_prefix(5, len(blob)) + blob)
-    _write_file(path, wire.around_initializers(proto, pieces, _length))
-
-
-def _length(piece: bytes | _Streamed) -> int:
-    return nbytes(piece.tensor) if isinstance(piece, _Streamed) else len(piece)
-
-
-def _write_external(model: ir.Model, path: Path, data_path: Path, location: str) -> bool:
-    """The model and its data file; False when no weight was large enough to go there."""
-    streamed = _streamed(model.graphs(), all_types=True)
-    offset = 0
-    for item in streamed:
-        if nbytes(item.tensor) >= ALIGN_FROM:
-            offset = -(-offset // ALIGNMENT) * ALIGNMENT
-        item.offset = offset
-        offset += nbytes(item.tensor)
-    proto = _serialize_without(model, streamed, location)
-    if streamed:
-        _write_file(data_path, streamed, at_offsets=True)
-    _write_file(path, [proto.SerializeToString()])
-    return bool(streamed)
+def _all_graph_protos(graph: Any) -> Iterator[Any]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _all_graph_protos(sub)
 
 
 def _write_file(
@@ -506,30 +540,28 @@ def _write_file(
                 continue
             if at_offsets:
                 os.lseek(fd, piece.offset, os.SEEK_SET)
-            _write_tensor(fd, piece.tensor)
+            _write_data(fd, piece)
     finally:
         os.close(fd)
 
 
-def _write_tensor(fd: int, tensor: ir.TensorProtocol) -> None:
-    """Append the tensor's raw bytes: copied in the kernel if it is unchanged from a file."""
-    n = nbytes(tensor)
-    if isinstance(tensor, mapped.MappedTensor):
-        tensor.copy_to(fd)
+def _write_data(fd: int, item: _Streamed) -> None:
+    """Append a weight's raw bytes: copied in the kernel if it is unchanged from a file."""
+    data = item.data()
+    if isinstance(data, Mapped):
+        copy_to(data.file, data.offset, data.length, fd)
         return
-    if isinstance(tensor, (ir.Tensor, ir.LazyTensor)) and tensor.dtype in MAPPABLE:
-        array = tensor.numpy()  # ir.Tensor: its array, no copy; LazyTensor: computed now
-        data: bytes | memoryview = np.ascontiguousarray(array).reshape(-1).view(np.uint8).data
-    else:
-        data = tensor.tobytes()
-    if len(data) != n:
-        raise ModelError(f"tensor '{tensor.name}' gives {len(data)} bytes, its type and shape {n}")
-    outputs.write_all(fd, data)
+    view = data.reshape(-1).view(np.uint8).data
+    if len(view) != item.length:
+        raise ModelError(
+            f"tensor '{item.tensor.name}' gives {len(view)} bytes, its type and shape {item.length}"
+        )
+    outputs.write_all(fd, view)
 
 
 def _root_cause(exc: BaseException) -> str:
     root = exc
-    while root.__cause__ is not None:  # onnx-ir wraps the real reason
+    while root.__cause__ is not None:
         root = root.__cause__
     text = first_line(root)
     return f"{type(root).__name__}: {text[:200]}" if text else type(root).__name__

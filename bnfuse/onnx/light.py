@@ -82,6 +82,29 @@ def numpy_dtype(data_type: int) -> np.dtype[Any]:
     return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
 
 
+def type_code(dtype: np.dtype[Any]) -> int | None:
+    """The ONNX element type of a numpy dtype (None for one ONNX has not)."""
+    for code, native in _NATIVE.items():
+        if native == dtype:
+            return code
+    from onnx import helper
+
+    try:
+        return int(helper.np_dtype_to_tensor_dtype(dtype))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def type_name(code: int | None, dtype: np.dtype[Any]) -> str:
+    """An element type as reports name it (``FLOAT16``); ``dtype`` stands in where the
+    model declares none."""
+    if code is None:
+        code = type_code(dtype)
+    if code is None or code not in TensorProto.DataType.values():
+        return str(dtype)
+    return str(TensorProto.DataType.Name(code))
+
+
 _RAW: dict[int, np.dtype[Any]] = {}  # MAPPABLE's dtypes, little-endian as raw data is
 
 
@@ -94,18 +117,18 @@ def _raw_dtype(data_type: int) -> np.dtype[Any] | None:
 
 def whole_file_limit() -> int:
     """Files smaller than this are parsed by protobuf whole, and hold a model that one
-    protobuf message can carry: what bnfuse.onnx.direct takes."""
+    protobuf message can carry."""
     return min(LIGHT_FROM, PROTOBUF_LIMIT - GRAPH_MARGIN)
 
 
 def raw_array(tensor: TensorProto) -> npt.NDArray[Any] | None:
-    """A read-only view of ``tensor``'s raw_data, or None to let onnx-ir read it.
+    """A read-only view of ``tensor``'s raw_data, or None to let onnx's numpy_helper read it.
 
-    The same array onnx-ir's ``TensorProtoTensor.numpy()`` makes of raw_data
-    in these types, without its per-call dispatch: on a 3,000-node graph with
-    5,000 small initializers that dispatch showed up in loading, matching and
-    writing alike. None for other types, other fields, big-endian hosts, and
-    data that does not fill the tensor's shape (onnx-ir then says why).
+    The same array ``numpy_helper.to_array`` makes of raw_data in these types,
+    without its per-call dispatch: on a 3,000-node graph with 5,000 small
+    initializers that dispatch would show in loading, matching and writing
+    alike. None for other types, other fields, big-endian hosts, and data that
+    does not fill the tensor's shape (the load's checks then say why).
     """
     dtype = _raw_dtype(tensor.data_type)
     if dtype is None or not LITTLE_ENDIAN or not tensor.HasField("raw_data"):
@@ -129,7 +152,7 @@ def light_proto(path: Path) -> Any:
     once where the outer levels are malformed, without reading the rest (a
     corrupt 3 GB file is refused in milliseconds, not after reading it whole).
     """
-    import onnx.serialization  # the full path's: onnx-ir imports onnx anyway
+    import onnx.serialization  # only for a file this large: its import is small beside it
 
     fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
     if fmt not in (None, "protobuf") or not LITTLE_ENDIAN or not hasattr(os, "pread"):

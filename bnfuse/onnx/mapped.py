@@ -9,8 +9,8 @@ from this process (they stay in the page cache, and a later read maps them
 again). That keeps peak memory near one layer, not one model, however large
 the model.
 
-Such a weight is a ``MappedTensor``: an onnx-ir tensor that knows its file and
-offset. An unchanged one is written out with ``copy_to``: copy_file_range, a
+Such a weight is a ``bnfuse.onnx.tensors.Mapped``: its file, its offset and its
+array. An unchanged one is written out with ``copy_to``: copy_file_range, a
 copy inside the kernel that never passes through this process's memory.
 """
 
@@ -20,11 +20,9 @@ import mmap
 import os
 import weakref
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnx_ir as ir
 
 from bnfuse import outputs
 
@@ -69,28 +67,6 @@ class MappedFile:
             return
         start = offset - offset % PAGE
         self._map.madvise(mmap.MADV_DONTNEED, start, min(self.size, offset + length) - start)
-
-
-class MappedTensor(ir.Tensor):  # type: ignore[type-arg]
-    """A weight that is a view of a mapped file, and knows which file and where."""
-
-    def __init__(self, file: MappedFile, offset: int, array: npt.NDArray[Any], **kwargs: Any):
-        super().__init__(array, **kwargs)
-        self.file = file  # keeps the file mapped as long as the tensor lives
-        self.offset = offset
-        self.length = int(array.nbytes)
-
-    def release(self) -> None:
-        self.file.release(self.offset, self.length)
-
-    def copy_to(self, fd: int) -> None:
-        copy_to(self.file, self.offset, self.length, fd)
-
-
-def release(tensor: ir.TensorProtocol | None) -> None:
-    """Drop the pages of a mapped weight from this process (a no-op for other tensors)."""
-    if isinstance(tensor, MappedTensor):
-        tensor.release()
 
 
 def copy_to(mapped: MappedFile, offset: int, length: int, fd: int) -> None:

@@ -26,17 +26,20 @@ Constant/Identity chains and overridable initializers, subgraph boundaries.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfuse import fold, legality
 from bnfuse.errors import ModelError
 from bnfuse.fold import Affine, Array
 from bnfuse.legality import Refusal
-from bnfuse.onnx import mapped, shapes
+from bnfuse.onnx import shapes
 from bnfuse.onnx.constants import NotConstant, constant_array
+from bnfuse.onnx.graph import Model, Node, Value
+from bnfuse.onnx.light import numpy_dtype, type_code, type_name
 from bnfuse.onnx.ops import (
     FLOAT_TYPES,
     LAYER_OPS,
@@ -54,20 +57,21 @@ from bnfuse.result import Candidate, Skip
 class Site:
     """Where a fold lands: the layer's weight, and where its bias lives."""
 
-    layer: ir.Node  # Conv / ConvTranspose / Gemm / MatMul
-    tail: ir.Node  # the node whose output the BN reads: the layer, or the bias Add
+    layer: Node  # Conv / ConvTranspose / Gemm / MatMul
+    tail: Node  # the node whose output the BN reads: the layer, or the bias Add
     weight: Array
     axis: int  # output-channel axis of the weight
     groups: int  # > 1 only for grouped ConvTranspose
     bias: Array | None  # float64-ready bias (Gemm: already times beta)
     bias_index: int | None  # input index of the bias on ``tail``; None: there is none yet
-    source: ir.TensorProtocol | None = None  # the tensor ``weight`` is read from
+    source: Any = None  # the TensorProto ``weight`` is read from
     # Shape-only nodes from ``tail`` to the BatchNorm (LeViT's Linear -> Flatten -> BN).
-    chain: tuple[ir.Node, ...] = ()
+    chain: tuple[Node, ...] = ()
 
     def release(self) -> None:
         """The weight was read (for its peak): drop its pages until it is folded."""
-        mapped.release(self.source)
+        if self.source is not None:
+            self.layer.graph.model.arrays.release(self.source)
 
     @property
     def channels(self) -> int:
@@ -79,7 +83,7 @@ AFTER, BEFORE = "after", "before"  # the folded node follows the layer / precede
 
 @dataclass(frozen=True)
 class Plan:
-    bn: ir.Node  # the node folded away: a BatchNormalization, Mul or Add
+    bn: Node  # the node folded away: a BatchNormalization, Mul or Add
     site: Site
     affine: Affine
     dtype: np.dtype[np.generic]
@@ -93,13 +97,13 @@ class Match:
     plan: Plan | None = None
 
 
-def find(model: ir.Model) -> list[Match]:
+def find(model: Model) -> list[Match]:
     """Every candidate in the model, in graph order (subgraphs after their parent)."""
     with shapes.inferring(model):
         return _find(model)
 
 
-def _find(model: ir.Model) -> list[Match]:
+def _find(model: Model) -> list[Match]:
     matches = []
     opset = default_opset(dict(model.opset_imports))
     for graph in model.graphs():
@@ -112,13 +116,13 @@ def _find(model: ir.Model) -> list[Match]:
                     match = _match_scale_shift(node, graph_name, model.ir_version)
                     if match is not None:
                         matches.append(match)
-            except TypeError as exc:  # onnx-ir: an attribute of the wrong type
+            except TypeError as exc:  # an attribute of the wrong type (graph.Attributes)
                 raise ModelError(f"node '{node.name}' ({node.op_type}) is invalid: {exc}") from exc
     matches += _in_functions(model)
     return matches
 
 
-def _in_functions(model: ir.Model) -> list[Match]:
+def _in_functions(model: Model) -> list[Match]:
     """BatchNorms inside model-local functions: reported, never folded.
 
     A function's weights are its inputs, bound anew at each call site, so
@@ -126,11 +130,13 @@ def _in_functions(model: ir.Model) -> list[Match]:
     make them foldable.
     """
     matches = []
-    for function in model.functions.values():
+    for function in model.proto.functions:
         where = f"{function.domain}::{function.name}" if function.domain else function.name
-        for node in function.all_nodes():
+        nodes = list(_all_nodes(function.node))
+        producers = {o: n for n in nodes for o in n.output if o}
+        for node in nodes:
             if is_batchnorm(node):
-                producer = node.inputs[0].producer() if node.inputs and node.inputs[0] else None
+                producer = producers.get(node.input[0]) if node.input else None
                 candidate = Candidate(
                     node=_name(node),
                     graph=f"function {where}",
@@ -147,10 +153,19 @@ def _in_functions(model: ir.Model) -> list[Match]:
     return matches
 
 
+def _all_nodes(nodes: Any) -> Iterator[Any]:
+    """NodeProtos and those of their subgraphs, depth first."""
+    for node in nodes:
+        yield node
+        for attr in node.attribute:
+            for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _all_nodes(graph.node)
+
+
 _name = node_name
 
 
-def _match_bn(bn: ir.Node, graph_name: str, ir_version: int, opset: int | None) -> Match:
+def _match_bn(bn: Node, graph_name: str, ir_version: int, opset: int | None) -> Match:
     x = bn.inputs[0]
     producer = x.producer() if x is not None else None
     candidate = Candidate(
@@ -191,14 +206,14 @@ def _match_bn(bn: ir.Node, graph_name: str, ir_version: int, opset: int | None) 
     return Match(replace(candidate, skip=decided.skip, reason=decided.reason))
 
 
-def _plan(node: ir.Node, site: Site, decided: legality.Fold, direction: str = AFTER) -> Plan:
+def _plan(node: Node, site: Site, decided: legality.Fold, direction: str = AFTER) -> Plan:
     return Plan(
         bn=node, site=site, affine=decided.affine, dtype=decided.dtype, direction=direction,
         peak=decided.peak,
     )  # fmt: skip
 
 
-def _norm(bn: ir.Node, ir_version: int, opset: int | None) -> legality.Norm:
+def _norm(bn: Node, ir_version: int, opset: int | None) -> legality.Norm:
     """The facts about a BatchNormalization node."""
     training = batch_statistics(
         opset,
@@ -216,7 +231,7 @@ def _norm(bn: ir.Node, ir_version: int, opset: int | None) -> legality.Norm:
     )
 
 
-def _site_before(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Site | Refusal:
+def _site_before(bn: Node, producer: Node | None, ir_version: int) -> Site | Refusal:
     """The layer whose output the BatchNorm reads (through shape-only nodes, if any),
     with constant weights, in its graph."""
     if producer is None:
@@ -237,8 +252,8 @@ def _site_before(bn: ir.Node, producer: ir.Node | None, ir_version: int) -> Site
 
 
 def _shape_chain(
-    producer: ir.Node,
-) -> tuple[tuple[ir.Node, ...], ir.Node, Refusal | None]:
+    producer: Node,
+) -> tuple[tuple[Node, ...], Node, Refusal | None]:
     """Shape-only nodes back from ``producer`` to a layer (legality.chain_back)."""
     chain, origin, too_far = legality.chain_back(
         producer, _step_input, lambda n: n.op_type in LAYER_OPS
@@ -246,7 +261,7 @@ def _shape_chain(
     return tuple(chain), origin, too_far
 
 
-def _step_input(node: ir.Node) -> ir.Node | None:
+def _step_input(node: Node) -> Node | None:
     """The node a shape-only node reads; None for any other node."""
     if node.op_type not in SHAPE_OPS or node.domain not in ("", "ai.onnx") or not node.inputs:
         return None
@@ -254,7 +269,7 @@ def _step_input(node: ir.Node) -> ir.Node | None:
     return first.producer() if first is not None else None
 
 
-def _uses(site: Site, folded: ir.Node) -> list[legality.Use]:
+def _uses(site: Site, folded: Node) -> list[legality.Use]:
     """The values from the layer to the folded node: the layer's output, its bias Add's,
     and each shape-only node's; each must be read by the next node only."""
     nodes = [site.layer, *([site.tail] if site.tail is not site.layer else []), *site.chain]
@@ -265,7 +280,7 @@ def _uses(site: Site, folded: ir.Node) -> list[legality.Use]:
 _SHAPE_READS = legality.METADATA_READS["onnx"]
 
 
-def _use(node: ir.Node, reader: ir.Node) -> legality.Use:
+def _use(node: Node, reader: Node) -> legality.Use:
     """``node``'s output, and who reads its values besides ``reader``."""
     out = node.outputs[0]
     others = [
@@ -337,12 +352,12 @@ def _layer(site: Site, ir_version: int) -> legality.Layer:
         rank=rank,
         steps=_steps(site, ir_version),
         rank_hint="run onnx shape inference first",
-        dtype=dtype.numpy() if dtype in FLOAT_TYPES else None,
-        dtype_name=str(dtype),
+        dtype=numpy_dtype(dtype) if dtype in FLOAT_TYPES else None,
+        dtype_name=type_name(dtype, site.weight.dtype),
     )
 
 
-def _bn_params(bn: ir.Node, ir_version: int) -> legality.Params | Refusal:
+def _bn_params(bn: Node, ir_version: int) -> legality.Params | Refusal:
     """(scale, bias, mean, var) as constants, and epsilon."""
     params = []
     for index, what in enumerate(("scale", "bias", "mean", "var"), start=1):
@@ -353,7 +368,7 @@ def _bn_params(bn: ir.Node, ir_version: int) -> legality.Params | Refusal:
         if isinstance(array, NotConstant):
             return _not_constant(f"BatchNorm {what}", array)
         if not fold.is_float(array):
-            dtype = value.dtype or ir.DataType.from_numpy(array.dtype)
+            dtype = type_name(value.dtype, array.dtype)
             return Refusal(
                 Skip.BAD_PARAMETERS,
                 f"the BatchNorm {what} '{value.name}' is a {dtype} tensor; BatchNorm parameters "
@@ -364,14 +379,14 @@ def _bn_params(bn: ir.Node, ir_version: int) -> legality.Params | Refusal:
     return legality.Params(gamma, beta, mean, var, bn.attributes.get_float("epsilon", 1e-5))
 
 
-def _consumers(node: ir.Node) -> tuple[str, ...]:
+def _consumers(node: Node) -> tuple[str, ...]:
     return tuple(u.node.name or u.node.op_type for u in node.outputs[0].uses())
 
 
 # --- BatchNorm -> following Conv ----------------------------------------------------
 
 
-def _following_conv(bn: ir.Node) -> ir.Node | None:
+def _following_conv(bn: Node) -> Node | None:
     out = bn.outputs[0]
     uses = list(out.uses())
     if len(uses) != 1 or out.is_graph_output():
@@ -382,9 +397,7 @@ def _following_conv(bn: ir.Node) -> ir.Node | None:
     return user
 
 
-def _following(
-    bn: ir.Node, conv: ir.Node, ir_version: int
-) -> tuple[legality.Following, Site] | Refusal:
+def _following(bn: Node, conv: Node, ir_version: int) -> tuple[legality.Following, Site] | Refusal:
     """The facts of the Conv after ``bn``, and the site its fold would land in."""
     if conv.graph is not bn.graph:
         return Refusal(Skip.UNSUPPORTED, "the Conv is in another graph")
@@ -400,14 +413,14 @@ def _following(
         bias=bias,
         groups=groups,
         padding=_padding(conv, weight),
-        dtype=dtype.numpy() if dtype in FLOAT_TYPES else None,
-        dtype_name=str(dtype),
+        dtype=numpy_dtype(dtype) if dtype in FLOAT_TYPES else None,
+        dtype_name=type_name(dtype, weight.dtype),
     )
     site = Site(conv, conv, weight, axis=1, groups=groups, bias=bias, bias_index=2)
     return facts, replace(site, source=_source(conv.inputs[1]))
 
 
-def _padding(conv: ir.Node, weight: Array) -> str | None:
+def _padding(conv: Node, weight: Array) -> str | None:
     """The padding the conv reads, in its attribute's words; None when it reads none."""
     auto_pad = conv.attributes.get_string("auto_pad", "NOTSET")
     if auto_pad == "VALID":
@@ -421,7 +434,7 @@ def _padding(conv: ir.Node, weight: Array) -> str | None:
 # --- Conv / ConvTranspose / Gemm -> Mul or Add by a constant -----------------------
 
 
-def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match | None:
+def _match_scale_shift(node: Node, graph_name: str, ir_version: int) -> Match | None:
     """A Mul/Add right after a layer; None when it is no candidate (e.g. a residual Add)."""
     for layer_index in (0, 1):
         x = node.inputs[layer_index] if layer_index < len(node.inputs) else None
@@ -468,11 +481,12 @@ def _match_scale_shift(node: ir.Node, graph_name: str, ir_version: int) -> Match
     return Match(candidate, _plan(node, site, decided))
 
 
-def _dtype_of(layer: ir.Node, weight: Array) -> ir.DataType:
+def _dtype_of(layer: Node, weight: Array) -> int | None:
+    """The weight's ONNX element type: as the model declares it, else its array's."""
     value = layer.inputs[1]
     if value is not None and value.dtype is not None:
         return value.dtype
-    return ir.DataType.from_numpy(weight.dtype)
+    return type_code(weight.dtype)
 
 
 def _not_constant(what: str, why: NotConstant) -> Refusal:
@@ -480,7 +494,7 @@ def _not_constant(what: str, why: NotConstant) -> Refusal:
     return Refusal(skip, f"{what}: {why.reason}")
 
 
-def _const_input(node: ir.Node, index: int, what: str, ir_version: int) -> Array | Refusal | None:
+def _const_input(node: Node, index: int, what: str, ir_version: int) -> Array | Refusal | None:
     """The constant at ``node.inputs[index]``; None if the input is absent."""
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
@@ -491,24 +505,24 @@ def _const_input(node: ir.Node, index: int, what: str, ir_version: int) -> Array
     return array
 
 
-def _source(value: ir.Value | None) -> ir.TensorProtocol | None:
-    """The stored tensor a constant input reads, through Identity nodes."""
-    while value is not None and value.const_value is None:
+def _source(value: Value | None) -> Any:
+    """The stored TensorProto a constant input reads, through Identity nodes."""
+    while value is not None and value.init is None:
         node = value.producer()
         if node is None or node.op_type != "Identity" or not node.inputs:
             return None
         value = node.inputs[0]
-    return value.const_value if value is not None else None
+    return value.init if value is not None else None
 
 
-def _site(producer: ir.Node, ir_version: int) -> Site | Refusal:
+def _site(producer: Node, ir_version: int) -> Site | Refusal:
     site = _layer_site(producer, ir_version)
     if isinstance(site, Site):
         return replace(site, source=_source(site.layer.inputs[1]))
     return site
 
 
-def _layer_site(producer: ir.Node, ir_version: int) -> Site | Refusal:
+def _layer_site(producer: Node, ir_version: int) -> Site | Refusal:
     if producer.domain not in ("", "ai.onnx"):
         return Refusal(Skip.NO_LAYER, f"its input comes from {producer.domain}.{producer.op_type}")
     if producer.op_type in ("Conv", "ConvTranspose"):
@@ -522,7 +536,7 @@ def _layer_site(producer: ir.Node, ir_version: int) -> Site | Refusal:
     return legality.no_layer(f"{producer.op_type} '{_name(producer)}'")
 
 
-def _required_const(node: ir.Node, index: int, what: str, ir_version: int) -> Array | Refusal:
+def _required_const(node: Node, index: int, what: str, ir_version: int) -> Array | Refusal:
     array = _const_input(node, index, what, ir_version)
     if array is None:
         return Refusal(Skip.NOT_CONSTANT, f"{node.op_type} '{_name(node)}' has no {what}")
@@ -530,7 +544,7 @@ def _required_const(node: ir.Node, index: int, what: str, ir_version: int) -> Ar
 
 
 def _weight_and_bias(
-    node: ir.Node, names: tuple[str, str], ir_version: int
+    node: Node, names: tuple[str, str], ir_version: int
 ) -> tuple[Array, Array | None] | Refusal:
     """The layer's constant weight (input 1) and optional constant bias (input 2)."""
     weight = _required_const(node, 1, names[0], ir_version)
@@ -542,7 +556,7 @@ def _weight_and_bias(
     return weight, bias
 
 
-def _conv_site(node: ir.Node, ir_version: int) -> Site | Refusal:
+def _conv_site(node: Node, ir_version: int) -> Site | Refusal:
     params = _weight_and_bias(node, ("weight", "bias"), ir_version)
     if isinstance(params, Refusal):
         return params
@@ -571,7 +585,7 @@ def _conv_site(node: ir.Node, ir_version: int) -> Site | Refusal:
     return Site(node, node, weight, axis=1, groups=groups, bias=bias, bias_index=2)
 
 
-def _gemm_site(node: ir.Node, ir_version: int) -> Site | Refusal:
+def _gemm_site(node: Node, ir_version: int) -> Site | Refusal:
     params = _weight_and_bias(node, ("B", "C"), ir_version)
     if isinstance(params, Refusal):
         return params
@@ -590,8 +604,8 @@ def _gemm_site(node: ir.Node, ir_version: int) -> Site | Refusal:
 
 
 def _matmul_site(
-    matmul: ir.Node,
-    tail: ir.Node,
+    matmul: Node,
+    tail: Node,
     bias: Array | None,
     bias_index: int | None,
     ir_version: int,
@@ -608,7 +622,7 @@ def _matmul_site(
     return Site(matmul, tail, weight, axis=1, groups=1, bias=bias, bias_index=bias_index)
 
 
-def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | Refusal:
+def _matmul_add_site(add: Node, ir_version: int) -> Site | Refusal:
     for bias_index in (1, 0):
         other = add.inputs[1 - bias_index]
         matmul = other.producer() if other is not None else None
@@ -636,7 +650,7 @@ def _matmul_add_site(add: ir.Node, ir_version: int) -> Site | Refusal:
     )
 
 
-def _known_rank(*values: ir.Value | None) -> int | None:
+def _known_rank(*values: Value | None) -> int | None:
     for value in values:
         dims = shapes.value_dims(value)
         if dims is not None:

@@ -1,5 +1,5 @@
-"""The ONNX op names and element types that the two ONNX paths (match and direct) and the
-constant evaluator agree on. No onnx-ir here: the direct path runs without it."""
+"""The ONNX op names and element types that the matcher, the rewrite and the constant
+evaluator agree on."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ EVALUATED = (
 MAX_DEPTH = 32
 
 
-# Each takes an onnx-ir Node or a NodeProto: both have ``op_type`` and ``domain``.
+# Each takes a bnfuse.onnx.graph Node or a NodeProto: both have ``op_type`` and ``domain``.
 
 
 def op_name(node: Any) -> str:
@@ -41,7 +41,8 @@ def op_name(node: Any) -> str:
 
 def node_name(node: Any) -> str:
     """How a report names a node: by its name, or (ONNX names are optional) by its first
-    output's. Takes an onnx-ir Node (``outputs``: values) or a NodeProto (``output``)."""
+    output's. Takes a bnfuse.onnx.graph Node (``outputs``: values) or a NodeProto
+    (``output``)."""
     if node.name:
         return str(node.name)
     outputs = node.outputs if hasattr(node, "outputs") else node.output

@@ -1,6 +1,6 @@
 """ONNX's protobuf messages, and whether it knows an opset, without ``import onnx`` where it can.
 
-A plain fuse (bnfuse.onnx.direct) needs of the onnx package only the messages
+A fuse of a model under 32 MB needs of the onnx package only the messages
 protoc generated for it (``onnx/onnx_ml_pb2.py``) and, for a model of a recent
 opset, whether onnx knows that opset. ``import onnx`` runs its helper,
 compose, serialization, external-data and version modules as well: numpy
@@ -59,15 +59,18 @@ def _generated() -> ModuleType:
 
 
 if TYPE_CHECKING:
-    from onnx import AttributeProto, ModelProto, TensorProto, ValueInfoProto
+    from onnx import AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto
 else:
     _pb2 = _generated()
     AttributeProto = _pb2.AttributeProto
     ModelProto = _pb2.ModelProto
+    NodeProto = _pb2.NodeProto
     TensorProto = _pb2.TensorProto
     ValueInfoProto = _pb2.ValueInfoProto
 
-__all__ = ["AttributeProto", "ModelProto", "TensorProto", "ValueInfoProto", "knows_opset"]
+__all__ = [
+    "AttributeProto", "ModelProto", "NodeProto", "TensorProto", "ValueInfoProto", "knows_opset"
+]  # fmt: skip
 
 
 def knows_opset(version: int) -> bool:

@@ -16,22 +16,22 @@ from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import numpy as np
-import onnx_ir as ir
 
 from bnfuse.onnx import io
 from bnfuse.onnx.constants import NotConstant, constant_array
+from bnfuse.onnx.graph import Model, Node, Value
 from bnfuse.onnx.ops import SHAPE_OPS
 
 Dims = tuple[int | None, ...]
 
 
-def value_dims(value: ir.Value | None) -> Dims | None:
+def value_dims(value: Value | None) -> Dims | None:
     """The value's shape as the model records it, or else as onnx's shape inference
     works it out (run once per model, on a copy without weights, and only if asked)."""
     if value is None:
         return None
     if value.shape is not None:
-        return tuple(d if isinstance(d, int) else None for d in value.shape)
+        return value.shape
     inferred = _INFERRED.get()
     if inferred is None:
         return None
@@ -47,25 +47,25 @@ class _Inferred:
     onnx's shape inference, run once per model on a copy without weights.
     """
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: Model) -> None:
         self._model = model
         self._shapes: dict[str, tuple[int | None, ...]] | None = None
         self._memo: dict[int, Dims | None] = {}
         self._depth = 0
 
-    def dims(self, value: ir.Value) -> Dims | None:
+    def dims(self, value: Value) -> Dims | None:
         key = id(value)
         if key not in self._memo:
             self._memo[key] = None  # a cycle or a deep chain gives up, not loops
             self._memo[key] = self._local(value) or self._onnx(value)
         return self._memo[key]
 
-    def _onnx(self, value: ir.Value) -> Dims | None:
+    def _onnx(self, value: Value) -> Dims | None:
         if self._shapes is None:
             self._shapes = io.inferred_shapes(self._model)
         return self._shapes.get(value.name) if value.name else None
 
-    def _local(self, value: ir.Value) -> Dims | None:
+    def _local(self, value: Value) -> Dims | None:
         node = value.producer()
         if node is None or node.domain not in ("", "ai.onnx") or value is not node.outputs[0]:
             return None
@@ -87,7 +87,7 @@ _ELEMENTWISE_UNARY = {
 _ELEMENTWISE_BINARY = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min"}
 
 
-def _local_dims(node: ir.Node, ir_version: int) -> Dims | None:
+def _local_dims(node: Node, ir_version: int) -> Dims | None:
     """The output shape of ``node`` from its inputs' shapes, for the ops that need no more."""
     op = node.op_type
     first = node.inputs[0] if node.inputs else None
@@ -107,7 +107,7 @@ def _local_dims(node: ir.Node, ir_version: int) -> Dims | None:
     return None
 
 
-def _shape_of(reshape: ir.Node) -> ir.Value | None:
+def _shape_of(reshape: Node) -> Value | None:
     """The value whose whole Shape a Reshape takes as its target shape, if it does."""
     target = reshape.inputs[1] if len(reshape.inputs) == 2 else None
     source = target.producer() if target is not None else None
@@ -140,25 +140,25 @@ def _broadcast(a: Dims, b: Dims) -> Dims | None:
 _INFERRED: ContextVar[_Inferred | None] = ContextVar("bnfuse_inferred_shapes", default=None)
 
 
-def shape_op_dims(node: ir.Node, dims: Dims | None, ir_version: int) -> Dims | None:
+def shape_op_dims(node: Node, dims: Dims | None, ir_version: int) -> Dims | None:
     """The output shape of a shape-only node, from its input's (None where unknown)."""
     if dims is None or node.op_type not in _SHAPE_RULES:
         return None
     return _SHAPE_RULES[node.op_type](node, dims, ir_version)
 
 
-def _transpose_dims(node: ir.Node, dims: Dims, _v: int) -> Dims | None:
+def _transpose_dims(node: Node, dims: Dims, _v: int) -> Dims | None:
     rank = len(dims)
     perm = node.attributes.get_ints("perm", list(range(rank))[::-1])
     return tuple(dims[int(p)] for p in perm) if sorted(perm) == list(range(rank)) else None
 
 
-def _flatten_dims(node: ir.Node, dims: Dims, _v: int) -> Dims | None:
+def _flatten_dims(node: Node, dims: Dims, _v: int) -> Dims | None:
     axis = node.attributes.get_int("axis", 1) % (len(dims) + 1) if dims else 0
     return (_prod(dims[:axis]), _prod(dims[axis:]))
 
 
-def _reshape_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
+def _reshape_dims(node: Node, dims: Dims, ir_version: int) -> Dims | None:
     shape = _const_ints(node, 1, ir_version)
     if shape is None or node.attributes.get_int("allowzero", 0) != 0:
         return None
@@ -171,12 +171,12 @@ def _reshape_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
     return tuple(out)
 
 
-def _axes(node: ir.Node, ir_version: int) -> list[int]:
+def _axes(node: Node, ir_version: int) -> list[int]:
     axes = _const_ints(node, 1, ir_version)  # opset 13 on: an input; before: an attribute
     return axes if axes is not None else [int(a) for a in node.attributes.get_ints("axes", [])]
 
 
-def _unsqueeze_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
+def _unsqueeze_dims(node: Node, dims: Dims, ir_version: int) -> Dims | None:
     axes = _axes(node, ir_version)
     grown: list[int | None] = list(dims)
     for axis in sorted(a % (len(dims) + len(axes)) for a in axes):
@@ -184,7 +184,7 @@ def _unsqueeze_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
     return tuple(grown)
 
 
-def _squeeze_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
+def _squeeze_dims(node: Node, dims: Dims, ir_version: int) -> Dims | None:
     axes = _axes(node, ir_version)
     if not axes:  # every dim of size 1: which ones is only known where all are known
         return None
@@ -192,7 +192,7 @@ def _squeeze_dims(node: ir.Node, dims: Dims, ir_version: int) -> Dims | None:
     return tuple(d for i, d in enumerate(dims) if i not in gone)
 
 
-_SHAPE_RULES: dict[str, Callable[[ir.Node, Dims, int], Dims | None]] = {
+_SHAPE_RULES: dict[str, Callable[[Node, Dims, int], Dims | None]] = {
     "Transpose": _transpose_dims,
     "Flatten": _flatten_dims,
     "Reshape": _reshape_dims,
@@ -201,7 +201,7 @@ _SHAPE_RULES: dict[str, Callable[[ir.Node, Dims, int], Dims | None]] = {
 }
 
 
-def _const_ints(node: ir.Node, index: int, ir_version: int) -> list[int] | None:
+def _const_ints(node: Node, index: int, ir_version: int) -> list[int] | None:
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
         return None
@@ -216,7 +216,7 @@ def _prod(dims: Dims) -> int | None:
 
 
 @contextlib.contextmanager
-def inferring(model: ir.Model) -> Iterator[None]:
+def inferring(model: Model) -> Iterator[None]:
     """Within the block, ``value_dims`` works out the shapes ``model`` does not record."""
     token = _INFERRED.set(_Inferred(model))
     try:

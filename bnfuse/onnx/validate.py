@@ -1,10 +1,10 @@
-"""Checks on the ModelProto before onnx-ir reads it: what onnx-ir would take silently.
+"""Checks on the ModelProto before it is indexed: what runtimes read differently.
 
-- A name given to two initializers (onnxruntime uses the first, onnx-ir keeps
-  the last, so the fused model would compute something else), or a subgraph
+- A name given to two initializers (onnxruntime uses the first, other readers
+  the last, so the fused model could compute something else), or a subgraph
   initializer that shadows a name of an enclosing graph.
-- Sparse initializers, which onnx-ir does not read (they would vanish from the
-  output).
+- Sparse initializers, which bnfuse does not read (a fold into one cannot be
+  written back).
 - Tensors of an element type ONNX does not define, and tensors whose values
   sit in a typed field their type does not use (an FLOAT16 tensor in
   ``float_data``): each gets its own sentence instead of a library's assertion.
@@ -41,7 +41,7 @@ _KNOWN_TYPES = set(TensorProto.DataType.values())
 
 
 def check_model(proto: ModelProto, path: Path) -> None:
-    """Raise InputError for the first thing onnx-ir would read wrongly or not at all."""
+    """Raise InputError for the first thing bnfuse would read wrongly or not at all."""
     _check_graph(proto.graph, path, outer=set())
     for function in proto.functions:
         for node in function.node:

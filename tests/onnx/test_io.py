@@ -12,7 +12,7 @@ from onnx import helper
 
 import bnfuse
 from bnfuse import outputs
-from bnfuse.onnx import direct, light
+from bnfuse.onnx import light
 from sample_models.models import layer_bn, random_feeds
 from tests.helpers import assert_same_outputs, run_reference
 
@@ -180,22 +180,22 @@ def test_existing_external_data_file_is_replaced_only_with_force(tmp_path: Path)
 
 @pytest.mark.parametrize(
     ("external", "route", "fails_at"),
-    [(False, "direct", 1), (False, "full", 2), (True, "full", 2)],
-    ids=["inline-direct", "inline-streamed", "external_data"],
+    [(False, "whole", 2), (False, "mapped", 2), (True, "mapped", 2)],
+    ids=["inline-parsed-whole", "inline-mapped", "external_data"],
 )
 def test_failed_write_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, external: bool, route: str, fails_at: int
 ) -> None:
-    """The direct path writes the model in one piece; the full path's writer in several
-    (each large weight as a byte range), and fails here after the first."""
+    """The writer writes the model in several pieces (each folded or mapped weight as a
+    byte range), and fails here after the first: parsed whole, or its weights mapped."""
     src = tmp_path / "m.onnx"
     model = layer_bn("Conv", cin=16, cout=16)  # weights large enough to be written as byte ranges
     if external:
         onnx.save(model, src, save_as_external_data=True, location="m.data", size_threshold=0)
     else:
         onnx.save(model, src)
-    if route == "full":
-        monkeypatch.setattr(direct, "fuse", lambda *args, **kwargs: None)
+    if route == "mapped":
+        monkeypatch.setattr(light, "LIGHT_FROM", 0)
     before = sorted(p.name for p in tmp_path.iterdir())
     real_write = outputs.write_all
     calls = []
