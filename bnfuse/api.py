@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from bnfuse.onnx.graph import Model
+    from bnfuse.onnx.io import LoadedModel
     from bnfuse.result import VerifyResult
     from bnfuse.verify.options import Step, VerifyOptions
 
@@ -71,6 +72,7 @@ def fuse_file(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     also_writes: Sequence[tuple[str, Path]] = (),
     also_reads: Sequence[tuple[str, Path]] = (),
+    loaded: LoadedModel | None = None,
 ) -> FuseResult:
     """Fuse a model file: ONNX, TorchScript (.pt) or ExportedProgram (.pt2).
 
@@ -78,7 +80,8 @@ def fuse_file(
     as ``.onnx`` (fused, then exported) or in its own format. ``also_writes``
     (the caller's reports) and ``also_reads`` (its input data) are checked
     with the output under one set of rules (bnfuse.outputs) before anything
-    is written.
+    is written. ``loaded``: the ONNX model at ``input``, read already (by
+    ``fuse_and_verify``, which reads it once for the fuse and the verifier).
     """
     path = Path(input)
     out = Path(output) if output is not None else None
@@ -103,8 +106,9 @@ def fuse_file(
             f"{out}: bnfuse writes an ONNX input as ONNX", hint="name the output .onnx"
         )
     return fuse_onnx(
-        path, out, force=force, dry_run=dry_run, also_writes=also_writes, also_reads=also_reads
-    )
+        path, out, force=force, dry_run=dry_run, also_writes=also_writes, also_reads=also_reads,
+        loaded=loaded,
+    )  # fmt: skip
 
 
 @outputs.replacing()
@@ -134,15 +138,22 @@ def fuse_and_verify(
     soon as there is one.
     """
     checking = verify is not None and not dry_run and output is not None
-    opened = None
+    opened, loaded = None, None
     if checking:
         from bnfuse.verify.compare import preflight
 
         assert verify is not None
-        opened = preflight(input, verify)
+        source = None
+        if detect(Path(input)) not in TORCH_FORMATS:  # read once, for the fuse and the verifier
+            from bnfuse.onnx import io
+            from bnfuse.verify.sources import onnx_source
+
+            loaded = io.load(Path(input))
+            source = onnx_source(Path(input), io.graph_only(loaded.model.proto))
+        opened = preflight(input, verify, source)
     result = fuse_file(
         input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle,
-        input_shapes=input_shapes, also_writes=also_writes, also_reads=also_reads,
+        input_shapes=input_shapes, also_writes=also_writes, also_reads=also_reads, loaded=loaded,
     )  # fmt: skip
     if on_fused is not None:
         on_fused(result)
@@ -198,6 +209,7 @@ def fuse_onnx(
     dry_run: bool = False,
     also_writes: Sequence[tuple[str, Path]] = (),
     also_reads: Sequence[tuple[str, Path]] = (),
+    loaded: LoadedModel | None = None,
 ) -> FuseResult:
     """Fold every legal BatchNorm of the ONNX model at ``input`` into its layer.
 
@@ -213,7 +225,7 @@ def fuse_onnx(
 
     out = Path(output) if output is not None else None
 
-    source = io.load(Path(input))
+    source = loaded if loaded is not None else io.load(Path(input))
     if out is not None and not dry_run:
         targets = [*io.output_targets(source, out), *also_writes]
         outputs.check_targets(targets, [*io.files_read(source), *also_reads], force=force)

@@ -15,6 +15,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
@@ -342,97 +343,129 @@ def fuse_command(
 
       bnfuse models/ 'zoo/**/*.onnx' -o fused/ -j 4 --report batch.json
     """
+    _check_fuse_usage(inputs, output, dry_run)
+    run = _Run(report or [], inputs_file, force, quiet, debug, trust_pickle)
+
+    def verify_options() -> VerifyOptions:
+        return _verify_options(
+            device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle,
+            max_memory,
+        )  # fmt: skip
+
+    if _is_batch(inputs):
+        assert output is not None
+        _fuse_batch(inputs, Path(output), jobs, None if no_verify else verify_options, run)
+    else:
+        out = Path(output) if output is not None else None
+        _fuse_one(Path(inputs[0]), out, dry_run, no_verify, verify_options, run)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every fuse run is told besides its models: reports, data read, flags."""
+
+    reports: list[Path]
+    inputs_file: Path | None
+    force: bool
+    quiet: bool
+    debug: bool
+    trust_pickle: bool
+
+    @property
+    def data_read(self) -> list[tuple[str, Path]]:
+        return [("the --inputs file", self.inputs_file)] if self.inputs_file is not None else []
+
+
+def _is_batch(inputs: list[str]) -> bool:
+    return len(inputs) != 1 or Path(inputs[0]).is_dir() or is_pattern(inputs[0])
+
+
+def _usage_error(message: str) -> typer.Exit:
+    typer.echo(f"bnfuse: error: {message}", err=True)
+    return typer.Exit(EXIT_USAGE)
+
+
+def _check_fuse_usage(inputs: list[str], output: str | None, dry_run: bool) -> None:
+    """The -o a run needs: a file for one model, a folder for a batch."""
     if output is None and not dry_run:
         if len(inputs) > 1:
-            message = "several inputs make a batch, which needs -o DIR (a folder for the models)"
-        else:
-            message = "missing -o/--output (or pass --dry-run)"
-        typer.echo(f"bnfuse: error: {message}", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    reports = report or []
-    data_read = [("the --inputs file", inputs_file)] if inputs_file is not None else []
-    single = len(inputs) == 1 and not Path(inputs[0]).is_dir() and not is_pattern(inputs[0])
-    if not single:
+            raise _usage_error(
+                "several inputs make a batch, which needs -o DIR (a folder for the models)"
+            )
+        raise _usage_error("missing -o/--output (or pass --dry-run)")
+    if _is_batch(inputs):
         if output is None or dry_run:
-            typer.echo("bnfuse: error: batch mode needs -o OUTDIR (and no --dry-run)", err=True)
-            raise typer.Exit(EXIT_USAGE)
-        outdir = Path(output)
-        if outdir.suffix.lower() in MODEL_SUFFIXES and not outdir.is_dir():
-            typer.echo(
-                f"bnfuse: error: -o {output}: batch mode writes each model into a folder, and "
-                "this names a file (give a folder, e.g. -o fused/)",
-                err=True,
+            raise _usage_error("batch mode needs -o OUTDIR (and no --dry-run)")
+        if Path(output).suffix.lower() in MODEL_SUFFIXES and not Path(output).is_dir():
+            raise _usage_error(
+                f"-o {output}: batch mode writes each model into a folder, and this names a "
+                "file (give a folder, e.g. -o fused/)"
             )
-            raise typer.Exit(EXIT_USAGE)
-
-        def batch() -> BatchResult:
-            from bnfuse.batch import run_batch
-            from bnfuse.report import check_report_paths
-
-            targets = check_report_paths(reports)
-            options = (
-                None
-                if no_verify
-                else _verify_options(
-                    device,
-                    seed,
-                    samples,
-                    input_shape,
-                    inputs_file,
-                    per_layer,
-                    atol,
-                    rtol,
-                    trust_pickle,
-                    max_memory,
-                )
-            )
-            return run_batch(
-                inputs, outdir, jobs=jobs, force=force, verify=options, trust_pickle=trust_pickle,
-                also_writes=targets,
-                also_reads=data_read,
-            )  # fmt: skip
-
-        result = _run(debug, "batch", batch)
-        _run(debug, "report", lambda: _finish_batch(result, reports, quiet, force))
-        return
-    input = Path(inputs[0])
-    if output is not None and output.endswith(("/", os.sep)) and not dry_run:
-        typer.echo(
-            f"bnfuse: error: -o {output}: a trailing slash names a folder, and one model is "
-            f"written to a file (e.g. -o {output}fused{_suffix_for(input)})",
-            err=True,
+    elif output is not None and output.endswith(("/", os.sep)) and not dry_run:
+        raise _usage_error(
+            f"-o {output}: a trailing slash names a folder, and one model is written to a "
+            f"file (e.g. -o {output}fused{_suffix_for(Path(inputs[0]))})"
         )
-        raise typer.Exit(EXIT_USAGE)
-    out = Path(output) if output is not None else None
+
+
+def _fuse_batch(
+    inputs: list[str],
+    outdir: Path,
+    jobs: int,
+    verify_options: Callable[[], VerifyOptions] | None,
+    run: _Run,
+) -> None:
+    def batch() -> BatchResult:
+        from bnfuse.batch import run_batch
+        from bnfuse.report import check_report_paths
+
+        targets = check_report_paths(run.reports)
+        return run_batch(
+            inputs, outdir, jobs=jobs, force=run.force,
+            verify=verify_options() if verify_options is not None else None,
+            trust_pickle=run.trust_pickle, also_writes=targets, also_reads=run.data_read,
+        )  # fmt: skip
+
+    result = _run(run.debug, "batch", batch)
+    _run(run.debug, "report", lambda: _finish_batch(result, run.reports, run.quiet, run.force))
+
+
+def _fuse_one(
+    input: Path,
+    out: Path | None,
+    dry_run: bool,
+    no_verify: bool,
+    verify_options: Callable[[], VerifyOptions],
+    run: _Run,
+) -> None:
     state: dict[str, FuseResult] = {}  # the fusion result, for the reports of a failed run
 
     def work() -> tuple[FuseResult, VerifyResult | None]:
         from bnfuse.api import fuse_and_verify
         from bnfuse.report import check_report_paths
 
-        targets = check_report_paths(reports)
-        options = _verify_options(
-            device, seed, samples, input_shape, inputs_file, per_layer, atol, rtol, trust_pickle,
-            max_memory,
-        )  # fmt: skip
+        targets = check_report_paths(run.reports)
+        options = verify_options()
         writes = [p for _, p in targets] + ([out] if out is not None and not dry_run else [])
-        _confine([input], writes, reports, trust_pickle)
-        with _progress(quiet) as on_step:
+        _confine([input], writes, run.reports, run.trust_pickle)
+        with _progress(run.quiet) as on_step:
             return fuse_and_verify(
-                input, out, verify=None if no_verify else options, force=force,
-                dry_run=dry_run, trust_pickle=trust_pickle, input_shapes=options.input_shapes,
-                also_writes=targets,
-                also_reads=data_read,
+                input, out, verify=None if no_verify else options, force=run.force,
+                dry_run=dry_run, trust_pickle=run.trust_pickle,
+                input_shapes=options.input_shapes, also_writes=targets, also_reads=run.data_read,
                 on_fused=lambda result: state.update(fusion=result), on_step=on_step,
             )  # fmt: skip
 
     def error_reports(message: str) -> None:
         also = [("output", out)] if out is not None else []
-        reads = [("the input model", input), *data_read]
-        _error_reports(reports, state.get("fusion"), message, force, reads, also)
+        reads = [("the input model", input), *run.data_read]
+        _error_reports(run.reports, state.get("fusion"), message, run.force, reads, also)
 
-    fusion, verification = _run(debug, str(input), work, error_reports)
-    _run(debug, "report", lambda: _finish(fusion, verification, reports, quiet, force))
+    fusion, verification = _run(run.debug, str(input), work, error_reports)
+    _run(
+        run.debug, "report",
+        lambda: _finish(fusion, verification, run.reports, run.quiet, run.force),
+    )  # fmt: skip
 
 
 def _error_reports(
@@ -566,11 +599,19 @@ def inspect_command(
 
 
 _COMMANDS = {"fuse", "verify", "inspect"}
-# Options of any command that take a value, so that the input can be found among them.
-_VALUED = {
-    "-o", "--output", "-j", "--jobs", "--device", "--seed", "--samples", "--input-shape",
-    "--inputs", "--atol", "--rtol", "--report",
-}  # fmt: skip
+
+
+def _valued_options() -> set[str]:
+    """The options of any command that take a value (``-o OUT``), as typer declares them:
+    so that the input can be found among the words before it."""
+    group = typer.main.get_command(app)
+    names: set[str] = set()
+    for command in getattr(group, "commands", {}).values():
+        for param in command.params:  # click's (or typer's own copy of click's) parameters
+            option = getattr(param, "param_type_name", "") == "option"
+            if option and not getattr(param, "is_flag", False) and not getattr(param, "count", 0):
+                names.update(param.opts)
+    return names
 
 
 def _route(args: list[str]) -> list[str] | str:
@@ -580,6 +621,7 @@ def _route(args: list[str]) -> list[str] | str:
     word that is no file but looks like a command (``verfy``) is a typo.
     """
     first = None
+    valued = _valued_options()
     i = 0
     while i < len(args):
         word = args[i]
@@ -589,7 +631,7 @@ def _route(args: list[str]) -> list[str] | str:
         if not word.startswith("-") or word == "-":
             first = i
             break
-        i += 2 if word in _VALUED else 1
+        i += 2 if word in valued else 1
     if first is None or args[first] in _COMMANDS:
         return args
     word = args[first]

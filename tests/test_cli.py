@@ -239,21 +239,28 @@ def test_onnx_fuse_imports_only_what_it_uses(tmp_path: Path) -> None:
 def test_fuse_and_verify_open_each_model_once(
     model_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The preflight's opened original serves the verification (a torch model loads once less)."""
+    """An ONNX input is read once, and that one reading serves the fuse, the preflight and
+    the verification; the fused model is opened once, to be compared."""
+    from bnfuse.onnx import io
     from bnfuse.verify import compare
 
     opened: list[str] = []
-    real = compare.open_source
+    real_open, real_load = compare.open_source, io.load
 
     def counting(path: Path, trust_pickle: bool = False) -> compare.Source:
         opened.append(Path(path).name)
-        return real(path, trust_pickle)
+        return real_open(path, trust_pickle)
+
+    def loading(path: Path) -> io.LoadedModel:
+        opened.append(f"load {Path(path).name}")
+        return real_load(path)
 
     monkeypatch.setattr(compare, "open_source", counting)
+    monkeypatch.setattr(io, "load", loading)
     out_path = model_path.with_name("fused.onnx")
     code, _, err = run_cli([str(model_path), "-o", str(out_path), "-q"], capsys)
     assert code == 0, err
-    assert sorted(opened) == ["fused.onnx", "model.onnx"]
+    assert sorted(opened) == ["fused.onnx", "load model.onnx"]
 
 
 def test_odd_value_info_gives_no_warnings_on_stderr(
@@ -315,11 +322,18 @@ def test_version_and_short_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and "--output" in out
 
 
+@pytest.mark.parametrize(
+    "early",
+    [["-q", "--seed", "3"], ["-q", "--max-memory", "2"], ["-q", "--samples", "2", "-f"]],
+    ids=["seed", "max-memory", "samples"],
+)
 def test_options_may_come_before_the_input(
-    model_path: Path, capsys: pytest.CaptureFixture[str]
+    early: list[str], model_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Every option that takes a value, as typer declares it, is skipped with its value
+    when looking for the input (--max-memory's value was once taken for the input)."""
     out = model_path.with_name("early.onnx")
-    code, text, err = run_cli(["-q", "--seed", "3", str(model_path), "-o", str(out)], capsys)
+    code, text, err = run_cli([*early, str(model_path), "-o", str(out)], capsys)
     assert code == 0, err
     assert out.exists() and text.startswith("PASS: ")
 

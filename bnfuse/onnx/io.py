@@ -152,7 +152,7 @@ def _map_tensor(
     weights left inline, or its external data). The external data file it reads, if any."""
     if tensor.data_location != TensorProto.EXTERNAL:
         if not attribute:
-            _check_tensor(tensor, path)
+            _check_tensor(tensor, arrays, path)
         return None
     where = {e.key: e.value for e in tensor.external_data}
     location = where.get("location", "")
@@ -254,10 +254,10 @@ def _check_opsets(proto: Any, path: Path) -> None:
 def _check_graph(graph: Graph, path: Path) -> None:
     """Every value is declared once; every node reads only values that exist before it
     (no cycle, nothing dangling)."""
-    declared = {v.name: "a graph input" for v in graph.inputs}
-    declared.update((name, "an initializer") for name in graph.initializers)
-    for node in graph.nodes:
-        for name in node.proto.output:
+    declared = dict.fromkeys(graph.input_info, "a graph input")
+    declared.update(dict.fromkeys(graph.inits, "an initializer"))
+    for node in graph.proto.node:
+        for name in node.output:
             if name in declared:
                 where = f" of graph '{graph.name}'" if graph.name else ""
                 raise InputError(
@@ -267,27 +267,24 @@ def _check_graph(graph: Graph, path: Path) -> None:
                 )
             if name:
                 declared[name] = f"an output of {node.op_type} '{node.name or name}'"
-    produced = {v.name: n for n in graph.nodes for v in n.outputs if v.name}
-    for node in graph.nodes:
-        for value in node.inputs:
-            if value is None or value.graph is not None:
-                continue
-            producer = produced.get(value.name)
-            if producer is not None:
-                raise InputError(
-                    f"{path}: node '{node.name}' reads '{value.name}' before '{producer.name}' "
-                    "computes it (a cycle, or nodes out of topological order)"
-                )
+    for node, name in graph.unresolved:
+        made = graph.producer.get(name)
+        if made is not None:
             raise InputError(
-                f"{path}: node '{node.name}' reads '{value.name}', which no node, "
-                "graph input or initializer provides"
+                f"{path}: node '{node.name}' reads '{name}' before '{made[0].name}' "
+                "computes it (a cycle, or nodes out of topological order)"
             )
+        raise InputError(
+            f"{path}: node '{node.name}' reads '{name}', which no node, "
+            "graph input or initializer provides"
+        )
 
 
-def _check_tensor(tensor: Any, path: Path) -> None:
-    """An inline initializer's data must fill its declared shape (a view: no copy)."""
+def _check_tensor(tensor: Any, arrays: Arrays, path: Path) -> None:
+    """An inline initializer's data must fill its declared shape (read once: the matcher
+    takes the same array)."""
     try:
-        array = proto_array(tensor)
+        array = arrays.of(tensor)
         if array.shape != tuple(tensor.dims):
             raise ValueError(f"it holds {array.size} values")
     except (ValueError, TypeError) as exc:
@@ -428,7 +425,10 @@ def _write_inline(model: Model, path: Path) -> None:
             continue
         item = _Streamed(tensor, arrays, nbytes(arrays, tensor))
         header = _header(tensor).SerializeToString()
-        cut = wire.split_at(header, 9)  # raw_data's place among the fields
+        later = tensor.HasField("doc_string") or any(  # fields 10, 11, 12, 16
+            len(getattr(tensor, name)) for name in ("double_data", "uint64_data", "metadata_props")
+        )
+        cut = wire.split_at(header, 9) if later else len(header)  # raw_data's place
         head, tail = header[:cut], header[cut:]
         raw = wire.len_prefix(9, item.length)
         size = len(head) + len(raw) + item.length + len(tail)
@@ -468,7 +468,7 @@ def _write_external(model: Model, path: Path, data_path: Path, location: str) ->
         item.offset = offset
         offset += item.length
         header = _header(item.tensor)
-        for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        for name in _TYPED_FIELDS:
             header.ClearField(name)
         header.data_location = TensorProto.EXTERNAL
         where = {"location": location, "offset": item.offset, "length": item.length}
@@ -496,17 +496,7 @@ def inferred_shapes(model: Model) -> dict[str, tuple[int | None, ...]]:
     """
     import onnx
 
-    copy = ModelProto()
-    copy.CopyFrom(model.proto)
-    for graph in _all_graph_protos(copy.graph):
-        for tensor in graph.initializer:
-            if tensor.data_location != TensorProto.EXTERNAL and (
-                not tensor.raw_data or len(tensor.raw_data) >= EXTERNAL_THRESHOLD
-            ):
-                tensor.ClearField("raw_data")
-                tensor.data_location = TensorProto.EXTERNAL
-                entry = tensor.external_data.add()
-                entry.key, entry.value = "location", "bnfuse-shape-inference"
+    copy = graph_only(model.proto)
     try:
         inferred = onnx.shape_inference.infer_shapes(copy, strict_mode=False, data_prop=True)
     except Exception:  # a graph onnx cannot infer: no shapes, as before
@@ -519,6 +509,33 @@ def inferred_shapes(model: Model) -> dict[str, tuple[int | None, ...]]:
                 d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
             )
     return shapes
+
+
+_TYPED_FIELDS = (
+    "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
+)  # fmt: skip
+
+
+def graph_only(proto: Any) -> Any:
+    """A copy of the ModelProto whose initializers hold no data of their own: each large or
+    data-less one (a folded weight, until written) is an external reference that nothing
+    reads; small ones keep their values, for shape inference to propagate (Expand to a
+    constant shape). For onnx's shape inference and the verifier, which need the graph and
+    not the weights."""
+    copy = ModelProto()
+    copy.CopyFrom(proto)
+    for graph in _all_graph_protos(copy.graph):
+        for tensor in graph.initializer:
+            raw = tensor.HasField("raw_data")
+            typed = any(len(getattr(tensor, name)) for name in _TYPED_FIELDS)
+            if tensor.data_location != TensorProto.EXTERNAL and (
+                (raw and len(tensor.raw_data) >= EXTERNAL_THRESHOLD) or not (raw or typed)
+            ):
+                tensor.ClearField("raw_data")
+                tensor.data_location = TensorProto.EXTERNAL
+                entry = tensor.external_data.add()
+                entry.key, entry.value = "location", "bnfuse-graph-only"
+    return copy
 
 
 def _all_graph_protos(graph: Any) -> Iterator[Any]:

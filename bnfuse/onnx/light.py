@@ -100,9 +100,12 @@ def type_name(code: int | None, dtype: np.dtype[Any]) -> str:
     model declares none."""
     if code is None:
         code = type_code(dtype)
-    if code is None or code not in TensorProto.DataType.values():
+    if code is None or code not in _KNOWN:
         return str(dtype)
-    return str(TensorProto.DataType.Name(code))
+    return _KNOWN[code]
+
+
+_KNOWN = {int(code): str(name) for name, code in TensorProto.DataType.items()}
 
 
 _RAW: dict[int, np.dtype[Any]] = {}  # MAPPABLE's dtypes, little-endian as raw data is

@@ -41,6 +41,7 @@ from bnfuse.onnx.constants import NotConstant, constant_array
 from bnfuse.onnx.graph import Model, Node, Value
 from bnfuse.onnx.light import numpy_dtype, type_code, type_name
 from bnfuse.onnx.ops import (
+    DEFAULT_DOMAINS,
     FLOAT_TYPES,
     LAYER_OPS,
     SCALE_SHIFT_LAYERS,
@@ -103,16 +104,23 @@ def find(model: Model) -> list[Match]:
         return _find(model)
 
 
+_CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
+
+
 def _find(model: Model) -> list[Match]:
     matches = []
     opset = default_opset(dict(model.opset_imports))
     for graph in model.graphs():
         graph_name = graph.name or "main"
-        for node in graph:
+        for proto in graph.proto.node:  # a Node only for a candidate: most nodes are none
+            op = proto.op_type
+            if op not in _CANDIDATE_OPS or proto.domain not in DEFAULT_DOMAINS:
+                continue
+            node = graph.node(proto)
             try:
-                if is_batchnorm(node):
+                if op == "BatchNormalization":
                     matches.append(_match_bn(node, graph_name, model.ir_version, opset))
-                elif node.op_type in ("Mul", "Add") and node.domain in ("", "ai.onnx"):
+                else:
                     match = _match_scale_shift(node, graph_name, model.ir_version)
                     if match is not None:
                         matches.append(match)
@@ -168,20 +176,19 @@ _name = node_name
 def _match_bn(bn: Node, graph_name: str, ir_version: int, opset: int | None) -> Match:
     x = bn.inputs[0]
     producer = x.producer() if x is not None else None
+    norm = _norm(bn, ir_version, opset)
+    site = _site_before(bn, producer, ir_version)
+    source = site.tail if isinstance(site, Site) and site.chain else producer  # not a shape op
+    layer = _layer(site, ir_version) if isinstance(site, Site) else site
+    decided = legality.decide(norm, layer, _uses(site, bn) if isinstance(site, Site) else ())
     candidate = Candidate(
         node=_name(bn),
         graph=graph_name,
-        layer=_name(producer) if producer is not None else None,
-        layer_op=producer.op_type if producer is not None else None,
+        layer=_name(source) if source is not None else None,
+        layer_op=source.op_type if source is not None else None,
         consumers=_consumers(bn),
+        health=legality.health(norm, layer, decided),
     )
-    norm = _norm(bn, ir_version, opset)
-    site = _site_before(bn, producer, ir_version)
-    if isinstance(site, Site) and site.chain:  # name the layer, not the shape op before the BN
-        candidate = replace(candidate, layer=_name(site.tail), layer_op=site.tail.op_type)
-    layer = _layer(site, ir_version) if isinstance(site, Site) else site
-    decided = legality.decide(norm, layer, _uses(site, bn) if isinstance(site, Site) else ())
-    candidate = replace(candidate, health=legality.health(norm, layer, decided))
     if isinstance(site, Site):
         site.release()  # read for its peak; folded when written
     if isinstance(decided, legality.Fold):
@@ -248,7 +255,7 @@ def _site_before(bn: Node, producer: Node | None, ir_version: int) -> Site | Ref
             f"{site.layer.op_type} '{_name(site.layer)}' is in an enclosing graph, outside the "
             "subgraph that holds the BatchNorm",
         )
-    return replace(site, chain=chain)
+    return replace(site, chain=chain) if chain else site
 
 
 def _shape_chain(

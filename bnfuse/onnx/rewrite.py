@@ -32,19 +32,19 @@ import numpy as np
 from bnfuse import fold
 from bnfuse.fold import Array
 from bnfuse.onnx.constants import OVERRIDABLE_SINCE_IR
-from bnfuse.onnx.graph import Graph, Model, Node, Usage, Value
+from bnfuse.onnx.graph import Graph, Model, Node, Value
 from bnfuse.onnx.light import type_code
 from bnfuse.onnx.match import BEFORE, Plan
 from bnfuse.onnx.ops import FreshNames, op_name
-from bnfuse.onnx.proto import NodeProto, TensorProto, ValueInfoProto
+from bnfuse.onnx.proto import AttributeProto, NodeProto, TensorProto, ValueInfoProto
 from bnfuse.onnx.tensors import Compute
 
 
 def op_counts(model: Model) -> Counter[str]:
     counts: Counter[str] = Counter()
     for graph in model.graphs():
-        for node in graph.nodes:
-            counts[op_name(node.proto)] += 1
+        for node in graph.proto.node:
+            counts[op_name(node)] += 1
     return counts
 
 
@@ -76,12 +76,8 @@ def _names(model: Model) -> FreshNames:
     """New names that clash with no value or node in the model."""
     taken: set[str] = set()
     for graph in model.graphs():
-        taken.update(v.name for v in graph.inputs if v.name)
-        taken.update(graph.initializers)
-        for node in graph.nodes:
-            if node.name:
-                taken.add(node.name)
-            taken.update(v.name for v in node.outputs if v.name)
+        taken.update(graph.local)  # inputs, initializers, node outputs
+        taken.update(n.name for n in graph.proto.node if n.name)
     return FreshNames(taken)
 
 
@@ -96,6 +92,7 @@ class FoldBatchNorms:
         # is reused by a new message before the sweep).
         self._doomed: dict[int, Any] = {}
         self._inserted: dict[int, list[Any]] = {}  # NodeProto id -> nodes to put after it
+        self._reindex = False  # a node that held a subgraph went
 
     def apply(self, plans: Iterable[Plan]) -> int:
         count = 0
@@ -106,7 +103,8 @@ class FoldBatchNorms:
             self._drop_if_dead(value)
         self._maybe_dead.clear()
         self._sweep()
-        self.model.reindex()
+        if self._inserted or self._reindex:  # else the edits kept the index as it is
+            self.model.reindex()
         return count
 
     def _apply_one(self, plan: Plan) -> None:
@@ -153,18 +151,19 @@ class FoldBatchNorms:
             self._splice_out(graph, folded, end)
 
     # --- Values and their uses --------------------------------------------------------
+    # Each edit goes to the NodeProtos and to the index's dictionaries together, so that
+    # later plans of the round read the uses as they are now.
 
     def _set_input(self, node: Node, index: int, value: Value) -> None:
-        """``node`` reads ``value`` at ``index`` (the NodeProto and the uses alike)."""
-        while len(node.inputs) <= index:
-            node.inputs.append(None)
+        """``node`` reads ``value`` at ``index``."""
+        while len(node.proto.input) <= index:
             node.proto.input.append("")
-        old = node.inputs[index]
+        old = node.inputs[index] if index < len(node.inputs) else None
         if old is not None:
-            old.usages[:] = [u for u in old.usages if not (u.node is node and u.idx == index)]
-        node.inputs[index] = value
+            _unread(old, node, index)
         node.proto.input[index] = value.name
-        value.usages.append(Usage(node, index))
+        value.graph.readers.setdefault(value.name, []).append((node.graph, node.proto, index))
+        node.forget_inputs()
 
     def _set_const(
         self,
@@ -179,7 +178,6 @@ class FoldBatchNorms:
         replaced, if any."""
         old = node.inputs[index] if index < len(node.inputs) else None
         if old is not None and old.name and self._owned_by(old, node):
-            assert old.init is not None
             self._fill(old.init, old.name, array, dtype, shape)
             return None
         base = old.name if old is not None and old.name else f"{node.name or node.op_type}.{what}"
@@ -216,66 +214,67 @@ class FoldBatchNorms:
         name = self._names.fresh(base)
         tensor = graph.proto.initializer.add()
         self._fill(tensor, name, array, dtype, dims)
-        value = Value(name, graph)
-        value.init = tensor
-        graph.values[name] = graph.initializers[name] = value
+        graph.inits[name] = tensor
+        graph.local.add(name)
         if self.model.ir_version < OVERRIDABLE_SINCE_IR and graph is self.model.graph:
             info = graph.proto.input.add()  # IR < 4: every initializer is also an input
             info.CopyFrom(_tensor_info(tensor))
-            value.input, value.info = True, info
-        return value
+            graph.input_info[name] = info
+        return graph.value(name)
 
     def _insert_bias_add(self, graph: Graph, matmul: Node, bias: Array) -> Node:
+        """An Add of the bias after a MatMul that had none; into the graph at the sweep."""
         base = matmul.name or "MatMul"
         value = self._new_initializer(graph, bias, bias.dtype, bias.shape, f"{base}.bias")
         proto = NodeProto(op_type="Add", name=self._names.fresh(f"{base}/bias_add"))
-        proto.output.append(self._names.fresh(f"{matmul.outputs[0].name}_biased"))
+        out = self._names.fresh(f"{matmul.outputs[0].name}_biased")
+        proto.output.append(out)
         self._inserted.setdefault(id(matmul.proto), []).append(proto)
-        add = Node(proto, graph)
-        out = Value(proto.output[0], graph)
-        out.node = add
-        add.outputs.append(out)
-        graph.values[out.name] = out
-        graph.nodes.insert(graph.nodes.index(matmul) + 1, add)
+        graph.producer[out] = (proto, 0)
+        graph.local.add(out)
+        add = graph.node(proto)
         self._set_input(add, 0, matmul.outputs[0])
         self._set_input(add, 1, value)
         return add
 
     def _splice_out(self, graph: Graph, bn: Node, replacement: Value) -> None:
         """Remove ``bn``; ``replacement`` takes over its output's name, value_info and uses."""
-        out = bn.outputs[0]
-        name, old_name = out.name, replacement.name
-        for usage in list(replacement.usages):  # Shape readers of the layer's output, say
-            if usage.node is not bn:
-                usage.node.proto.input[usage.idx] = name
+        name, old = bn.outputs[0].name, replacement.name
         self._remove(bn, outputs_go=False)
-        assert replacement.node is not None
-        replacement.node.proto.output[replacement.index] = name
-        infos = {id(v): v for v in graph.proto.value_info}
-        if replacement.info is not None and id(replacement.info) in infos:
-            if out.info is None:
-                replacement.info.name = name  # the layer's record now names the BN's output
+        readers = graph.readers.pop(old, [])
+        for reader_graph, proto, index in readers:  # Shape readers of the layer's output, say
+            proto.input[index] = name
+            reader_graph.node(proto).forget_inputs()
+        graph.readers.setdefault(name, []).extend(readers)
+        made = graph.producer.pop(old)
+        made[0].output[made[1]] = name
+        graph.producer[name] = made
+        graph.local.discard(old)
+        info = graph.value_info.pop(old, None)  # a node output's record (outputs are apart)
+        if info is not None:
+            if name in graph.value_info or name in graph.output_info:
+                self._doom(info)
             else:
-                self._doom(replacement.info)
-        graph.values.pop(old_name, None)
-        replacement.name = name
-        replacement.usages += out.usages
-        for usage in out.usages:
-            usage.node.inputs[usage.idx] = replacement
-        replacement.outputs += out.outputs
-        replacement.info = out.info or replacement.info
-        graph.values[name] = replacement
+                info.name = name  # the layer's record now names the BN's output
+                graph.value_info[name] = info
+        graph.rename(old, name)
 
     def _remove(self, node: Node, *, outputs_go: bool = True) -> None:
-        """Take ``node`` out: its inputs lose this reader; its outputs' value_info goes
-        with it, unless another node takes them over."""
+        """Take ``node`` out: its inputs lose this reader; its outputs, and their
+        value_info, go with it unless another node takes them over."""
         self._doom(node.proto)
-        for value in node.inputs:
+        self._reindex |= any(a.type in _GRAPH_TYPES for a in node.proto.attribute)
+        for index, value in enumerate(node.inputs):
             if value is not None:
-                value.usages[:] = [u for u in value.usages if u.node is not node]
-        for value in node.outputs if outputs_go else ():
-            if value.info is not None and not value.is_graph_output():
-                self._doom(value.info)
+                _unread(value, node, index)
+        graph = node.graph
+        for name in node.proto.output[0 if outputs_go else 1 :]:  # the first may live on
+            if name and name not in graph.output_count:
+                graph.producer.pop(name, None)
+                graph.local.discard(name)
+                info = graph.value_info.pop(name, None)
+                if info is not None:
+                    self._doom(info)
 
     def _doom(self, message: Any) -> None:
         self._doomed[id(message)] = message
@@ -283,23 +282,22 @@ class FoldBatchNorms:
     def _drop_if_dead(self, value: Value) -> None:
         if value.uses() or value.is_graph_output():
             return
-        graph = value.graph
-        if value.init is not None and graph is not None:
-            if value.is_graph_input():
+        graph, name = value.graph, value.name
+        if name in graph.inits:
+            if name in graph.input_info:
                 if self.model.ir_version >= OVERRIDABLE_SINCE_IR:
                     return  # a real input of the model: not ours to remove
-                self._doom(value.info)
-                value.input = False
-            if graph.initializers.get(value.name) is value:
-                del graph.initializers[value.name]
-                self._doom(value.init)
-                if value.info is not None:
-                    self._doom(value.info)
+                self._doom(graph.input_info.pop(name))
+            self._doom(graph.inits.pop(name))
+            graph.local.discard(name)
+            info = graph.value_info.pop(name, None)
+            if info is not None:
+                self._doom(info)
             return
         producer = value.producer()
         if producer is None or id(producer.proto) in self._doomed:
             return
-        if any(o.uses() or o.is_graph_output() for o in producer.outputs):
+        if any(o.uses() or o.is_graph_output() for o in producer.outputs if o.name):
             return
         inputs = [v for v in producer.inputs if v is not None]
         self._remove(producer)
@@ -311,14 +309,23 @@ class FoldBatchNorms:
         fields, and put the inserted nodes in, once per graph."""
         for graph in self.model.graphs():
             proto = graph.proto
-            for field in (proto.initializer, proto.input, proto.value_info):
+            for field in (proto.initializer, proto.input, proto.value_info, proto.node):
                 _delete(field, self._doomed)
-            _delete(proto.node, self._doomed)
             if self._inserted:
                 places = [i for i, n in enumerate(proto.node) if id(n) in self._inserted]
                 for index in reversed(places):  # from the end: the places stay right
                     for offset, new in enumerate(self._inserted[id(proto.node[index])]):
                         proto.node.insert(index + 1 + offset, new)
+
+
+_GRAPH_TYPES = (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+
+
+def _unread(value: Value, node: Node, index: int) -> None:
+    """``node`` no longer reads ``value`` at ``index``."""
+    readers = value.graph.readers.get(value.name)
+    if readers:
+        readers[:] = [r for r in readers if not (r[1] is node.proto and r[2] == index)]
 
 
 def _delete(repeated: Any, doomed: dict[int, Any]) -> None:

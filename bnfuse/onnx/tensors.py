@@ -54,6 +54,7 @@ class Arrays:
         self._held: dict[int, Any] = {}  # id -> TensorProto, kept alive for stable ids
         self._mapped: dict[int, Mapped] = {}
         self._folded: dict[int, Array | Compute] = {}
+        self._read: dict[int, Array] = {}  # the arrays of tensors in their message, once read
 
     def map(self, tensor: Any, where: Mapped) -> None:
         self._held[id(tensor)] = tensor
@@ -62,6 +63,7 @@ class Arrays:
     def fold(self, tensor: Any, array: Array | Compute) -> None:
         """``tensor`` now holds ``array`` (or what ``array()`` computes when it is read)."""
         self._held[id(tensor)] = tensor
+        self._read.pop(id(tensor), None)
         self._folded[id(tensor)] = array  # read before its mapping (kept: ``release``)
 
     def mapped(self, tensor: Any) -> Mapped | None:
@@ -82,7 +84,11 @@ class Arrays:
         where = self._mapped.get(key)
         if where is not None:
             return where.array
-        return proto_array(tensor)
+        array = self._read.get(key)
+        if array is None:  # a view of the bytes protobuf hands out (a copy of the message's)
+            array = self._read[key] = proto_array(tensor)
+            self._held[key] = tensor
+        return array
 
     def release(self, tensor: Any) -> None:
         """Done reading a mapped weight for now: drop its pages from this process."""

@@ -56,13 +56,15 @@ def resolve_feeds(
     return inputs_mod.generate(source.specs, shapes, opts.seed, opts.samples), "generated"
 
 
-def preflight(original: Path, opts: VerifyOptions) -> Source:
+def preflight(original: Path, opts: VerifyOptions, source: Source | None = None) -> Source:
     """Fail early, before anything is written, if the inputs or devices cannot be had, or
     the verification would hold more memory than bnfuse allows.
 
-    Returns the opened original, for ``verify_models`` to use rather than load it again.
+    Returns the opened original (``source``, where the caller has read it already), for
+    ``verify_models`` to use rather than load it again.
     """
-    source = open_source(original, opts.trust_pickle)
+    if source is None:
+        source = open_source(original, opts.trust_pickle)
     if opts.inputs is None:
         shapes = inputs_mod.concrete_shapes(source.specs, opts.input_shapes)
         budget.check(source.specs, shapes, opts.samples, source.proto, opts.max_bytes)

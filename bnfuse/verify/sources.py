@@ -63,13 +63,18 @@ def open_source(path: Path, trust_pickle: bool = False) -> Source:
             raise InputError(
                 f"{path}: not a readable ONNX model ({why or type(exc).__name__})"
             ) from exc
-        if not proto.graph.node and not proto.graph.output:
-            raise InputError(f"{path}: not an ONNX model (an empty graph)")
-        return Source(
-            path, fmt, onnx_input_specs(proto), [o.name for o in proto.graph.output], proto
-        )
+        return onnx_source(path, proto)
     require_torch(path, fmt)
     return _open_torch(path, fmt, trust_pickle)
+
+
+def onnx_source(path: Path, proto: onnx.ModelProto) -> Source:
+    """An ONNX model already read (its graph; the weights are not needed)."""
+    if not proto.graph.node and not proto.graph.output:
+        raise InputError(f"{path}: not an ONNX model (an empty graph)")
+    return Source(
+        path, Format.ONNX, onnx_input_specs(proto), [o.name for o in proto.graph.output], proto
+    )
 
 
 def files_read(path: Path, label: str) -> list[tuple[str, Path]]:

@@ -120,6 +120,12 @@ def _check_nodes(src: onnx.ModelProto, out: onnx.ModelProto) -> None:
         )
 
 
+def _unread_initializers(model: onnx.ModelProto) -> set[str]:
+    read = {i for g in _graphs(model.graph) for n in g.node for i in n.input}
+    read |= {o.name for g in _graphs(model.graph) for o in g.output}
+    return {t.name for g in _graphs(model.graph) for t in g.initializer} - read
+
+
 def _unwired(node: onnx.NodeProto) -> bytes:
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
@@ -147,6 +153,7 @@ def test_the_output_is_the_input_less_the_fold(case: str, tmp_path: Path) -> Non
         assert out.SerializeToString() == src.SerializeToString()
         return
     _check_nodes(src, out)
+    assert _unread_initializers(out) <= _unread_initializers(src)  # what a fold frees goes
     names = {o for n in out.graph.node for o in n.output} | {t.name for t in out.graph.initializer}
     assert {v.name for v in out.graph.value_info} <= names
     src_infos = {v.name: v for v in src.graph.value_info}
