@@ -160,12 +160,13 @@ class Attributes:
 class Node:
     """A NodeProto in its graph; its inputs and outputs as Values."""
 
-    __slots__ = ("_attributes", "_inputs", "graph", "proto")
+    __slots__ = ("_attributes", "_inputs", "_outputs", "graph", "proto")
 
     def __init__(self, proto: Any, graph: Graph) -> None:
         self.proto = proto
         self.graph = graph
         self._inputs: list[Value | None] | None = None
+        self._outputs: list[Value] | None = None
         self._attributes: Attributes | None = None
 
     def __repr__(self) -> str:
@@ -196,13 +197,16 @@ class Node:
             self._inputs = inputs
         return inputs
 
-    def forget_inputs(self) -> None:
-        """Its NodeProto's inputs changed: read them again."""
-        self._inputs = None
+    def forget(self) -> None:
+        """Its NodeProto's inputs or outputs changed: read them again."""
+        self._inputs = self._outputs = None
 
     @property
     def outputs(self) -> list[Value]:
-        return [self.graph.value(n) for n in self.proto.output]
+        outputs = self._outputs
+        if outputs is None:
+            outputs = self._outputs = [self.graph.value(n) for n in self.proto.output]
+        return outputs
 
     @property
     def attributes(self) -> Attributes:

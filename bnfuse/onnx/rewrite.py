@@ -163,7 +163,7 @@ class FoldBatchNorms:
             _unread(old, node, index)
         node.proto.input[index] = value.name
         value.graph.readers.setdefault(value.name, []).append((node.graph, node.proto, index))
-        node.forget_inputs()
+        node.forget()
 
     def _set_const(
         self,
@@ -244,11 +244,12 @@ class FoldBatchNorms:
         readers = graph.readers.pop(old, [])
         for reader_graph, proto, index in readers:  # Shape readers of the layer's output, say
             proto.input[index] = name
-            reader_graph.node(proto).forget_inputs()
+            reader_graph.node(proto).forget()
         graph.readers.setdefault(name, []).extend(readers)
         made = graph.producer.pop(old)
         made[0].output[made[1]] = name
         graph.producer[name] = made
+        graph.node(made[0]).forget()
         graph.local.discard(old)
         info = graph.value_info.pop(old, None)  # a node output's record (outputs are apart)
         if info is not None:
