@@ -170,27 +170,34 @@ def staging(folder: Path) -> Iterator[Path]:
 
 
 def _held_folder(folder: Path) -> tuple[Path, int]:
-    """A new temporary folder in ``folder``, locked (the descriptor holds it), then marked."""
+    """A new temporary folder in ``folder``, locked (the descriptor holds it), then marked
+    and recorded; a terminating signal waits until it is (an unmarked folder is one no
+    cleanup removes)."""
     sweep(folder)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot write into it ({exc.strerror or exc})") from exc
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.close(os.open(tmp / MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        if on_event is not None:
-            on_event("staging", tmp)
-    except BaseException:
-        _drop(tmp, fd)
-        raise
+    with _signals_held():
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
+        except OSError as exc:
+            raise OutputError(f"{folder}: cannot write into it ({exc.strerror or exc})") from exc
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.close(os.open(tmp / MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            if on_event is not None:
+                on_event("staging", tmp)
+        except BaseException:
+            _drop(tmp, fd)
+            raise
     return tmp, fd
 
 
 def _drop(tmp: Path, fd: int) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.close(fd)
+    """Remove the folder, whole: a terminating signal waits until it is gone (one that
+    came midway could leave it without its mark, which the sweep of a later run, or the
+    supervisor's, needs to know it for bnfuse's)."""
+    with _signals_held():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
 
 
 Staged = list[tuple[Path, Path]]  # (temporary file, where it goes), in publishing order

@@ -82,29 +82,7 @@ def nbytes(arrays: Arrays, tensor: Any) -> int:
 
 def load(path: Path) -> LoadedModel:
     """Read an ONNX file; its large weights stay on disk, mapped, until something reads them."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
-    try:
-        proto, whole_file = _read_proto(path)
-        proto.DiscardUnknownFields()  # fields this onnx does not define are not carried
-        validate.check_model(proto, path)
-    except InputError:
-        raise
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
-    except Exception as exc:  # protobuf raises DecodeError...
-        raise InputError(
-            f"{path}: not a readable ONNX model ({_root_cause(exc)})",
-            hint="expected an ONNX protobuf file (.onnx)",
-        ) from exc
-    if proto.ir_version <= 0 or not proto.opset_import:
-        raise InputError(
-            f"{path}: not an ONNX model (no IR version or opset import)",
-            hint="expected an ONNX protobuf file (.onnx)",
-        )
-    _check_opsets(proto, path)
+    proto, whole_file = _checked_proto(path)
     arrays = Arrays()
     model = Model(proto, arrays)
     data_files: set[Path] = set()
@@ -128,6 +106,34 @@ def load(path: Path) -> LoadedModel:
             if data_file is not None:
                 data_files.add(data_file)
     return LoadedModel(model=model, path=path, data_files=data_files)
+
+
+def _checked_proto(path: Path) -> tuple[Any, MappedFile | None]:
+    """The file's ModelProto, checked (bnfuse.onnx.validate, IR version, opsets)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    try:
+        proto, whole_file = _read_proto(path)
+        proto.DiscardUnknownFields()  # fields this onnx does not define are not carried
+        validate.check_model(proto, path)
+    except InputError:
+        raise
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    except Exception as exc:  # protobuf raises DecodeError...
+        raise InputError(
+            f"{path}: not a readable ONNX model ({_root_cause(exc)})",
+            hint="expected an ONNX protobuf file (.onnx)",
+        ) from exc
+    if proto.ir_version <= 0 or not proto.opset_import:
+        raise InputError(
+            f"{path}: not an ONNX model (no IR version or opset import)",
+            hint="expected an ONNX protobuf file (.onnx)",
+        )
+    _check_opsets(proto, path)
+    return proto, whole_file
 
 
 def _attribute_tensors(nodes: Iterable[Any]) -> Iterator[Any]:

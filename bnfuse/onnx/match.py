@@ -12,11 +12,9 @@ and, when the fold is legal, a Plan the rewrite applies. Candidates:
                         [1,C,1,1], scalars; a [C] constant on NCHW broadcasts
                         along the last axis and is refused)
 
-Handled producers (the "site" the fold lands in):
-  Conv           W [Cout, Cin/g, k...], output channel axis 0, optional bias
-  ConvTranspose  W [Cin, Cout/g, k...], output channel axis 1 within each group
-  Gemm           B [K, N] (transB=0) or [N, K] (transB=1); C scaled by beta
-  MatMul         constant 2-D W [K, N] on a 2-D input, optionally then Add(bias)
+The layer a fold lands in (its "site": Conv, ConvTranspose, Gemm, MatMul,
+MatMul + Add) is read by bnfuse.onnx.sites; the shapes around shape-only
+nodes come from bnfuse.onnx.shapes.
 
 This module reads the facts (bnfuse.legality's Norm, Layer, Use) out of the
 graph; bnfuse.legality decides, with the same rules and sentences as the
@@ -36,10 +34,10 @@ from bnfuse import fold, legality
 from bnfuse.errors import ModelError
 from bnfuse.fold import Affine, Array
 from bnfuse.legality import Refusal
-from bnfuse.onnx import shapes
+from bnfuse.onnx import shapes, sites
 from bnfuse.onnx.constants import NotConstant, constant_array
 from bnfuse.onnx.graph import Model, Node, Value
-from bnfuse.onnx.light import numpy_dtype, type_code, type_name
+from bnfuse.onnx.light import numpy_dtype, type_name
 from bnfuse.onnx.ops import (
     DEFAULT_DOMAINS,
     FLOAT_TYPES,
@@ -53,39 +51,13 @@ from bnfuse.onnx.ops import (
 )
 from bnfuse.result import Candidate, Skip
 
-
-@dataclass(frozen=True)
-class Site:
-    """Where a fold lands: the layer's weight, and where its bias lives."""
-
-    layer: Node  # Conv / ConvTranspose / Gemm / MatMul
-    tail: Node  # the node whose output the BN reads: the layer, or the bias Add
-    weight: Array
-    axis: int  # output-channel axis of the weight
-    groups: int  # > 1 only for grouped ConvTranspose
-    bias: Array | None  # float64-ready bias (Gemm: already times beta)
-    bias_index: int | None  # input index of the bias on ``tail``; None: there is none yet
-    source: Any = None  # the TensorProto ``weight`` is read from
-    # Shape-only nodes from ``tail`` to the BatchNorm (LeViT's Linear -> Flatten -> BN).
-    chain: tuple[Node, ...] = ()
-
-    def release(self) -> None:
-        """The weight was read (for its peak): drop its pages until it is folded."""
-        if self.source is not None:
-            self.layer.graph.model.arrays.release(self.source)
-
-    @property
-    def channels(self) -> int:
-        return int(self.weight.shape[self.axis]) * self.groups
-
-
 AFTER, BEFORE = "after", "before"  # the folded node follows the layer / precedes it
 
 
 @dataclass(frozen=True)
 class Plan:
     bn: Node  # the node folded away: a BatchNormalization, Mul or Add
-    site: Site
+    site: sites.Site
     affine: Affine
     dtype: np.dtype[np.generic]
     direction: str = AFTER
@@ -178,9 +150,11 @@ def _match_bn(bn: Node, graph_name: str, ir_version: int, opset: int | None) -> 
     producer = x.producer() if x is not None else None
     norm = _norm(bn, ir_version, opset)
     site = _site_before(bn, producer, ir_version)
-    source = site.tail if isinstance(site, Site) and site.chain else producer  # not a shape op
-    layer = _layer(site, ir_version) if isinstance(site, Site) else site
-    decided = legality.decide(norm, layer, _uses(site, bn) if isinstance(site, Site) else ())
+    source = (
+        site.tail if isinstance(site, sites.Site) and site.chain else producer
+    )  # not a shape op
+    layer = _layer(site, ir_version) if isinstance(site, sites.Site) else site
+    decided = legality.decide(norm, layer, _uses(site, bn) if isinstance(site, sites.Site) else ())
     candidate = Candidate(
         node=_name(bn),
         graph=graph_name,
@@ -189,10 +163,10 @@ def _match_bn(bn: Node, graph_name: str, ir_version: int, opset: int | None) -> 
         consumers=_consumers(bn),
         health=legality.health(norm, layer, decided),
     )
-    if isinstance(site, Site):
+    if isinstance(site, sites.Site):
         site.release()  # read for its peak; folded when written
     if isinstance(decided, legality.Fold):
-        assert isinstance(site, Site)
+        assert isinstance(site, sites.Site)
         return Match(candidate, _plan(bn, site, decided))
     follower = _following_conv(bn)
     if follower is not None and decided.skip not in (Skip.TRAINING_MODE, Skip.STATS_OUTPUTS):
@@ -213,7 +187,7 @@ def _match_bn(bn: Node, graph_name: str, ir_version: int, opset: int | None) -> 
     return Match(replace(candidate, skip=decided.skip, reason=decided.reason))
 
 
-def _plan(node: Node, site: Site, decided: legality.Fold, direction: str = AFTER) -> Plan:
+def _plan(node: Node, site: sites.Site, decided: legality.Fold, direction: str = AFTER) -> Plan:
     return Plan(
         bn=node, site=site, affine=decided.affine, dtype=decided.dtype, direction=direction,
         peak=decided.peak,
@@ -238,7 +212,7 @@ def _norm(bn: Node, ir_version: int, opset: int | None) -> legality.Norm:
     )
 
 
-def _site_before(bn: Node, producer: Node | None, ir_version: int) -> Site | Refusal:
+def _site_before(bn: Node, producer: Node | None, ir_version: int) -> sites.Site | Refusal:
     """The layer whose output the BatchNorm reads (through shape-only nodes, if any),
     with constant weights, in its graph."""
     if producer is None:
@@ -246,7 +220,7 @@ def _site_before(bn: Node, producer: Node | None, ir_version: int) -> Site | Ref
     chain, origin, too_far = _shape_chain(producer)
     if too_far is not None:
         return too_far
-    site = _site(origin, ir_version)
+    site = sites.site(origin, ir_version)
     if isinstance(site, Refusal):
         return site
     if any(n.graph is not bn.graph for n in (site.layer, site.tail, *chain)):
@@ -276,7 +250,7 @@ def _step_input(node: Node) -> Node | None:
     return first.producer() if first is not None else None
 
 
-def _uses(site: Site, folded: Node) -> list[legality.Use]:
+def _uses(site: sites.Site, folded: Node) -> list[legality.Use]:
     """The values from the layer to the folded node: the layer's output, its bias Add's,
     and each shape-only node's; each must be read by the next node only."""
     nodes = [site.layer, *([site.tail] if site.tail is not site.layer else []), *site.chain]
@@ -303,7 +277,7 @@ def _use(node: Node, reader: Node) -> legality.Use:
     )
 
 
-def _steps(site: Site, ir_version: int) -> tuple[legality.Step, ...]:
+def _steps(site: sites.Site, ir_version: int) -> tuple[legality.Step, ...]:
     """The chain's nodes as legality steps, with the shapes around each.
 
     A shape the model does not record (no shape inference was run) is worked out
@@ -327,7 +301,7 @@ def _steps(site: Site, ir_version: int) -> tuple[legality.Step, ...]:
     return tuple(steps)
 
 
-def _layer_dims(site: Site) -> shapes.Dims | None:
+def _layer_dims(site: sites.Site) -> shapes.Dims | None:
     """The output shape of a MatMul [..., K] @ [K, N] or a Gemm, from its input's."""
     x = shapes.value_dims(site.layer.inputs[0])
     if site.layer.op_type == "MatMul" and x is not None and len(x) >= 2:
@@ -338,10 +312,10 @@ def _layer_dims(site: Site) -> shapes.Dims | None:
     return None
 
 
-def _layer(site: Site, ir_version: int) -> legality.Layer:
+def _layer(site: sites.Site, ir_version: int) -> legality.Layer:
     """The legality facts of a site."""
     layer = site.layer
-    dtype = _dtype_of(layer, site.weight)
+    dtype = sites.dtype_of(layer, site.weight)
     rank: int | None = None
     channel_axis: int | None = 1
     if layer.op_type == "Gemm":
@@ -373,7 +347,7 @@ def _bn_params(bn: Node, ir_version: int) -> legality.Params | Refusal:
             return Refusal(Skip.BAD_PARAMETERS, f"the BatchNorm has no {what} input")
         array = constant_array(value, ir_version)
         if isinstance(array, NotConstant):
-            return _not_constant(f"BatchNorm {what}", array)
+            return sites.not_constant(f"BatchNorm {what}", array)
         if not fold.is_float(array):
             dtype = type_name(value.dtype, array.dtype)
             return Refusal(
@@ -404,16 +378,18 @@ def _following_conv(bn: Node) -> Node | None:
     return user
 
 
-def _following(bn: Node, conv: Node, ir_version: int) -> tuple[legality.Following, Site] | Refusal:
+def _following(
+    bn: Node, conv: Node, ir_version: int
+) -> tuple[legality.Following, sites.Site] | Refusal:
     """The facts of the Conv after ``bn``, and the site its fold would land in."""
     if conv.graph is not bn.graph:
         return Refusal(Skip.UNSUPPORTED, "the Conv is in another graph")
-    params = _weight_and_bias(conv, ("weight", "bias"), ir_version)
+    params = sites.weight_and_bias(conv, ("weight", "bias"), ir_version)
     if isinstance(params, Refusal):
         return params
     weight, bias = params
     groups = conv.attributes.get_int("group", 1)
-    dtype = _dtype_of(conv, weight)
+    dtype = sites.dtype_of(conv, weight)
     facts = legality.Following(
         label=f"Conv '{_name(conv)}'",
         weight=weight,
@@ -423,8 +399,8 @@ def _following(bn: Node, conv: Node, ir_version: int) -> tuple[legality.Followin
         dtype=numpy_dtype(dtype) if dtype in FLOAT_TYPES else None,
         dtype_name=type_name(dtype, weight.dtype),
     )
-    site = Site(conv, conv, weight, axis=1, groups=groups, bias=bias, bias_index=2)
-    return facts, replace(site, source=_source(conv.inputs[1]))
+    site = sites.Site(conv, conv, weight, axis=1, groups=groups, bias=bias, bias_index=2)
+    return facts, replace(site, source=sites.source(conv.inputs[1]))
 
 
 def _padding(conv: Node, weight: Array) -> str | None:
@@ -474,187 +450,18 @@ def _match_scale_shift(node: Node, graph_name: str, ir_version: int) -> Match | 
                 reason=f"the other factor of {label} is computed at run time: {const.reason}",
             )
         )
-    site = _site(layer, ir_version)
-    if isinstance(site, Site) and layer.graph is not node.graph:
+    site = sites.site(layer, ir_version)
+    if isinstance(site, sites.Site) and layer.graph is not node.graph:
         site = Refusal(Skip.UNSUPPORTED, f"{layer.op_type} '{_name(layer)}' is in another graph")
-    facts = _layer(site, ir_version) if isinstance(site, Site) else site
-    uses = [_use(layer, node)] if isinstance(site, Site) else []
+    facts = _layer(site, ir_version) if isinstance(site, sites.Site) else site
+    uses = [_use(layer, node)] if isinstance(site, sites.Site) else []
     decided = legality.decide_scale_shift(node.op_type, const, facts, uses, label)
-    if isinstance(site, Site):
+    if isinstance(site, sites.Site):
         site.release()
     if isinstance(decided, Refusal):
         return Match(replace(candidate, skip=decided.skip, reason=decided.reason))
-    assert isinstance(site, Site)
+    assert isinstance(site, sites.Site)
     return Match(candidate, _plan(node, site, decided))
-
-
-def _dtype_of(layer: Node, weight: Array) -> int | None:
-    """The weight's ONNX element type: as the model declares it, else its array's."""
-    value = layer.inputs[1]
-    if value is not None and value.dtype is not None:
-        return value.dtype
-    return type_code(weight.dtype)
-
-
-def _not_constant(what: str, why: NotConstant) -> Refusal:
-    skip = Skip.OVERRIDABLE if why.overridable else Skip.NOT_CONSTANT
-    return Refusal(skip, f"{what}: {why.reason}")
-
-
-def _const_input(node: Node, index: int, what: str, ir_version: int) -> Array | Refusal | None:
-    """The constant at ``node.inputs[index]``; None if the input is absent."""
-    value = node.inputs[index] if index < len(node.inputs) else None
-    if value is None:
-        return None
-    array = constant_array(value, ir_version)
-    if isinstance(array, NotConstant):
-        return _not_constant(f"{node.op_type} '{_name(node)}' {what}", array)
-    return array
-
-
-def _source(value: Value | None) -> Any:
-    """The stored TensorProto a constant input reads, through Identity nodes."""
-    while value is not None and value.init is None:
-        node = value.producer()
-        if node is None or node.op_type != "Identity" or not node.inputs:
-            return None
-        value = node.inputs[0]
-    return value.init if value is not None else None
-
-
-def _site(producer: Node, ir_version: int) -> Site | Refusal:
-    site = _layer_site(producer, ir_version)
-    if isinstance(site, Site):
-        return replace(site, source=_source(site.layer.inputs[1]))
-    return site
-
-
-def _layer_site(producer: Node, ir_version: int) -> Site | Refusal:
-    if producer.domain not in ("", "ai.onnx"):
-        return Refusal(Skip.NO_LAYER, f"its input comes from {producer.domain}.{producer.op_type}")
-    if producer.op_type in ("Conv", "ConvTranspose"):
-        return _conv_site(producer, ir_version)
-    if producer.op_type == "Gemm":
-        return _gemm_site(producer, ir_version)
-    if producer.op_type == "MatMul":
-        return _matmul_site(producer, producer, None, None, ir_version)
-    if producer.op_type == "Add":
-        return _matmul_add_site(producer, ir_version)
-    return legality.no_layer(f"{producer.op_type} '{_name(producer)}'")
-
-
-def _required_const(node: Node, index: int, what: str, ir_version: int) -> Array | Refusal:
-    array = _const_input(node, index, what, ir_version)
-    if array is None:
-        return Refusal(Skip.NOT_CONSTANT, f"{node.op_type} '{_name(node)}' has no {what}")
-    return array
-
-
-def _weight_and_bias(
-    node: Node, names: tuple[str, str], ir_version: int
-) -> tuple[Array, Array | None] | Refusal:
-    """The layer's constant weight (input 1) and optional constant bias (input 2)."""
-    weight = _required_const(node, 1, names[0], ir_version)
-    if isinstance(weight, Refusal):
-        return weight
-    bias = _const_input(node, 2, names[1], ir_version)
-    if isinstance(bias, Refusal):
-        return bias
-    return weight, bias
-
-
-def _conv_site(node: Node, ir_version: int) -> Site | Refusal:
-    params = _weight_and_bias(node, ("weight", "bias"), ir_version)
-    if isinstance(params, Refusal):
-        return params
-    weight, bias = params
-    if weight.ndim < 3:
-        return Refusal(
-            Skip.SHAPE_MISMATCH,
-            f"{node.op_type} '{_name(node)}' weight has shape {list(weight.shape)}",
-        )
-    groups_t = node.attributes.get_int("group", 1) if node.op_type == "ConvTranspose" else 1
-    cout = weight.shape[0] if node.op_type == "Conv" else weight.shape[1] * groups_t
-    if bias is not None and bias.shape != (cout,):
-        return Refusal(
-            Skip.SHAPE_MISMATCH,
-            f"{node.op_type} '{_name(node)}' bias has shape {list(bias.shape)}, expected [{cout}]",
-        )
-    if node.op_type == "Conv":
-        return Site(node, node, weight, axis=0, groups=1, bias=bias, bias_index=2)
-    groups = node.attributes.get_int("group", 1)
-    if groups < 1 or weight.shape[0] % groups:
-        return Refusal(
-            Skip.SHAPE_MISMATCH,
-            f"ConvTranspose '{_name(node)}' has group={groups}, which does not divide "
-            f"its {weight.shape[0]} input channels",
-        )
-    return Site(node, node, weight, axis=1, groups=groups, bias=bias, bias_index=2)
-
-
-def _gemm_site(node: Node, ir_version: int) -> Site | Refusal:
-    params = _weight_and_bias(node, ("B", "C"), ir_version)
-    if isinstance(params, Refusal):
-        return params
-    weight, c = params
-    if weight.ndim != 2:
-        return Refusal(
-            Skip.SHAPE_MISMATCH, f"Gemm '{_name(node)}' B has shape {list(weight.shape)}"
-        )
-    axis = 0 if node.attributes.get_int("transB", 0) else 1
-    bias = None
-    if c is not None:
-        if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, weight.shape[axis])):
-            return Refusal(Skip.SHAPE_MISMATCH, f"Gemm '{_name(node)}' C has shape {list(c.shape)}")
-        bias = c.astype(np.float64) * node.attributes.get_float("beta", 1.0)
-    return Site(node, node, weight, axis=axis, groups=1, bias=bias, bias_index=2)
-
-
-def _matmul_site(
-    matmul: Node,
-    tail: Node,
-    bias: Array | None,
-    bias_index: int | None,
-    ir_version: int,
-) -> Site | Refusal:
-    weight = _required_const(matmul, 1, "weight (second input)", ir_version)
-    if isinstance(weight, Refusal):
-        return weight
-    if weight.ndim != 2:
-        return Refusal(
-            Skip.SHAPE_MISMATCH,
-            f"MatMul '{_name(matmul)}' weight has shape {list(weight.shape)}, "
-            "only a 2-D [K, N] weight is folded",
-        )
-    return Site(matmul, tail, weight, axis=1, groups=1, bias=bias, bias_index=bias_index)
-
-
-def _matmul_add_site(add: Node, ir_version: int) -> Site | Refusal:
-    for bias_index in (1, 0):
-        other = add.inputs[1 - bias_index]
-        matmul = other.producer() if other is not None else None
-        if matmul is None or matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
-            continue
-        bias = _required_const(add, bias_index, "bias", ir_version)
-        if isinstance(bias, Refusal):
-            return bias
-        if bias.ndim > 2:
-            return Refusal(
-                Skip.SHAPE_MISMATCH,
-                f"Add '{_name(add)}' bias has shape {list(bias.shape)}, which would change "
-                "the output's rank",
-            )
-        weight_value = matmul.inputs[1]
-        n = weight_value.shape[-1] if weight_value is not None and weight_value.shape else None
-        if bias.ndim >= 1 and n is not None and bias.shape[-1] not in (1, n):
-            return Refusal(
-                Skip.SHAPE_MISMATCH, f"Add '{_name(add)}' bias has shape {list(bias.shape)}"
-            )
-        return _matmul_site(matmul, add, bias, bias_index, ir_version)
-    return Refusal(
-        Skip.NO_LAYER,
-        f"its input comes from Add '{_name(add)}', which is not a MatMul plus a constant bias",
-    )
 
 
 def _known_rank(*values: Value | None) -> int | None:
