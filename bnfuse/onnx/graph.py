@@ -189,10 +189,10 @@ class Node:
         inputs = self._inputs
         if inputs is None:
             graph = self.graph
-            local, values = graph.local, graph._values
+            values = graph._values  # this graph's own, made so far
             inputs = []
             for name in self.proto.input:
-                value = values.get(name) if name in local else None
+                value = values.get(name)
                 inputs.append(value or (graph.resolve(name) if name else None))
             self._inputs = inputs
         return inputs
@@ -274,10 +274,11 @@ class Graph:
 
     def value(self, name: str) -> Value:
         """This graph's value of that name (one object per name)."""
-        value = self._values.get(name)
-        if value is None:
+        try:
+            return self._values[name]
+        except KeyError:
             value = self._values[name] = Value(name, self)
-        return value
+            return value
 
     def rename(self, old: str, new: str) -> None:
         """The value ``old`` now goes by ``new``, a name it takes over: whoever holds either

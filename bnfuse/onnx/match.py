@@ -400,7 +400,7 @@ def _following(
         dtype_name=type_name(dtype, weight.dtype),
     )
     site = sites.Site(conv, conv, weight, axis=1, groups=groups, bias=bias, bias_index=2)
-    return facts, replace(site, source=sites.source(conv.inputs[1]))
+    return facts, site
 
 
 def _padding(conv: Node, weight: Array) -> str | None:

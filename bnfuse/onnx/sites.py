@@ -15,7 +15,7 @@ the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,14 +40,14 @@ class Site:
     groups: int  # > 1 only for grouped ConvTranspose
     bias: Array | None  # float64-ready bias (Gemm: already times beta)
     bias_index: int | None  # input index of the bias on ``tail``; None: there is none yet
-    source: Any = None  # the TensorProto ``weight`` is read from
     # Shape-only nodes from ``tail`` to the BatchNorm (LeViT's Linear -> Flatten -> BN).
     chain: tuple[Node, ...] = ()
 
     def release(self) -> None:
         """The weight was read (for its peak): drop its pages until it is folded."""
-        if self.source is not None:
-            self.layer.graph.model.arrays.release(self.source)
+        tensor = source(self.layer.inputs[1])  # the TensorProto the weight is read from
+        if tensor is not None:
+            self.layer.graph.model.arrays.release(tensor)
 
     @property
     def channels(self) -> int:
@@ -89,13 +89,7 @@ def source(value: Value | None) -> Any:
 
 
 def site(producer: Node, ir_version: int) -> Site | Refusal:
-    site = _layer_site(producer, ir_version)
-    if isinstance(site, Site):
-        return replace(site, source=source(site.layer.inputs[1]))
-    return site
-
-
-def _layer_site(producer: Node, ir_version: int) -> Site | Refusal:
+    """The site of the layer ``producer`` is, or why it is none."""
     if producer.domain not in ("", "ai.onnx"):
         return Refusal(Skip.NO_LAYER, f"its input comes from {producer.domain}.{producer.op_type}")
     if producer.op_type in ("Conv", "ConvTranspose"):
