@@ -9,6 +9,7 @@ declared once (``options``), and what each does around its library call once
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,12 @@ __all__ = ["app", "main"]
 
 
 _COMMANDS = {"fuse", "verify", "inspect"}
+# The cyclic garbage collector's thresholds for the command (as mypy sets them for its
+# own run). A fuse makes some objects a node and frees them by reference counting; at
+# Python's default (700 allocations) the collector scanned everything alive hundreds
+# of times: 0.5 s of 3.1 s on a 30,000-node graph, measured. A library caller keeps
+# its own settings.
+_GC_THRESHOLDS = (100_000, 50, 50)
 
 
 def _valued_options() -> set[str]:
@@ -77,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     ``argv`` (tests, embedding) it runs here.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # the command's own process, not a program that embeds bnfuse
+        gc.set_threshold(*_GC_THRESHOLDS)
     if args in (["--version"], ["-V"]):
         from bnfuse import __version__
 
