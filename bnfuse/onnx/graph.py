@@ -7,10 +7,11 @@ structure: the matcher (bnfuse.onnx.match) reads it, the rewrite
 per graph, built in one pass over the nodes: each name's producer, its
 readers (in subgraphs too), the initializers and value_info by name. Node
 and Value objects are made only for what the matcher looks at, and stay
-the same objects while the index lives. On a graph of 30,000 nodes the
-pass takes about as long as protobuf takes to hand out the nodes' names;
-building onnx-ir's graph took 20 times as long, and serialising it again as
-much, which is why there is no onnx-ir here.
+the same objects while the index lives. Measured on a graph of 30,000
+nodes, each in a process of its own: protobuf parses the file in 0.03 s and
+this index takes 0.22 s, where building onnx-ir's graph took 2.1 s and
+serialising it again 0.9 s (protobuf: 0.06 s). That is why there is no
+onnx-ir here.
 
 Names follow ONNX's scoping rules: a subgraph sees its own inputs,
 initializers and node outputs, then those of the graphs around it defined
@@ -52,12 +53,6 @@ class Value:
         made = self.graph.producer.get(self.name)
         return self.graph.node(made[0]) if made is not None else None
 
-    @property
-    def index(self) -> int:
-        """Which output of its producer it is."""
-        made = self.graph.producer.get(self.name)
-        return made[1] if made is not None else 0
-
     def uses(self) -> list[Usage]:
         return [Usage(g.node(p), i) for g, p, i in self.graph.readers.get(self.name, ())]
 
@@ -66,9 +61,6 @@ class Value:
 
     def is_graph_output(self) -> bool:
         return self.graph.output_count.get(self.name, 0) > 0
-
-    def is_initializer(self) -> bool:
-        return self.name in self.graph.inits
 
     @property
     def init(self) -> Any:
@@ -294,17 +286,6 @@ class Graph:
         if node is None:
             node = self._nodes[id(proto)] = Node(proto, self)
         return node
-
-    @property
-    def initializers(self) -> dict[str, Value]:
-        return {name: self.value(name) for name in self.inits}
-
-    @property
-    def inputs(self) -> list[Value]:
-        return [self.value(name) for name in self.input_info]
-
-    def __iter__(self) -> Iterator[Node]:
-        return (self.node(p) for p in list(self.proto.node))
 
     def all_graphs(self) -> Iterator[Graph]:
         """This graph, then every subgraph in it, depth first in node order."""

@@ -484,13 +484,8 @@ def _write_external(model: Model, path: Path, data_path: Path, location: str) ->
         item.tensor.CopyFrom(header)
     if streamed:
         _write_file(data_path, streamed, at_offsets=True)
-    _write_file(path, [proto_bytes(model.proto)])
+    _write_file(path, [model.proto.SerializeToString()])
     return bool(streamed)
-
-
-def proto_bytes(proto: Any) -> bytes:
-    blob: bytes = proto.SerializeToString()
-    return blob
 
 
 def inferred_shapes(model: Model) -> dict[str, tuple[int | None, ...]]:

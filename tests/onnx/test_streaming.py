@@ -59,7 +59,7 @@ def test_large_weights_are_views_of_the_file_not_copies(
     src = tmp_path / "m.onnx"
     onnx.save(layer_bn("Conv", cin=16, cout=32), src)
     model = io.load(src).model
-    weight = model.arrays.mapped(model.graph.initializers["layer.W"].init)
+    weight = model.arrays.mapped(model.graph.inits["layer.W"])
     assert weight is not None and weight.file.path == src
     stored = onnx.load(str(src)).graph.initializer
     raw = next(t for t in stored if t.name == "layer.W").raw_data
@@ -67,7 +67,7 @@ def test_large_weights_are_views_of_the_file_not_copies(
     array = weight.array  # a view of the mapping: no copy, not writable
     assert not array.flags.owndata and not array.flags.writeable
     assert array.tobytes() == raw
-    small = model.graph.initializers["bn.mean"].init  # 32 floats: parsed as usual
+    small = model.graph.inits["bn.mean"]  # 32 floats: parsed as usual
     assert small is not None and model.arrays.mapped(small) is None
 
 
