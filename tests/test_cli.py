@@ -357,6 +357,22 @@ def test_options_may_come_before_the_input(
     assert out.exists() and text.startswith("PASS: ")
 
 
+@pytest.mark.parametrize("command", ["verify", "inspect", "fuse"])
+def test_options_may_come_before_the_command(
+    command: str, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bnfuse -q verify A B`` as ``bnfuse verify -q A B``: an option before the command is
+    the command's (it was refused: "No such option: -q")."""
+    early, rest = {
+        "verify": (["-q", "--seed", "3"], [str(model_path), str(model_path)]),
+        "inspect": (["--json"], [str(model_path)]),
+        "fuse": (["-q"], [str(model_path), "-o", str(model_path.with_name("f.onnx"))]),
+    }[command]
+    code, text, err = run_cli([*early, command, *rest], capsys)
+    assert code == 0, err
+    assert text.startswith("PASS: ") if command != "inspect" else text.lstrip().startswith("{")
+
+
 def test_a_mistyped_command_names_the_one_meant(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["verfy", "a.onnx", "b.onnx"], capsys)
     assert code == 2

@@ -48,23 +48,27 @@ def _valued_options() -> set[str]:
 def _route(args: list[str]) -> list[str] | str:
     """``bnfuse [OPTIONS] IN ...`` is ``bnfuse fuse [OPTIONS] IN ...``; or a usage error.
 
-    Options may come before the input (``bnfuse -q m.onnx -o f.onnx``). A first
-    word that is no file but looks like a command (``verfy``) is a typo.
+    Options may come before the input (``bnfuse -q m.onnx -o f.onnx``) and before
+    the command (``bnfuse -q verify a.onnx b.onnx``: they are the command's). A
+    first word that is no file but looks like a command (``verfy``) is a typo.
     """
     first = None
+    after_dashes = False  # ``--``: what follows is an input, whatever its name
     valued = _valued_options()
     i = 0
     while i < len(args):
         word = args[i]
         if word == "--":
-            first = i + 1 if i + 1 < len(args) else None
+            first, after_dashes = (i + 1 if i + 1 < len(args) else None), True
             break
         if not word.startswith("-") or word == "-":
             first = i
             break
         i += 2 if word in valued else 1
-    if first is None or args[first] in _COMMANDS:
+    if first is None:
         return args
+    if args[first] in _COMMANDS and not after_dashes:
+        return [args[first], *args[:first], *args[first + 1 :]]
     word = args[first]
     if not os.path.exists(word) and not is_pattern(word):
         import difflib
