@@ -373,6 +373,34 @@ def test_options_may_come_before_the_command(
     assert text.startswith("PASS: ") if command != "inspect" else text.lstrip().startswith("{")
 
 
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["{m}", "--bogus"], "No such option: --bogus"),
+        (["{m}", "-o", "{f}", "--samples", "0"], "Invalid value for '--samples'"),
+        (["a.onnx", "b.onnx", "-o", "{d}", "-j", "0"], "Invalid value for '--jobs'"),
+        (["{m}", "-o", "{f}", "--inputs", "{d}/none.npz"], "does not exist"),
+        (["verify", "{m}"], "Missing argument 'candidate'"),
+    ],
+    ids=["unknown_option", "samples_0", "jobs_0", "missing_inputs_file", "missing_argument"],
+)
+def test_a_usage_error_is_one_line(
+    args: list[str], words: str, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """click's usage errors in the one line the README promises, exit 2 (they were three:
+    Usage, Try, Error)."""
+    where = {
+        "m": str(model_path),
+        "f": str(model_path.with_name("f.onnx")),
+        "d": str(model_path.parent),
+    }
+    code, out, err = run_cli([a.format(**where) for a in args], capsys)
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("bnfuse: error: ") and words in line and line.endswith(" -h)"), line
+    assert not out
+
+
 def test_a_mistyped_command_names_the_one_meant(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["verfy", "a.onnx", "b.onnx"], capsys)
     assert code == 2

@@ -143,12 +143,35 @@ def _exit_code(args: list[str]) -> int:
     with outputs.replacing():  # a file replaced with --force comes back if the run fails
         try:
             with terminate_on_signals(), _quiet_libraries("--debug" in args):
-                app(args=args, prog_name="bnfuse")
+                code = app(args=args, prog_name="bnfuse", standalone_mode=False)
         except SystemExit as exc:
             return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Exception as exc:
+            if not _is_click_error(exc):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare ``bnfuse``: the help, as ever
+                typer.echo(exc.format_message(), err=True)  # type: ignore[attr-defined]
+            else:
+                typer.echo(f"bnfuse: error: {_usage_line(exc)}", err=True)
+            return int(getattr(exc, "exit_code", EXIT_USAGE))
         except Terminated as exc:
             outputs.remove_published()  # a stopped run leaves nothing, not even a complete one
             message = f"bnfuse: error: stopped by {exc}; nothing partial was left behind"
             typer.echo(message, err=True)
             return 128 + exc.signum
-    return 0
+    return code if isinstance(code, int) else 0
+
+
+def _is_click_error(exc: Exception) -> bool:
+    """click's own errors (usage, bad values, missing files), from click or typer's copy of
+    it: each is said in one line, not click's three."""
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__)
+
+
+def _usage_line(exc: Exception) -> str:
+    """click's message, and where the command's help is: ``No such option: --bogus (see
+    bnfuse fuse -h)``."""
+    message = str(exc.format_message()).rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "bnfuse"
+    return f"{message} (see {where} -h)"
