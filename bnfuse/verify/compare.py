@@ -27,6 +27,7 @@ from bnfuse.errors import BnfuseError, InputError
 from bnfuse.result import Comparison, VerifyResult
 from bnfuse.verify import budget
 from bnfuse.verify import inputs as inputs_mod
+from bnfuse.verify.inputs import InputSpec
 from bnfuse.verify.metrics import compare, stack
 from bnfuse.verify.options import Step, VerifyOptions
 from bnfuse.verify.precision import lower, onnx_compute_dtypes, torch_compute_dtype
@@ -163,10 +164,44 @@ def _check_interfaces(a: Source, b: Source, original: Path, candidate: Path) -> 
             f"{candidate} does not have the inputs of {original} "
             f"({[s.name for s in b.specs]} vs {[s.name for s in a.specs]})"
         )
+    for mine, theirs in zip(b.specs, a.specs, strict=True):
+        differs = _input_difference(theirs, mine, both_onnx=a.is_onnx and b.is_onnx)
+        if differs is not None:
+            there, here = differs
+            raise InputError(
+                f"{candidate} does not take the inputs of {original}: input '{mine.name}' is "
+                f"{there} in {candidate.name} and {here} in {original.name}"
+            )
     if a.is_onnx and b.is_onnx and a.outputs != b.outputs:
         raise InputError(
             f"{candidate} does not have the outputs of {original} ({b.outputs} vs {a.outputs})"
         )
+
+
+def _input_difference(
+    original: InputSpec, candidate: InputSpec, both_onnx: bool
+) -> tuple[str, str] | None:
+    """How one input differs between the models (rank; for two ONNX models, also element
+    type and fixed dimensions): what it is in the candidate and in the original; None
+    where they may take the same tensor."""
+
+    def shown(spec: InputSpec) -> str:
+        assert spec.shape is not None
+        dims = ", ".join("?" if d is None else str(d) for d in spec.shape)
+        return f"[{dims}] ({len(spec.shape)}-D)"
+
+    if original.shape is not None and candidate.shape is not None:
+        fixed = [
+            (x, y) for x, y in zip(original.shape, candidate.shape, strict=False)
+            if isinstance(x, int) and isinstance(y, int)
+        ]  # fmt: skip
+        if len(original.shape) != len(candidate.shape) or (
+            both_onnx and any(x != y for x, y in fixed)
+        ):
+            return shown(candidate), shown(original)
+    if both_onnx and original.dtype != candidate.dtype:
+        return str(candidate.dtype), str(original.dtype)
+    return None
 
 
 def _layer_tensors(a: Source, b: Source, notes: list[str]) -> list[str]:
