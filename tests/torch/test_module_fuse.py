@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import bnfuse  # noqa: E402
 from bnfuse import Skip  # noqa: E402
-from bnfuse.torch.module import fuse_module  # noqa: E402
+from bnfuse.torch.module import NotFoldedWarning, fuse_module  # noqa: E402
 from sample_models.torch_nets import NETS, NetSpec, build, trained  # noqa: E402
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -42,8 +43,16 @@ def test_network_fuses_and_original_is_untouched(spec: NetSpec) -> None:
     model = build(spec)
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(*spec.input_shape, generator=torch.Generator().manual_seed(0))
-    fused = fuse_module(model, (x,))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        fused = fuse_module(model, (x,))
     assert len(fused.result.skipped) == spec.bn_not_after_layer
+    # one NotFoldedWarning for each BatchNorm left, naming it
+    told = [str(w.message) for w in said if issubclass(w.category, NotFoldedWarning)]
+    assert len(told) == spec.bn_not_after_layer
+    assert all(
+        f"'{c.node}' was not folded" in t for c, t in zip(fused.result.skipped, told, strict=True)
+    )
     assert bn_count(fused.module) == spec.bn_not_after_layer
     with torch.no_grad():
         assert max_rel_error(model(x), fused.module(x)) < 1e-5
@@ -66,13 +75,15 @@ def conv_bn(bn: nn.Module) -> nn.Module:
 
 def test_train_mode_bn_is_skipped() -> None:
     model = conv_bn(nn.BatchNorm2d(8)).train()
-    (cand,) = fuse_module(model).result.candidates
+    with pytest.warns(NotFoldedWarning, match="train mode"):
+        (cand,) = fuse_module(model).result.candidates
     assert cand.skip is Skip.TRAINING_MODE and "train mode" in (cand.reason or "")
 
 
 def test_bn_without_running_stats_is_skipped() -> None:
     model = trained(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False)))
-    (cand,) = fuse_module(model).result.candidates
+    with pytest.warns(NotFoldedWarning, match="track_running_stats=False"):
+        (cand,) = fuse_module(model).result.candidates
     assert cand.skip is Skip.TRAINING_MODE and "track_running_stats=False" in (cand.reason or "")
 
 
@@ -148,9 +159,11 @@ class LinearOn3d(nn.Module):
 def test_linear_on_3d_input_is_skipped() -> None:
     """[N, 6, 6] -> Linear -> BatchNorm1d normalises axis 1, not Linear's features."""
     model = trained(LinearOn3d())
-    (cand,) = fuse_module(model, (torch.randn(2, 6, 6),)).result.candidates
+    with pytest.warns(NotFoldedWarning, match="3-D"):
+        (cand,) = fuse_module(model, (torch.randn(2, 6, 6),)).result.candidates
     assert cand.skip is Skip.SHAPE_MISMATCH and "3-D" in (cand.reason or "")
-    (cand,) = fuse_module(model).result.candidates
+    with pytest.warns(NotFoldedWarning, match="unknown"):
+        (cand,) = fuse_module(model).result.candidates
     assert cand.skip is Skip.SHAPE_MISMATCH and "unknown" in (cand.reason or "")
 
 
