@@ -357,6 +357,11 @@ def test_options_may_come_before_the_input(
     assert out.exists() and text.startswith("PASS: ")
 
 
+def test_help_lists_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["-h"], capsys)
+    assert code == 0 and "bnfuse --version" in out
+
+
 @pytest.mark.parametrize("command", ["verify", "inspect", "fuse"])
 def test_options_may_come_before_the_command(
     command: str, model_path: Path, capsys: pytest.CaptureFixture[str]

@@ -21,6 +21,13 @@ def test_the_readme_has_python_blocks() -> None:
     assert len(BLOCKS) >= 2
 
 
+def test_the_readme_names_the_schema_versions_the_reports_write() -> None:
+    from bnfuse.report.json_report import SCHEMA_VERSION
+
+    said = re.findall(r"schema [^\n]*version (\d+)", (ROOT / "README.md").read_text())
+    assert said and {int(v) for v in said} == {SCHEMA_VERSION}, said
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_a_readme_python_block_runs_as_written(
     index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

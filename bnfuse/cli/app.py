@@ -24,6 +24,7 @@ app = typer.Typer(
         "  bnfuse model.onnx --dry-run\n\n"
         "  bnfuse verify model.onnx fused.onnx --report junit.xml\n\n"
         "  bnfuse inspect model.onnx\n\n"
+        "  bnfuse --version\n\n"
         "Exit codes: 0 ok, 1 verification failed, 2 bad usage or unreadable input, "
         "128+N stopped by signal N (143: SIGTERM)."
     ),

@@ -70,7 +70,12 @@ Reports = Annotated[
 ]
 
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors only (for CI logs).")]
+Quiet = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="Print one line: the verdict or what was written, or the error."
+    ),
+]
 
 
 MaxMemory = Annotated[
