@@ -357,6 +357,28 @@ def test_options_may_come_before_the_input(
     assert out.exists() and text.startswith("PASS: ")
 
 
+@pytest.mark.parametrize("command", ["fuse", "verify"])
+def test_the_junit_report_of_a_run_that_failed_to_load_names_the_run(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was <testsuite name="bnfuse verify "> for either command (a trailing space, no
+    model, "verify" for a fuse run)."""
+    import xml.etree.ElementTree as ET
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    report = tmp_path / "r.xml"
+    args = (
+        [str(bad), "-o", str(tmp_path / "f.onnx")]
+        if command == "fuse"
+        else ["verify", str(bad), str(bad)]
+    )
+    code, _, _ = run_cli([*args, "--report", str(report)], capsys)
+    assert code == 2
+    suite = ET.fromstring(report.read_text()).find("testsuite")
+    assert suite is not None and suite.get("name") == f"bnfuse {command} bad.onnx"
+
+
 def test_help_lists_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["-h"], capsys)
     assert code == 0 and "bnfuse --version" in out

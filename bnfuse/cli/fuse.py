@@ -212,7 +212,10 @@ def _fuse_one(
     def on_error(message: str) -> None:
         also = [("output", out)] if out is not None else []
         reads = [("the input model", input), *job.data_read]
-        error_reports(job.reports, state.get("fusion"), message, job.force, reads, also)
+        error_reports(
+            job.reports, state.get("fusion"), message, job.force, reads, also,
+            run=f"fuse {input.name}",
+        )  # fmt: skip
 
     fusion, verification = run(job.debug, str(input), work, on_error)
     run(

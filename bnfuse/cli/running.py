@@ -163,8 +163,10 @@ def error_reports(
     force: bool,
     reads: list[tuple[str, Path]],
     also_writes: Sequence[tuple[str, Path]] = (),
+    run: str = "",
 ) -> None:
-    """Reports for a run that ended in an error (exit 2), so CI's always() finds them.
+    """Reports for a run that ended in an error (exit 2), so CI's always() finds them;
+    ``run`` names it (``fuse model.onnx``).
 
     Under the same rules as ever (checked again here, since the error may have
     come before the check): nothing the run reads, not the output's path, no
@@ -176,7 +178,7 @@ def error_reports(
     if not paths:
         return
     check_reports([*also_writes, *(("--report", p) for p in paths)], reads, force)
-    write_reports(paths, fusion, None, force=force, error=message)
+    write_reports(paths, fusion, None, force=force, error=message, run=run)
 
 
 def check_reports(

@@ -76,7 +76,7 @@ def verify_command(
             return verify_models(original, candidate, options, on_step)
 
     def on_error(message: str) -> None:
-        error_reports(reports, None, message, force, reads)
+        error_reports(reports, None, message, force, reads, run=f"verify {candidate.name}")
 
     verification = run(debug, str(candidate), work, on_error)
     run(debug, "report", lambda: finish(None, verification, reports, quiet, force))

@@ -14,7 +14,8 @@ from bnfuse import outputs
 from bnfuse.errors import BnfuseError
 from bnfuse.result import FuseResult, VerifyResult
 
-Renderer = Callable[[FuseResult | None, VerifyResult | None, str | None], str]
+# fusion, verification, the error a run ended in, and the run ("fuse model.onnx")
+Renderer = Callable[[FuseResult | None, VerifyResult | None, str | None, str], str]
 SUFFIXES = (".json", ".md", ".xml", ".html")
 
 
@@ -54,15 +55,17 @@ def write_reports(
     *,
     force: bool = False,
     error: str | None = None,
+    run: str = "",
 ) -> None:
     """Write each report; a .md report is also appended to $GITHUB_STEP_SUMMARY when set.
 
     ``error``: the run ended in this error (exit 2); the reports say so, with
-    whatever was done before it.
+    whatever was done before it. ``run``: the command and its model (``fuse
+    model.onnx``), for a report whose run ended before it had a result to name.
     """
     write_texts(
         paths,
-        lambda path: _renderer(path.suffix.lower())(fusion, verification, error),
+        lambda path: _renderer(path.suffix.lower())(fusion, verification, error, run),
         force=force,
     )
 

@@ -114,11 +114,18 @@ def _layer_chart(layers: list[Comparison]) -> str:
 
 
 def render(
-    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+    fusion: FuseResult | None,
+    verification: VerifyResult | None,
+    error: str | None = None,
+    run: str = "",
 ) -> str:
     v = verification
     title = escape(
-        str(v.candidate if v is not None else (fusion.input if fusion is not None else "bnfuse"))
+        str(
+            v.candidate
+            if v is not None
+            else (fusion.input if fusion is not None else f"bnfuse {run}".strip())
+        )
     )
     body = [f"<h1>bnfuse report {_badge(v, error)}</h1>", f'<div class="muted">{title}</div>']
     if error is not None:

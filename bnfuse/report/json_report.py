@@ -135,7 +135,10 @@ def report_dict(
 
 
 def render(
-    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+    fusion: FuseResult | None,
+    verification: VerifyResult | None,
+    error: str | None = None,
+    run: str = "",
 ) -> str:
     data = report_dict(fusion, verification, error)
     return dumps(data)

@@ -26,8 +26,23 @@ def _metrics(c: Comparison) -> str:
     )
 
 
+def _suite_name(fusion: FuseResult | None, verification: VerifyResult | None, run: str) -> str:
+    """``bnfuse fuse model.onnx``, ``bnfuse verify fused.onnx``; where the run ended before
+    it had a result, the run as the command names it."""
+    if fusion is not None and fusion.input is not None:
+        said = f"fuse {fusion.input.name}"
+    elif verification is not None:
+        said = f"verify {verification.candidate.name}"
+    else:
+        said = run
+    return printable(f"bnfuse {said}".strip())
+
+
 def render(
-    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+    fusion: FuseResult | None,
+    verification: VerifyResult | None,
+    error: str | None = None,
+    run: str = "",
 ) -> str:
     cases = verification.ordered_outputs() if verification is not None else []
     failures = sum(not c.passed for c in cases)
@@ -39,14 +54,9 @@ def render(
         "skipped": "0",
     }
     suites = ET.Element("testsuites", {"name": "bnfuse", **counts})
-    target = printable(
-        str(
-            verification.candidate.name
-            if verification is not None
-            else (fusion.input if fusion is not None else "")
-        )
+    suite = ET.SubElement(
+        suites, "testsuite", {"name": _suite_name(fusion, verification, run), **counts}
     )
-    suite = ET.SubElement(suites, "testsuite", {"name": f"bnfuse verify {target}", **counts})
     if fusion is not None:
         props = ET.SubElement(suite, "properties")
         for key, value in (

@@ -8,7 +8,10 @@ from bnfuse.verify.metrics import VERDICT_RULE
 
 
 def render(
-    fusion: FuseResult | None, verification: VerifyResult | None, error: str | None = None
+    fusion: FuseResult | None,
+    verification: VerifyResult | None,
+    error: str | None = None,
+    run: str = "",
 ) -> str:
     lines = _heading(verification, error)
     if fusion is not None:
