@@ -151,6 +151,14 @@ class Comparison:
         """Every element within tolerance, or the whole error at or below the noise floor."""
         return self.failed == 0 or self.within_floor
 
+    @property
+    def verdict(self) -> str:
+        """``pass``, ``pass (noise floor)`` where elements beyond tolerance were excused by
+        the noise-floor rule, or ``FAIL``: how each report words one output."""
+        if not self.passed:
+            return "FAIL"
+        return "pass" if self.failed == 0 else "pass (noise floor)"
+
     def __bool__(self) -> bool:
         return self.passed
 

@@ -96,7 +96,7 @@ def _layer_chart(layers: list[Comparison]) -> str:
         # Long names: the end shows (it tells layers apart), the whole name in the tooltip.
         label = name if len(name) <= 40 else "\u2026" + name[-39:]
         mark, fill = ("\u2717 ", "#cf222e") if not c.passed else ("", "#0969da")
-        verdict = "pass" if c.passed else "FAIL"
+        verdict = c.verdict
         style = ' fill="#cf222e" font-weight="600"' if not c.passed else ""
         parts.append(
             f'<text x="{label_w - 6}" y="{y + 13}" font-size="11" text-anchor="end"{style}>'
@@ -189,7 +189,7 @@ _OUTPUT_HEADER = (
 def _output_row(c: Comparison, floor: Comparison | None) -> str:
     return (
         f'<tr class="{"" if c.passed else "bad"}"><td><code>{escape(c.name)}</code></td>'
-        f"<td class=l>{escape(c.device)}</td><td class=l>{'pass' if c.passed else '<b>FAIL</b>'}</td>"
+        f"<td class=l>{escape(c.device)}</td><td class=l>{c.verdict if c.passed else '<b>FAIL</b>'}</td>"
         f"<td>{num(c.max_abs)}</td><td>{num(c.max_rel)}</td><td>{num(c.mean_abs)}</td>"
         f"<td>{num(c.rmse)}</td><td>{num(c.cosine, 8)}</td><td>{db(c.snr_db)}</td>"
         f"<td>{pct(c.argmax_agreement)}</td><td>{c.failed}/{c.total}</td>"

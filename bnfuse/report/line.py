@@ -21,6 +21,8 @@ def _worst(v: VerifyResult) -> Comparison | None:
 def _output(c: Comparison) -> str:
     floor = f", noise floor {num(c.floor_max_abs)}" if c.floor_max_abs is not None else ""
     beyond = f", {c.failed}/{c.total} beyond tolerance" if c.failed else ""
+    if c.failed and c.passed:
+        beyond += " but within the noise floor"
     return f"worst output '{c.name}' on {c.device}: max abs {num(c.max_abs)}{beyond}{floor}"
 
 

@@ -94,7 +94,7 @@ def _verification(v: VerifyResult) -> list[str]:
 
 
 def _verdict(c: Comparison) -> str:
-    return "pass" if c.passed else "**FAIL**"
+    return c.verdict if c.passed else "**FAIL**"
 
 
 def _layers(v: VerifyResult) -> list[str]:

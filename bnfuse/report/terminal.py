@@ -125,7 +125,7 @@ def print_verify_summary(result: VerifyResult, console: Console) -> None:
         table.add_row(
             shown(c.name),
             c.device,
-            "pass" if c.passed else "[red]FAIL[/]",
+            c.verdict if c.passed else "[red]FAIL[/]",
             num(c.max_abs),
             db(c.snr_db),
             f"{c.failed}/{c.total}",

@@ -85,3 +85,23 @@ def test_an_error_report_says_error(tmp_path: Path) -> None:
     assert "ERROR" in page and "not a readable ONNX model" in page
     root = ET.fromstring(junit.render(None, None, "boom"))
     assert root.get("errors") == "1"
+
+
+def test_an_output_passed_by_the_noise_floor_says_so_in_every_report() -> None:
+    """Under --atol 0 an output whose error is within the noise floor passes with elements
+    beyond tolerance: "pass" beside "131/320 beyond tolerance" read as a contradiction."""
+    import dataclasses
+
+    from bnfuse.report import line, markdown
+
+    ref = np.linspace(-1, 1, 8, dtype=np.float32)
+    c = compare("y", "cpu", ref, ref + np.float32(1e-6), atol=0, rtol=0)
+    excused = dataclasses.replace(c, floor_max_abs=2e-6)
+    v = VerifyResult(Path("m.onnx"), Path("f.onnx"), ["cpu"], [excused])
+    assert c.failed and not c.passed and excused.passed
+    assert excused.verdict == "pass (noise floor)" and c.verdict == "FAIL"
+    assert "beyond tolerance but within the noise floor" in line.one_line(None, v)
+    assert "pass (noise floor)" in markdown.render(None, v)
+    assert "pass (noise floor)" in html.render(None, v)
+    exact = compare("y", "cpu", ref, ref)
+    assert exact.verdict == "pass"
