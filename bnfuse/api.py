@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from bnfuse import outputs
-from bnfuse.errors import OutputError
+from bnfuse.errors import BnfuseError, OutputError, python_hint
 from bnfuse.formats import TORCH_FORMATS, TORCH_SUFFIXES, detect, require_torch
 from bnfuse.result import Candidate, FuseResult
 
@@ -59,7 +59,11 @@ def fuse(
         from bnfuse.torch.module import fuse_module
 
         return fuse_module(input, example_inputs, inplace=inplace).module
-    return fuse_file(input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle)
+    try:
+        return fuse_file(input, output, force=force, dry_run=dry_run, trust_pickle=trust_pickle)
+    except BnfuseError as exc:
+        exc.hint = python_hint(exc.hint)  # a caller of fuse() passes arguments, not flags
+        raise
 
 
 def fuse_file(

@@ -21,6 +21,19 @@ class BnfuseError(Exception):
         return self.message if self.hint is None else f"{self.message} ({self.hint})"
 
 
+# A hint's command-line flags, as a caller of bnfuse.fuse() passes them.
+_AS_ARGUMENTS = (("--force", "force=True"), ("--trust-pickle", "trust_pickle=True"))
+
+
+def python_hint(hint: str | None) -> str | None:
+    """``pass --force to replace it`` as ``pass force=True to replace it``."""
+    if hint is None:
+        return None
+    for flag, argument in _AS_ARGUMENTS:
+        hint = hint.replace(flag, argument)
+    return hint
+
+
 def first_line(exc: BaseException) -> str:
     """The line of an exception's message that says what went wrong ("" when it has none).
 

@@ -46,3 +46,15 @@ def test_a_readme_python_block_runs_as_written(
     out = capsys.readouterr().out
     if "onnx" in block and "print(" in block:  # the ONNX example prints what it did
         assert "6 folded" in out and "its input comes from Concat" in out, out
+
+
+def test_a_python_caller_is_told_arguments_not_flags(tmp_path: Path) -> None:
+    """bnfuse.fuse() said "(pass --force to replace it)"; from Python that is force=True."""
+    import bnfuse
+
+    out = tmp_path / "f.onnx"
+    out.write_bytes(b"someone's file")
+    with pytest.raises(bnfuse.BnfuseError) as raised:
+        bnfuse.fuse(ROOT / "sample_models" / "conv2d_bn.onnx", out)
+    assert raised.value.hint == "pass force=True to replace it"
+    assert out.read_bytes() == b"someone's file"

@@ -115,7 +115,7 @@ def _checked_proto(path: Path) -> tuple[Any, MappedFile | None]:
     if not path.is_file():
         raise InputError(f"{path}: not a file")
     try:
-        proto, whole_file = _read_proto(path)
+        proto, whole_file = read_proto(path)
         proto.DiscardUnknownFields()  # fields this onnx does not define are not carried
         validate.check_model(proto, path)
     except InputError:
@@ -177,7 +177,7 @@ def _map_tensor(
     return None if inline else file
 
 
-def _read_proto(path: Path) -> tuple[Any, MappedFile | None]:
+def read_proto(path: Path) -> tuple[Any, MappedFile | None]:
     """The ModelProto; with the file mapped where its large inline weights were left in it."""
     size = path.stat().st_size
     try:

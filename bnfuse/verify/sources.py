@@ -53,11 +53,12 @@ class Source:
 def open_source(path: Path, trust_pickle: bool = False) -> Source:
     fmt = detect(path)
     if fmt is Format.ONNX:
-        from bnfuse.onnx.light import LIGHT_FROM, light_proto
+        from bnfuse.onnx.io import read_proto
 
-        try:  # the graph only: large weights are neither read nor parsed
-            light = light_proto(path) if path.stat().st_size > LIGHT_FROM else None
-            proto = light or onnx.load(str(path), load_external_data=False)
+        try:  # the graph (large weights are neither read nor parsed), read as the fuse reads it
+            proto, _ = read_proto(path)
+        except InputError:
+            raise
         except Exception as exc:
             why = f"{type(exc).__name__}: {first_line(exc)[:200]}" if first_line(exc) else ""
             raise InputError(

@@ -29,6 +29,21 @@ def test_inputs_that_differ_are_named_before_anything_runs(candidate: str, words
     assert "does not take the inputs of" in str(raised.value) and words in str(raised.value)
 
 
+def test_verify_and_fuse_word_a_malformed_file_alike(tmp_path: Path) -> None:
+    """The verifier said "DecodeError: ... Wire format was corrupt" where the fuse names the
+    fault ("malformed protobuf: ..."): it now reads the file as the fuse does."""
+    import bnfuse
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07\x3a\x05ab")
+    with pytest.raises(InputError) as verifying:
+        verify_models(bad, bad)
+    with pytest.raises(InputError) as fusing:
+        bnfuse.fuse(bad, dry_run=True)
+    assert "malformed protobuf: a field runs past the end of its message" in str(verifying.value)
+    assert str(verifying.value) == str(fusing.value)
+
+
 def test_models_with_the_same_inputs_are_compared() -> None:
     result = verify_models(SAMPLES / "conv2d_bn.onnx", SAMPLES / "conv2d_bn.onnx")
     assert result.passed
