@@ -379,6 +379,20 @@ def test_the_junit_report_of_a_run_that_failed_to_load_names_the_run(
     assert suite is not None and suite.get("name") == f"bnfuse {command} bad.onnx"
 
 
+@pytest.mark.parametrize(
+    ("sample", "words"),
+    [("skip_fp16_overflow.onnx", "fused weight peak 1.3e+05 (198% of the float16 range)"),
+     ("conv_bn_fp16.onnx", "fused weight peak 3.22 (under 1% of the float16 range)")],
+    ids=["overflows", "small"],
+)  # fmt: skip
+def test_inspect_says_the_fused_peak_as_a_share_of_the_range(
+    sample: str, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It said "(2 of the float16 range)" for a weight at twice the float16 maximum."""
+    code, out, _ = run_cli(["inspect", str(SAMPLES / sample)], capsys)
+    assert code == 0 and words in " ".join(out.split()), out
+
+
 def test_help_lists_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["-h"], capsys)
     assert code == 0 and "bnfuse --version" in out

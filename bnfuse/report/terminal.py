@@ -104,6 +104,11 @@ def print_fuse_summary(result: FuseResult, console: Console) -> None:
         console.print(f"wrote {shown(path)}", highlight=False)
 
 
+def _share(fraction: float) -> str:
+    """A fraction as a reader compares it: ``198%``, ``37%``, ``under 1%``."""
+    return f"{fraction:.0%}" if fraction >= 0.01 else "under 1%"
+
+
 def print_verify_summary(result: VerifyResult, console: Console) -> None:
     from bnfuse.report.fmt import db, num
 
@@ -183,7 +188,10 @@ def print_inspect(result: FuseResult, console: Console) -> None:
         h = c.health
         summary = f"{h.channels} channels, max |gamma/sigma| {h.max_scale:.3g}"
         if h.range_fraction is not None and h.dtype in ("float16", "bfloat16"):
-            summary += f", fused weight peak {h.fused_peak:.3g} ({h.range_fraction:.2g} of the {h.dtype} range)"
+            summary += (
+                f", fused weight peak {h.fused_peak:.3g} "
+                f"({_share(h.range_fraction)} of the {h.dtype} range)"
+            )
         if not h.flags:
             console.print(f"  health: [green]ok[/] ({summary})", highlight=False)
             continue
