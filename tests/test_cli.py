@@ -393,6 +393,21 @@ def test_inspect_says_the_fused_peak_as_a_share_of_the_range(
     assert code == 0 and words in " ".join(out.split()), out
 
 
+def test_inspect_check_exits_1_while_a_fold_is_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """For a pre-commit hook or a CI step: 1 for a model with a fold left (saying which), 0
+    once fused, 0 for one whose BatchNorms cannot fold."""
+    src = SAMPLES / "conv2d_bn.onnx"
+    code, _, err = run_cli(["inspect", str(src), "--check"], capsys)
+    assert code == 1 and "1 fold(s) left (bn)" in err
+    fused = tmp_path / "f.onnx"
+    assert run_cli([str(src), "-o", str(fused), "--no-verify", "-q"], capsys)[0] == 0
+    assert run_cli(["inspect", str(fused), "--check"], capsys)[0] == 0
+    assert run_cli(["inspect", str(SAMPLES / "skip_two_consumers.onnx"), "--check"], capsys)[0] == 0
+    assert run_cli(["inspect", str(src)], capsys)[0] == 0  # without --check: a report only
+
+
 def test_help_lists_version(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["-h"], capsys)
     assert code == 0 and "bnfuse --version" in out

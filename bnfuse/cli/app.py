@@ -1,7 +1,8 @@
 """The ``bnfuse`` typer application and its exit codes (stable; scripts rely on them).
 
 0  success
-1  verification failed (the fused model's outputs differ beyond tolerance)
+1  verification failed (the fused model's outputs differ beyond tolerance), or
+     inspect --check found a fold left
 2  bad usage, or an unreadable or invalid input; nothing was written
 128 + N  stopped by signal N (SIGTERM: 143), after cleaning up
 """
@@ -13,6 +14,7 @@ import typer
 EXIT_OK = 0
 EXIT_VERIFY_FAILED = 1
 EXIT_USAGE = 2
+EXIT_NOT_FUSED = 1  # inspect --check: a fold is left
 
 app = typer.Typer(
     name="bnfuse",
@@ -25,7 +27,8 @@ app = typer.Typer(
         "  bnfuse verify model.onnx fused.onnx --report junit.xml\n\n"
         "  bnfuse inspect model.onnx\n\n"
         "  bnfuse --version\n\n"
-        "Exit codes: 0 ok, 1 verification failed, 2 bad usage or unreadable input, "
+        "Exit codes: 0 ok, 1 verification failed (inspect --check: a fold is left), "
+        "2 bad usage or unreadable input, "
         "128+N stopped by signal N (143: SIGTERM)."
     ),
     add_completion=False,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from bnfuse.cli.app import app
+from bnfuse.cli.app import EXIT_NOT_FUSED, app
 from bnfuse.cli.options import Debug, InputShape, TrustPickle
 from bnfuse.cli.running import confine, echo, run
 
@@ -21,6 +21,14 @@ def inspect_command(
     json_out: Annotated[
         bool, typer.Option("--json", help="Print JSON (schema bnfuse-inspect) instead of a table.")
     ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Exit 1 if anything would still fold: for a pre-commit hook or a CI step "
+            "that keeps unfused models out.",
+        ),
+    ] = False,
     input_shape: InputShape = None,
     trust_pickle: TrustPickle = False,
     debug: Debug = False,
@@ -28,7 +36,11 @@ def inspect_command(
     """Show every BatchNorm (and constant Mul/Add after a layer): what it reads and feeds,
     whether it folds and why not, and the health of its parameters.
 
-    Example: bnfuse inspect model.onnx --json
+    Examples:
+
+      bnfuse inspect model.onnx --json
+
+      bnfuse inspect fused.onnx --check   # exit 1 if a fold is left
     """
 
     def work() -> FuseResult:
@@ -44,8 +56,18 @@ def inspect_command(
         from bnfuse.report.json_report import render_inspect
 
         echo(render_inspect(result), nl=False)
-        return
-    from bnfuse.report.terminal import console as terminal_console
-    from bnfuse.report.terminal import print_inspect
+    else:
+        from bnfuse.report.terminal import console as terminal_console
+        from bnfuse.report.terminal import print_inspect
 
-    print_inspect(result, terminal_console())
+        print_inspect(result, terminal_console())
+    if check and result.folded:
+        names = ", ".join(c.node for c in result.folded[:3]) + (
+            ", ..." if len(result.folded) > 3 else ""
+        )
+        typer.echo(
+            f"bnfuse: {input}: {len(result.folded)} fold(s) left ({names}); "
+            f"bnfuse {input} -o FUSED makes them",
+            err=True,
+        )
+        raise typer.Exit(EXIT_NOT_FUSED)
