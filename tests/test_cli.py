@@ -533,3 +533,40 @@ def test_a_reader_that_leaves_early_changes_no_outcome(
         assert json.loads(report.read_text())["passed"] is True
     if case == "batch":
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["conv2d_bn.onnx", "m.onnx"]
+
+
+def _stderr_on_a_terminal(args: list[str]) -> str:
+    """What the command writes to stderr when stderr is a terminal (a pseudo-terminal here),
+    with the terminal's control sequences taken out."""
+    import pty  # noqa: F401  (POSIX only: the test is skipped elsewhere)
+    import re
+
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bnfuse", *args], stdout=subprocess.DEVNULL, stderr=secondary,
+        env={**os.environ, "COLUMNS": "100"},
+    )  # fmt: skip
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait()
+    os.close(primary)
+    return re.sub(rb"\x1b\[[0-9;?]*[A-Za-z]", b"", out).decode(errors="replace")
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+@pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
+def test_the_progress_bar_names_the_stage_that_runs(verify: bool, tmp_path: Path) -> None:
+    """It read "verifying ... 0/? loading" through the whole fuse, with --no-verify too."""
+    src = SAMPLES / "torch_densenet_opset17.onnx"
+    args = [str(src), "-o", str(tmp_path / "f.onnx")] + ([] if verify else ["--no-verify"])
+    shown = _stderr_on_a_terminal(args)
+    assert "fusing" in shown and "reading, folding, writing" in shown, shown
+    assert ("verifying" in shown) == verify, shown

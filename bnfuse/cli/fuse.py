@@ -201,7 +201,7 @@ def _fuse_one(
         options = options_of()
         writes = [p for _, p in targets] + ([out] if out is not None and not dry_run else [])
         confine([input], writes, job.reports, job.trust_pickle)
-        with progress(job.quiet) as on_step:
+        with progress(job.quiet, "fusing") as on_step:
             return fuse_and_verify(
                 input, out, verify=None if no_verify else options, force=job.force,
                 dry_run=dry_run, trust_pickle=job.trust_pickle,

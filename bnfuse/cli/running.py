@@ -66,8 +66,10 @@ def confine(models: list[Path], writes: list[Path], reports: list[Path], trusted
 
 
 @contextlib.contextmanager
-def progress(quiet: bool) -> Iterator[Step | None]:
-    """A progress bar on stderr for verification, for a person at a terminal; else None."""
+def progress(quiet: bool, first: str = "verifying") -> Iterator[Step | None]:
+    """A progress bar on stderr, for a person at a terminal; else None. It names the stage
+    that runs: ``first`` (``fusing``: reading, folding, writing) until the verifier reports
+    its first step, then ``verifying`` with the verifier's count."""
     if quiet or not sys.stderr.isatty():
         yield None
         return
@@ -75,13 +77,14 @@ def progress(quiet: bool) -> Iterator[Step | None]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with Progress(
-        TextColumn("verifying"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.description}"), console=Console(stderr=True), transient=True,
     ) as progress:  # fmt: skip
-        task = progress.add_task("loading", total=None)
+        opening = "reading, folding, writing" if first == "fusing" else "loading"
+        task = progress.add_task(opening, total=None, stage=first)
 
         def on_step(what: str, done: int, total: int) -> None:
-            progress.update(task, description=what, completed=done, total=total)
+            progress.update(task, description=what, completed=done, total=total, stage="verifying")
 
         yield on_step
 
