@@ -570,3 +570,39 @@ def test_the_progress_bar_names_the_stage_that_runs(verify: bool, tmp_path: Path
     shown = _stderr_on_a_terminal(args)
     assert "fusing" in shown and "reading, folding, writing" in shown, shown
     assert ("verifying" in shown) == verify, shown
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["summary", "quiet"])
+def test_report_dash_prints_the_json_report_on_stdout(
+    quiet: bool, model_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """For scripts that pipe it: standard output holds the JSON report alone, and the
+    summary (or the one line of -q) goes to stderr."""
+    out_path = model_path.with_name("f.onnx")
+    args = [str(model_path), "-o", str(out_path), "--report", "-"] + (["-q"] if quiet else [])
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["schema"] == "bnfuse-report" and report["passed"] is True
+    assert report["fusion"]["found"] == 1 and report["fusion"]["outputs"] == [str(out_path)]
+    assert (
+        ("PASS: " in err) if quiet else ("1 BatchNormalization found" in err and "verify" in err)
+    ), err
+    assert not (model_path.parent / "-").exists()
+
+
+def test_report_dash_carries_the_error_of_a_run_that_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    code, out, err = run_cli([str(bad), "-o", str(tmp_path / "f.onnx"), "--report", "-"], capsys)
+    assert code == 2 and "not a readable ONNX model" in json.loads(out)["error"]
+    assert err.startswith("bnfuse: error: ")
+
+
+def test_report_dash_is_for_one_model(model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(
+        [str(model_path.parent), "-o", str(model_path.parent / "out"), "--report", "-"], capsys
+    )
+    assert code == 2 and not out and "batch mode writes its report to a file" in err

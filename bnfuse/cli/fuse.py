@@ -97,6 +97,11 @@ def fuse_command(
       bnfuse models/ 'zoo/**/*.onnx' -o fused/ -j 4 --report batch.json
     """
     _check_fuse_usage(inputs, output, dry_run)
+    if _is_batch(inputs) and any(str(p) == "-" for p in report or []):
+        raise _usage_error(
+            "--report - prints one model's JSON report; batch mode writes its report to a file "
+            "(e.g. --report batch.json)"
+        )
     job = _Run(report or [], inputs_file, force, quiet, debug, trust_pickle)
 
     def options() -> VerifyOptions:

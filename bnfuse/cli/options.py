@@ -65,7 +65,8 @@ Reports = Annotated[
     list[Path] | None,
     typer.Option(
         "--report",
-        help="Write a report; type by suffix: .json, .md, .xml (JUnit), .html (repeatable).",
+        help="Write a report; type by suffix: .json, .md, .xml (JUnit), .html (repeatable); "
+        "- prints the JSON report on standard output (the summary then goes to stderr).",
     ),
 ]
 

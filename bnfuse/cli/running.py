@@ -132,7 +132,7 @@ def finish(
     force: bool,
 ) -> None:
     from bnfuse import outputs
-    from bnfuse.report import write_reports
+    from bnfuse.report import to_stdout, write_reports
 
     try:
         write_reports(reports, fusion, verification, force=force)
@@ -140,21 +140,26 @@ def finish(
         if fusion is not None:  # the run ends in an error: its model goes too
             outputs.remove(fusion.outputs)
         raise
+    aside = to_stdout(reports)  # the JSON report has standard output: the summary goes aside
     if quiet:
         from bnfuse.report.line import one_line
 
-        echo(one_line(fusion, verification))
+        if aside:
+            typer.echo(one_line(fusion, verification), err=True)
+        else:
+            echo(one_line(fusion, verification))
     else:
         from bnfuse.report.terminal import console as terminal_console
         from bnfuse.report.terminal import print_fuse_summary, print_verify_summary, shown
 
-        console = terminal_console()
+        console = terminal_console(stderr=aside)
         if fusion is not None:
             print_fuse_summary(fusion, console)
         if verification is not None:
             print_verify_summary(verification, console)
         for path in reports:
-            console.print(f"report: {shown(path)}", highlight=False)
+            if str(path) != "-":
+                console.print(f"report: {shown(path)}", highlight=False)
     if verification is not None and not verification.passed:
         raise typer.Exit(EXIT_VERIFY_FAILED)
 
@@ -177,10 +182,11 @@ def error_reports(
     """
     from bnfuse.report import SUFFIXES, write_reports
 
-    paths = [p for p in reports if p.suffix.lower() in SUFFIXES]
+    paths = [p for p in reports if p.suffix.lower() in SUFFIXES or str(p) == "-"]
     if not paths:
         return
-    check_reports([*also_writes, *(("--report", p) for p in paths)], reads, force)
+    files = [p for p in paths if str(p) != "-"]
+    check_reports([*also_writes, *(("--report", p) for p in files)], reads, force)
     write_reports(paths, fusion, None, force=force, error=message, run=run)
 
 

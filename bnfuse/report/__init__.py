@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +20,18 @@ Renderer = Callable[[FuseResult | None, VerifyResult | None, str | None, str], s
 SUFFIXES = (".json", ".md", ".xml", ".html")
 
 
+STDOUT = Path("-")  # ``--report -``: the JSON report on standard output
+
+
+def to_stdout(paths: list[Path]) -> bool:
+    """Whether the JSON report goes to standard output (the summary then goes to stderr)."""
+    return any(str(p) == "-" for p in paths)
+
+
 def check_report_paths(paths: list[Path]) -> list[tuple[str, Path]]:
-    """Refuse unknown report types; the paths as outputs for bnfuse.outputs.check_targets."""
+    """Refuse unknown report types; the files among the paths as outputs for
+    bnfuse.outputs.check_targets (``-``, standard output, is none)."""
+    paths = [p for p in paths if str(p) != "-"]
     for path in paths:
         if path.suffix.lower() not in SUFFIXES:
             raise BnfuseError(
@@ -31,7 +42,7 @@ def check_report_paths(paths: list[Path]) -> list[tuple[str, Path]]:
 
 
 def _renderer(suffix: str) -> Renderer:
-    if suffix == ".json":
+    if suffix in (".json", ""):  # "" : ``-``, standard output
         from bnfuse.report import json_report
 
         return json_report.render
@@ -77,9 +88,13 @@ def write_texts(paths: list[Path], render: Callable[[Path], str], *, force: bool
     is appended to $GITHUB_STEP_SUMMARY when that is set.
     """
     written: list[Path] = []
+    printed: list[str] = []
     try:
         for path in paths:
             text = render(path)
+            if str(path) == "-":
+                printed.append(text)  # once every file is in place: all or none
+                continue
 
             def staged(tmpdir: Path, path: Path = path, text: str = text) -> outputs.Staged:
                 (tmpdir / path.name).write_text(text, encoding="utf-8")
@@ -89,6 +104,9 @@ def write_texts(paths: list[Path], render: Callable[[Path], str], *, force: bool
     except BaseException:
         outputs.remove(written)
         raise
+    for text in printed:
+        sys.stdout.write(text)
+        sys.stdout.flush()
     summary = job_summary(paths)
     if summary is not None:
         markdown = next(p for p in paths if p.suffix.lower() == ".md")
