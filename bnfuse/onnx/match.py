@@ -399,7 +399,7 @@ def _following(
         dtype=numpy_dtype(dtype) if dtype in FLOAT_TYPES else None,
         dtype_name=type_name(dtype, weight.dtype),
     )
-    site = sites.Site(conv, conv, weight, axis=1, groups=groups, bias=bias, bias_index=2)
+    site = sites.Site(conv, conv, weight, 1, groups, bias, 2, sites.source(conv.inputs[1]))
     return facts, site
 
 

@@ -40,14 +40,16 @@ class Site:
     groups: int  # > 1 only for grouped ConvTranspose
     bias: Array | None  # float64-ready bias (Gemm: already times beta)
     bias_index: int | None  # input index of the bias on ``tail``; None: there is none yet
+    # The TensorProto ``weight`` is read from (found when the site is read: the rewrite
+    # may give the layer another one, a shared weight's copy, before the fold is computed).
+    source: Any = None
     # Shape-only nodes from ``tail`` to the BatchNorm (LeViT's Linear -> Flatten -> BN).
     chain: tuple[Node, ...] = ()
 
     def release(self) -> None:
-        """The weight was read (for its peak): drop its pages until it is folded."""
-        tensor = source(self.layer.inputs[1])  # the TensorProto the weight is read from
-        if tensor is not None:
-            self.layer.graph.model.arrays.release(tensor)
+        """The weight was read (for its peak, or folded): drop its pages from memory."""
+        if self.source is not None:
+            self.layer.graph.model.arrays.release(self.source)
 
     @property
     def channels(self) -> int:
@@ -141,7 +143,7 @@ def _conv_site(node: Node, ir_version: int) -> Site | Refusal:
             f"{node.op_type} '{_name(node)}' bias has shape {list(bias.shape)}, expected [{cout}]",
         )
     if node.op_type == "Conv":
-        return Site(node, node, weight, axis=0, groups=1, bias=bias, bias_index=2)
+        return Site(node, node, weight, 0, 1, bias, 2, source(node.inputs[1]))
     groups = node.attributes.get_int("group", 1)
     if groups < 1 or weight.shape[0] % groups:
         return Refusal(
@@ -149,7 +151,7 @@ def _conv_site(node: Node, ir_version: int) -> Site | Refusal:
             f"ConvTranspose '{_name(node)}' has group={groups}, which does not divide "
             f"its {weight.shape[0]} input channels",
         )
-    return Site(node, node, weight, axis=1, groups=groups, bias=bias, bias_index=2)
+    return Site(node, node, weight, 1, groups, bias, 2, source(node.inputs[1]))
 
 
 def _gemm_site(node: Node, ir_version: int) -> Site | Refusal:
@@ -167,7 +169,7 @@ def _gemm_site(node: Node, ir_version: int) -> Site | Refusal:
         if c.ndim > 2 or (c.ndim >= 1 and c.shape[-1] not in (1, weight.shape[axis])):
             return Refusal(Skip.SHAPE_MISMATCH, f"Gemm '{_name(node)}' C has shape {list(c.shape)}")
         bias = c.astype(np.float64) * node.attributes.get_float("beta", 1.0)
-    return Site(node, node, weight, axis=axis, groups=1, bias=bias, bias_index=2)
+    return Site(node, node, weight, axis, 1, bias, 2, source(node.inputs[1]))
 
 
 def _matmul_site(
@@ -186,7 +188,7 @@ def _matmul_site(
             f"MatMul '{_name(matmul)}' weight has shape {list(weight.shape)}, "
             "only a 2-D [K, N] weight is folded",
         )
-    return Site(matmul, tail, weight, axis=1, groups=1, bias=bias, bias_index=bias_index)
+    return Site(matmul, tail, weight, 1, 1, bias, bias_index, source(matmul.inputs[1]))
 
 
 def _matmul_add_site(add: Node, ir_version: int) -> Site | Refusal:

@@ -266,3 +266,33 @@ def test_decisions_and_output_do_not_depend_on_how_the_model_is_read(
     whole = _fuse_as(src, tmp_path / "whole.onnx", monkeypatch, light_from=2**40)
     mapped_ = _fuse_as(src, tmp_path / "mapped.onnx", monkeypatch, light_from=0)
     assert whole == mapped_
+
+
+def test_a_shared_weight_is_released_once_its_copy_is_folded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A weight two layers read is folded into a new initializer; the pages dropped after
+    the fold (computed as the file is written) must be the original's, the one read from
+    the file, not the copy's."""
+    from bnfuse.onnx.tensors import Arrays
+
+    monkeypatch.setattr(light, "LIGHT_FROM", 0)  # weights mapped, as for a large file
+    released: list[str] = []
+    writing: list[bool] = []
+    real, real_save = Arrays.release, io.save
+
+    def recording(self: Arrays, tensor: object) -> None:
+        if writing and tensor is not None and self.mapped(tensor) is not None:
+            released.append(tensor.name)  # type: ignore[attr-defined]
+        real(self, tensor)
+
+    def save(*args: object, **kwargs: object) -> list[Path]:
+        writing.append(True)
+        return real_save(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Arrays, "release", recording)
+    monkeypatch.setattr(io, "save", save)
+    src = SAMPLES / "shared_weight.onnx"
+    bnfuse.fuse(src, tmp_path / "f.onnx")
+    shared = {t.name for t in onnx.load(str(src)).graph.initializer if t.name.endswith("W")}
+    assert shared and shared <= set(released), (shared, released)
