@@ -606,3 +606,28 @@ def test_report_dash_is_for_one_model(model_path: Path, capsys: pytest.CaptureFi
         [str(model_path.parent), "-o", str(model_path.parent / "out"), "--report", "-"], capsys
     )
     assert code == 2 and not out and "batch mode writes its report to a file" in err
+
+
+def test_the_pre_commit_hook_fails_while_a_committed_model_has_a_fold_left(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """.pre-commit-hooks.yaml's entry, given files as pre-commit gives them (several at
+    once): 0 when every model is fused, 1 naming the one with a fold left."""
+    import re
+
+    hooks = (SAMPLES.parent / ".pre-commit-hooks.yaml").read_text()
+    entry = re.search(r"^\s*entry: (.+)$", hooks, re.M)
+    files = re.search(r"^\s*files: (.+)$", hooks, re.M)
+    assert entry is not None and files is not None
+    command = entry.group(1).split()
+    assert command[0] == "bnfuse" and re.search(files.group(1), "models/net.onnx")
+    src = SAMPLES / "conv2d_bn.onnx"
+    fused = tmp_path / "fused.onnx"
+    assert run_cli([str(src), "-o", str(fused), "--no-verify", "-q"], capsys)[0] == 0
+    code, out, err = run_cli(
+        [*command[1:], str(fused), str(SAMPLES / "layernorm_untouched.onnx")], capsys
+    )
+    assert code == 0 and not out and not err
+    code, out, err = run_cli([*command[1:], str(fused), str(src)], capsys)
+    assert code == 1 and not out
+    assert err.strip() == f"bnfuse: {src}: 1 fold(s) left (bn); bnfuse {src} -o FUSED makes them"
