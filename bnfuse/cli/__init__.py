@@ -54,7 +54,7 @@ def _route(args: list[str]) -> list[str] | str:
     """
     first = None
     after_dashes = False  # ``--``: what follows is an input, whatever its name
-    valued = _valued_options()
+    valued: set[str] | None = None  # read from typer only if an option comes first
     i = 0
     while i < len(args):
         word = args[i]
@@ -64,6 +64,8 @@ def _route(args: list[str]) -> list[str] | str:
         if not word.startswith("-") or word == "-":
             first = i
             break
+        if valued is None:
+            valued = _valued_options()
         i += 2 if word in valued else 1
     if first is None:
         return args

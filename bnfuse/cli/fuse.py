@@ -97,7 +97,7 @@ def fuse_command(
       bnfuse models/ 'zoo/**/*.onnx' -o fused/ -j 4 --report batch.json
     """
     _check_fuse_usage(inputs, output, dry_run)
-    if _is_batch(inputs) and any(str(p) == "-" for p in report or []):
+    if _is_batch(inputs) and _to_stdout(report or []):
         raise _usage_error(
             "--report - prints one model's JSON report; batch mode writes its report to a file "
             "(e.g. --report batch.json)"
@@ -132,6 +132,12 @@ class _Run:
     @property
     def data_read(self) -> list[tuple[str, Path]]:
         return [("the --inputs file", self.inputs_file)] if self.inputs_file is not None else []
+
+
+def _to_stdout(reports: list[Path]) -> bool:
+    from bnfuse.report import to_stdout  # not at start: the reports' modules load numpy
+
+    return to_stdout(reports)
 
 
 def _is_batch(inputs: list[str]) -> bool:

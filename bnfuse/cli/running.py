@@ -132,7 +132,7 @@ def finish(
     force: bool,
 ) -> None:
     from bnfuse import outputs
-    from bnfuse.report import to_stdout, write_reports
+    from bnfuse.report import STDOUT, to_stdout, write_reports
 
     try:
         write_reports(reports, fusion, verification, force=force)
@@ -158,7 +158,7 @@ def finish(
         if verification is not None:
             print_verify_summary(verification, console)
         for path in reports:
-            if str(path) != "-":
+            if path != STDOUT:
                 console.print(f"report: {shown(path)}", highlight=False)
     if verification is not None and not verification.passed:
         raise typer.Exit(EXIT_VERIFY_FAILED)
@@ -180,12 +180,12 @@ def error_reports(
     come before the check): nothing the run reads, not the output's path, no
     existing file without --force.
     """
-    from bnfuse.report import SUFFIXES, write_reports
+    from bnfuse.report import STDOUT, SUFFIXES, write_reports
 
-    paths = [p for p in reports if p.suffix.lower() in SUFFIXES or str(p) == "-"]
+    paths = [p for p in reports if p.suffix.lower() in SUFFIXES or p == STDOUT]
     if not paths:
         return
-    files = [p for p in paths if str(p) != "-"]
+    files = [p for p in paths if p != STDOUT]
     check_reports([*also_writes, *(("--report", p) for p in files)], reads, force)
     write_reports(paths, fusion, None, force=force, error=message, run=run)
 

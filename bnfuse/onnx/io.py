@@ -92,20 +92,24 @@ def load(path: Path) -> LoadedModel:
     folder = path.resolve().parent
     for graph in model.graphs():
         _check_graph(graph, path)
-        for tensor in graph.proto.initializer:
-            data_file = _map_tensor(tensor, arrays, maps, folder, path)
-            if data_file is not None:
-                data_files.add(data_file)
-        for tensor in _attribute_tensors(graph.proto.node):
-            data_file = _map_tensor(tensor, arrays, maps, folder, path, attribute=True)
-            if data_file is not None:
-                data_files.add(data_file)
-    for function in proto.functions:
-        for tensor in _attribute_tensors(function.node):
-            data_file = _map_tensor(tensor, arrays, maps, folder, path, attribute=True)
-            if data_file is not None:
-                data_files.add(data_file)
+    for tensor, attribute in _stored_tensors(model):
+        data_file = _map_tensor(tensor, arrays, maps, folder, path, attribute=attribute)
+        if data_file is not None:
+            data_files.add(data_file)
     return LoadedModel(model=model, path=path, data_files=data_files)
+
+
+def _stored_tensors(model: Model) -> Iterator[tuple[Any, bool]]:
+    """Every TensorProto of the model, and whether it is a node attribute's (a Constant's
+    value) rather than an initializer: those of each graph, then of the functions."""
+    for graph in model.graphs():
+        for tensor in graph.proto.initializer:
+            yield tensor, False
+        for tensor in _attribute_tensors(graph.proto.node):
+            yield tensor, True
+    for function in model.proto.functions:
+        for tensor in _attribute_tensors(function.node):
+            yield tensor, True
 
 
 def _checked_proto(path: Path) -> tuple[Any, MappedFile | None]:
@@ -474,7 +478,7 @@ def _write_external(model: Model, path: Path, data_path: Path, location: str) ->
         item.offset = offset
         offset += item.length
         header = _header(item.tensor)
-        for name in _TYPED_FIELDS:
+        for name in validate.TYPED_FIELDS:
             header.ClearField(name)
         header.data_location = TensorProto.EXTERNAL
         where = {"location": location, "offset": item.offset, "length": item.length}
@@ -512,11 +516,6 @@ def inferred_shapes(model: Model) -> dict[str, tuple[int | None, ...]]:
     return shapes
 
 
-_TYPED_FIELDS = (
-    "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data",
-)  # fmt: skip
-
-
 def graph_only(proto: Any) -> Any:
     """A copy of the ModelProto whose initializers hold no data of their own: each large or
     data-less one (a folded weight, until written) is an external reference that nothing
@@ -525,10 +524,10 @@ def graph_only(proto: Any) -> Any:
     not the weights."""
     copy = ModelProto()
     copy.CopyFrom(proto)
-    for graph in _all_graph_protos(copy.graph):
+    for graph in validate.all_graphs(copy.graph):
         for tensor in graph.initializer:
             raw = tensor.HasField("raw_data")
-            typed = any(len(getattr(tensor, name)) for name in _TYPED_FIELDS)
+            typed = any(len(getattr(tensor, name)) for name in validate.TYPED_FIELDS)
             if tensor.data_location != TensorProto.EXTERNAL and (
                 (raw and len(tensor.raw_data) >= EXTERNAL_THRESHOLD) or not (raw or typed)
             ):
@@ -537,14 +536,6 @@ def graph_only(proto: Any) -> Any:
                 entry = tensor.external_data.add()
                 entry.key, entry.value = "location", "bnfuse-graph-only"
     return copy
-
-
-def _all_graph_protos(graph: Any) -> Iterator[Any]:
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _all_graph_protos(sub)
 
 
 def _write_file(

@@ -34,7 +34,7 @@ from bnfuse import fold, legality
 from bnfuse.errors import ModelError
 from bnfuse.fold import Affine, Array
 from bnfuse.legality import Refusal
-from bnfuse.onnx import shapes, sites
+from bnfuse.onnx import shapes, sites, validate
 from bnfuse.onnx.constants import NotConstant, constant_array
 from bnfuse.onnx.graph import Model, Node, Value
 from bnfuse.onnx.light import numpy_dtype, type_name
@@ -138,7 +138,7 @@ def _all_nodes(nodes: Any) -> Iterator[Any]:
     for node in nodes:
         yield node
         for attr in node.attribute:
-            for graph in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for graph in validate.subgraphs(attr):
                 yield from _all_nodes(graph.node)
 
 

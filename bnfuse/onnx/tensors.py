@@ -71,9 +71,6 @@ class Arrays:
         weight it was folded from)."""
         return self._mapped.get(id(tensor))
 
-    def folded(self, tensor: Any) -> Array | Compute | None:
-        return self._folded.get(id(tensor))
-
     def of(self, tensor: Any) -> Array:
         """The tensor's array: a view where it can be; a folded one computed (not kept:
         memory holds the folded weights one at a time)."""

@@ -38,6 +38,8 @@ _FIELDS = {
     "string_data": {TensorProto.STRING},
 }
 _KNOWN_TYPES = set(TensorProto.DataType.values())
+# The TensorProto fields that hold values in place of raw_data.
+TYPED_FIELDS = tuple(_FIELDS)
 
 
 def check_model(proto: ModelProto, path: Path) -> None:
@@ -75,15 +77,25 @@ def _check_graph(graph: GraphProto, path: Path, outer: set[str]) -> None:
     for node in graph.node:
         _check_node_tensors(node, path)
         for attr in node.attribute:
-            for sub in _subgraphs(attr):
+            for sub in subgraphs(attr):
                 _check_graph(sub, path, names)
         names.update(node.output)
 
 
-def _subgraphs(attr: Any) -> Iterator[GraphProto]:
+def subgraphs(attr: Any) -> Iterator[GraphProto]:
+    """The GraphProtos an attribute holds (If's branches, Loop's and Scan's bodies)."""
     if attr.HasField("g"):
         yield attr.g
     yield from attr.graphs
+
+
+def all_graphs(graph: GraphProto) -> Iterator[GraphProto]:
+    """The graph, then every subgraph in it, depth first in node order."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in subgraphs(attr):
+                yield from all_graphs(sub)
 
 
 def all_tensors(graph: GraphProto) -> Iterator[TensorProto]:
@@ -94,7 +106,7 @@ def all_tensors(graph: GraphProto) -> Iterator[TensorProto]:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
-            for sub in _subgraphs(attr):
+            for sub in subgraphs(attr):
                 yield from all_tensors(sub)
 
 

@@ -25,13 +25,13 @@ STDOUT = Path("-")  # ``--report -``: the JSON report on standard output
 
 def to_stdout(paths: list[Path]) -> bool:
     """Whether the JSON report goes to standard output (the summary then goes to stderr)."""
-    return any(str(p) == "-" for p in paths)
+    return STDOUT in paths
 
 
 def check_report_paths(paths: list[Path]) -> list[tuple[str, Path]]:
     """Refuse unknown report types; the files among the paths as outputs for
     bnfuse.outputs.check_targets (``-``, standard output, is none)."""
-    paths = [p for p in paths if str(p) != "-"]
+    paths = [p for p in paths if p != STDOUT]
     for path in paths:
         if path.suffix.lower() not in SUFFIXES:
             raise BnfuseError(
@@ -92,7 +92,7 @@ def write_texts(paths: list[Path], render: Callable[[Path], str], *, force: bool
     try:
         for path in paths:
             text = render(path)
-            if str(path) == "-":
+            if path == STDOUT:
                 printed.append(text)  # once every file is in place: all or none
                 continue
 
